@@ -1,0 +1,47 @@
+"""Adapt an exported meta-init to a user's labelled support set and classify new texts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from metapeft_ray.data import LabelledTexts
+from metapeft_ray.meta import adapt, head_logits
+from metapeft_ray.model import Encoder
+
+
+def adapt_and_predict(
+    encoder: Encoder,
+    init: dict[str, torch.Tensor],
+    support: LabelledTexts,
+    queries: Iterable[str],
+    *,
+    steps: int,
+    lr: float,
+    scale: float,
+    batch_size: int = 64,
+) -> Iterator[dict[str, Any]]:
+    """``steps`` inner steps on the support set (the same `adapt` as training), then one
+    prediction per query text: ``{"text", "label", "confidence"}``."""
+    classes = sorted(set(support.labels))
+    labels = torch.tensor([classes.index(y) for y in support.labels], device=encoder.device)
+    params = {k: v.detach().requires_grad_() for k, v in init.items()}
+    adapted = adapt(
+        encoder, params, encoder.tokenize(support.texts), labels, len(classes),
+        steps=steps, lr=lr, scale=scale, first_order=True,
+    )
+    batch: list[str] = []
+    for text in [*queries, None]:
+        if text is not None:
+            batch.append(text)
+        if batch and (text is None or len(batch) == batch_size):
+            with torch.no_grad():
+                emb = encoder.embed(adapted.params, encoder.tokenize(batch))
+                probs = F.softmax(head_logits(emb, adapted.weight, adapted.bias, scale), -1)
+            conf, idx = probs.max(-1)
+            for t, c, i in zip(batch, conf.tolist(), idx.tolist(), strict=True):
+                yield {"text": t, "label": classes[i], "confidence": round(c, 4)}
+            batch = []

@@ -1,0 +1,236 @@
+"""One typed config tree: YAML file + dotted overrides -> validated `Config`, all errors at once.
+
+The same dotted paths (``meta.inner_steps``) address the tree from the command line, from Ray
+Tune search spaces and from job submission, so there is exactly one vocabulary of settings.
+Maths functions never take this object; recipes unpack it into flat arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """Raised for a config that cannot run; the message lists every problem, one per line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = Field("quickstart", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "runs"
+    """Local directory or ``s3://bucket/prefix``; the run writes under ``output_dir/name``."""
+    seed: int = 0
+
+
+class DataSection(_Section):
+    dataset: str = "banking77"
+    """A packaged dataset name (banking77, hwu64, clinc150, ...), a local .jsonl/.csv/.tsv file,
+    an ``s3://`` URI of such a file, or ``hf://NAME`` for a Hugging Face dataset."""
+    text_column: str = "text"
+    label_column: str = "label"
+    folds: int = Field(5, ge=2)
+    fold: int = Field(0, ge=0)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the non-test classes held out as meta-validation classes."""
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> DataSection:
+        if self.fold >= self.folds:
+            raise ValueError(
+                f"data.fold={self.fold} is out of range for data.folds={self.folds}; "
+                f"use 0..{self.folds - 1}"
+            )
+        return self
+
+
+class EpisodeSection(_Section):
+    n_way: int = Field(5, ge=2)
+    k_shot: int = Field(1, ge=1)
+    q_query: int = Field(5, ge=1)
+
+
+class ModelSection(_Section):
+    backbone: str = "all-MiniLM-L6-v2"
+    """``all-MiniLM-L6-v2`` (packaged, offline), a local Hugging Face model directory, or a hub id."""
+    max_length: int = Field(64, ge=8, le=4096)
+    normalize: bool = True
+    """L2-normalise the mean-pooled sentence embedding (as sentence-transformers does)."""
+    head_scale: float = Field(10.0, gt=0)
+    """Temperature of the prototype-initialised head: logits = s * (2 c.x - |c|^2)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = False
+    """bf16 autocast for the backbone forward on GPU (ignored on CPU)."""
+
+
+class PeftSection(_Section):
+    method: Literal["lora"] = "lora"
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    placement: str = "attn_qv"
+    """Key for which modules carry adapters: attn_q, attn_qv, attn_qkv, attn_all, ffn,
+    all_linear — or ``custom`` with ``target_modules``."""
+    layers: str = "all"
+    """Which transformer layers: all, top_half, bottom_half, top_N, bottom_N, or a range 0-2."""
+    target_modules: list[str] | None = None
+    init_b_std: float = Field(0.01, gt=0)
+    """Std of the meta-init of LoRA B. Never 0: with B = 0 the first inner step cannot move A."""
+
+    @model_validator(mode="after")
+    def _custom_needs_modules(self) -> PeftSection:
+        if self.placement == "custom" and not self.target_modules:
+            raise ValueError("peft.placement=custom needs peft.target_modules (a list of names)")
+        if self.placement != "custom" and self.target_modules:
+            raise ValueError(
+                f"peft.target_modules is only used with peft.placement=custom "
+                f"(got placement={self.placement!r}); drop one of them"
+            )
+        return self
+
+
+class MetaSection(_Section):
+    algorithm: Literal["maml"] = "maml"
+    first_order: bool = False
+    inner_steps: int = Field(1, ge=0)
+    inner_lr: float = Field(0.05, gt=0)
+    meta_batch_size: int = Field(4, ge=1)
+    outer_lr: float = Field(1e-3, gt=0)
+    meta_steps: int = Field(50, ge=0)
+    val_every: int = Field(25, ge=1)
+    val_episodes: int = Field(20, ge=1)
+    checkpoint_every: int = Field(25, ge=1)
+
+
+class EvalSection(_Section):
+    episodes: int = Field(100, ge=1)
+    n_way: int = Field(5, ge=2)
+    shots: list[int] = Field(default_factory=lambda: [1, 5], min_length=1)
+    q_query: int = Field(5, ge=1)
+    inner_steps: int | None = Field(None, ge=0)
+    """Adaptation steps at meta-test; defaults to meta.inner_steps."""
+    inner_lr: float | None = Field(None, gt=0)
+    methods: list[Literal["meta", "proto", "logreg", "finetune"]] = Field(
+        default_factory=lambda: ["meta", "proto", "logreg", "finetune"], min_length=1
+    )
+
+    @model_validator(mode="after")
+    def _shots_positive(self) -> EvalSection:
+        bad = [k for k in self.shots if k < 1]
+        if bad:
+            raise ValueError(f"eval.shots must be >= 1, got {bad}")
+        return self
+
+
+class DistributedSection(_Section):
+    """How `metapeft train` uses Ray (ignored with ``--local``)."""
+
+    workers: int = Field(2, ge=1)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    """auto: one GPU per worker when the cluster has GPUs, else CPUs."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Extra custom Ray resources per worker, e.g. {"meta_worker": 1}."""
+    max_failures: int = Field(3, ge=0)
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    local_num_cpus: int | None = Field(None, ge=1)
+    """CPUs of the embedded local Ray started when no address is given (default: all)."""
+    local_object_store_mb: int = Field(512, ge=64)
+
+
+class Config(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    episode: EpisodeSection = Field(default_factory=EpisodeSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    peft: PeftSection = Field(default_factory=PeftSection)
+    meta: MetaSection = Field(default_factory=MetaSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A re-validated copy with dotted-path overrides applied (used by Tune trials)."""
+        return validate_config(apply_overrides(self.to_dict(), overrides))
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<config>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key (check the spelling; see configs/*.yaml)")
+        else:
+            lines.append(f"  {path}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_config(raw: Mapping[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(
+            f"invalid config, {err.error_count()} problem(s):\n{_format_errors(err)}"
+        ) from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``meta.inner_steps=3`` -> ("meta.inner_steps", 3); the value is read as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    tree = copy.deepcopy(dict(raw))
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: {part!r} is a value, not a section")
+            node = child
+        node[leaf] = value
+    return tree
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path, or the name of a shipped config (``quickstart`` -> configs/quickstart.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = PACKAGED_CONFIGS / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml", ".yml") and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config {str(name_or_path)!r} not found; give a path or one of: {names}")
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        file = resolve_config_path(path)
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{file}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping of sections")
+        raw = loaded
+    return validate_config(apply_overrides(raw, dict(parse_override(o) for o in overrides)))

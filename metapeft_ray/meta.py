@@ -1,0 +1,154 @@
+"""The maths: one functional inner loop on adapter parameters, and the per-episode meta-gradient.
+
+No Ray here. Training, validation, meta-test and the fine-tuning baseline all call `adapt`;
+the distributed layer maps `episode_meta_gradient` over episode specs and sums the results.
+
+Head (Proto-MAML, Triantafillou et al. 2020): each episode's N-way linear head is initialised
+from the support prototypes c_k of the current encoder, ``W_k = 2 c_k, b_k = -|c_k|^2``, so
+``logits_k(x) = s (2 c_k.x - |c_k|^2)`` equals ``-s |x - c_k|^2`` up to a per-example constant.
+It is therefore right for any per-episode label permutation, needs no meta-learned head, and the
+meta-gradient flows through the prototypes into the adapter init.
+
+Inner update (MAML, Finn et al. 2017) on ``phi = (adapter params, W, b)``:
+``phi_{t+1} = phi_t - alpha * grad L_support(phi_t)``; the meta-gradient is
+``d L_query(phi_T) / d phi_0``. First-order MAML drops the second-order terms by treating
+``grad L_support`` as a constant (the graph of the inner gradients is not built).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from metapeft_ray.episodes import Episode
+from metapeft_ray.model import Encoder
+
+Params = dict[str, Tensor]
+
+
+def proto_head(embeddings: Tensor, labels: Tensor, n_way: int) -> tuple[Tensor, Tensor]:
+    """``W_k = 2 c_k``, ``b_k = -|c_k|^2`` with c_k the mean support embedding of class k."""
+    onehot = F.one_hot(labels, n_way).to(embeddings.dtype)
+    protos = onehot.T @ embeddings / onehot.sum(0).unsqueeze(1)
+    return 2 * protos, -(protos * protos).sum(-1)
+
+
+def head_logits(embeddings: Tensor, weight: Tensor, bias: Tensor, scale: float) -> Tensor:
+    # Written out rather than torch.cdist: cdist has no double backward.
+    return scale * (embeddings @ weight.T + bias)
+
+
+@dataclass
+class Adapted:
+    """Result of the inner loop: adapted adapter params, adapted head, support losses per step."""
+
+    params: Params
+    weight: Tensor
+    bias: Tensor
+    support_losses: list[float] = field(default_factory=list)
+
+
+def adapt(
+    encoder: Encoder,
+    params: Mapping[str, Tensor],
+    support: Mapping[str, Tensor],
+    support_labels: Tensor,
+    n_way: int,
+    *,
+    steps: int,
+    lr: float,
+    scale: float,
+    first_order: bool,
+) -> Adapted:
+    """The one inner loop: ``steps`` SGD steps on the support loss over adapter params + head.
+
+    With ``first_order=False`` the returned tensors stay differentiable w.r.t. ``params``
+    (second-order MAML); with ``first_order=True`` the inner gradients are constants.
+    """
+    weight, bias = proto_head(encoder.embed(params, support), support_labels, n_way)
+    fast = dict(params)
+    losses: list[float] = []
+    for _ in range(steps):
+        logits = head_logits(encoder.embed(fast, support), weight, bias, scale)
+        loss = F.cross_entropy(logits, support_labels)
+        losses.append(loss.item())
+        tensors = [*fast.values(), weight, bias]
+        grads = torch.autograd.grad(loss, tensors, create_graph=not first_order)
+        *g_params, g_weight, g_bias = grads
+        fast = {name: p - lr * g for (name, p), g in zip(fast.items(), g_params, strict=True)}
+        weight, bias = weight - lr * g_weight, bias - lr * g_bias
+    return Adapted(fast, weight, bias, losses)
+
+
+def episode_tensors(encoder: Encoder, episode: Episode) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]:
+    """Tokenised support and query batches with their label tensors, on the encoder's device."""
+    dev = encoder.device
+    return (
+        encoder.tokenize(episode.support_texts),
+        torch.tensor(episode.support_labels, device=dev),
+        encoder.tokenize(episode.query_texts),
+        torch.tensor(episode.query_labels, device=dev),
+    )
+
+
+@dataclass
+class EpisodeResult:
+    """One episode's meta-gradient (None at evaluation) and what it measured."""
+
+    grads: Params | None
+    query_loss: float
+    query_accuracy: float
+    support_loss_before: float
+    support_loss_after: float
+
+
+def run_episode(
+    encoder: Encoder,
+    params: Mapping[str, Tensor],
+    episode: Episode,
+    *,
+    steps: int,
+    lr: float,
+    scale: float,
+    first_order: bool,
+    meta_gradient: bool,
+    track_support_after: bool = True,
+) -> EpisodeResult:
+    """Adapt on the support set, score the query set; with ``meta_gradient`` also return
+    ``d L_query / d params`` (the episode's contribution to the outer update)."""
+    support, s_labels, query, q_labels = episode_tensors(encoder, episode)
+    n_way = len(episode.class_names)
+    if not meta_gradient:  # adapt a detached copy: no graph back into the caller's init
+        params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_episode_seed(episode))
+        with torch.enable_grad():
+            adapted = adapt(
+                encoder, params, support, s_labels, n_way,
+                steps=steps, lr=lr, scale=scale, first_order=first_order or not meta_gradient,
+            )
+        with torch.set_grad_enabled(meta_gradient):
+            logits = head_logits(encoder.embed(adapted.params, query), adapted.weight, adapted.bias, scale)
+            loss = F.cross_entropy(logits, q_labels)
+        grads = None
+        if meta_gradient:
+            grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+        after = float("nan")
+        if track_support_after and steps:
+            with torch.no_grad():
+                s_logits = head_logits(encoder.embed(adapted.params, support), adapted.weight, adapted.bias, scale)
+                after = F.cross_entropy(s_logits, s_labels).item()
+    before = adapted.support_losses[0] if adapted.support_losses else float("nan")
+    accuracy = (logits.argmax(-1) == q_labels).float().mean().item()
+    return EpisodeResult(grads, loss.item(), accuracy, before, after)
+
+
+def _episode_seed(episode: Episode) -> int:
+    # Adapter dropout draws from the global RNG; seeding it from the episode identity keeps a
+    # distributed or resumed run equal to a single-process one.
+    return int(np.random.SeedSequence(episode.spec.rng_key()).generate_state(1)[0])

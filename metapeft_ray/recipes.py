@@ -1,0 +1,117 @@
+"""Recipes: setup -> train -> finish, as short as the work allows. The CLI calls these.
+
+Artifacts of a run, under ``run.output_dir/run.name`` (a local dir or ``s3://``):
+``config.yaml``, ``splits.json``, ``metrics.jsonl`` (one line per meta-step), ``adapter/``
+(PEFT format + metapeft.json), ``report.json`` and ``report.md`` (the meta-test table).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metapeft_ray import storage
+from metapeft_ray.config import Config
+from metapeft_ray.evaluate import markdown_table, meta_test
+from metapeft_ray.export import export_adapter, load_adapter
+from metapeft_ray.train import MetaLearner, prepare_sampler
+
+
+def run_uri(cfg: Config) -> str:
+    return storage.join(cfg.run.output_dir, cfg.run.name)
+
+
+@contextmanager
+def staged(uri: str) -> Iterator[Path]:
+    """A local directory for ``uri``: the directory itself, or a temp dir uploaded on success."""
+    if not storage.is_remote(uri):
+        path = Path(uri)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="metapeft-"))
+    try:
+        yield tmp
+        storage.upload_dir(tmp, uri)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_run_header(cfg: Config, learner_or_sampler: Any, out: Path) -> None:
+    sampler = getattr(learner_or_sampler, "sampler", learner_or_sampler)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / "splits.json").write_text(json.dumps(splits_record(cfg, sampler), indent=2))
+
+
+def splits_record(cfg: Config, sampler: Any) -> dict[str, Any]:
+    return {"dataset": cfg.data.dataset, "val_fraction": cfg.data.val_fraction, **sampler.splits.to_dict()}
+
+
+def append_metrics(out: Path, metrics: Mapping[str, float]) -> None:
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(dict(metrics)) + "\n")
+
+
+def evaluate_and_report(
+    cfg: Config, encoder: Any, inits: Mapping[str, Any], sampler: Any, out: Path,
+    extra: Mapping[str, Any] | None = None, progress: bool = False,
+) -> dict[str, Any]:
+    """Meta-test every method of ``eval.methods`` and write report.json + report.md."""
+    ev = cfg.eval
+    results = meta_test(
+        encoder, inits, sampler, methods=ev.methods, seed=cfg.run.seed, n_way=ev.n_way, shots=ev.shots,
+        q_query=ev.q_query, episodes=ev.episodes, steps=cfg.meta.inner_steps if ev.inner_steps is None else ev.inner_steps,
+        lr=ev.inner_lr or cfg.meta.inner_lr, scale=cfg.model.head_scale, progress=progress,
+    )
+    title = f"Meta-test on {cfg.data.dataset}, fold {cfg.data.fold} ({len(sampler.splits.test)} held-out classes)"
+    report = {"results": results, "splits": splits_record(cfg, sampler), "config": cfg.to_dict(), **(extra or {})}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(f"# {title}\n\n" + markdown_table(results, title))
+    return report
+
+
+def finish(cfg: Config, learner: MetaLearner, out: Path, history: Iterable[Mapping[str, float]] = (), progress: bool = False) -> dict[str, Any]:
+    """Export the meta-learned init, then meta-test it against the baselines."""
+    last = dict(list(history)[-1]) if history else {}
+    metadata = {"config": cfg.to_dict(), "splits": splits_record(cfg, learner.sampler), "meta_step": learner.step, "metrics": last}
+    export_adapter(learner.encoder, out / "adapter", metadata)
+    inits = {"meta": learner.params, "finetune": learner.default_init}
+    return evaluate_and_report(cfg, learner.encoder, inits, learner.sampler, out, {"meta_step": learner.step}, progress)
+
+
+def train_local(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Single-process meta-training (the debugging path; `metapeft train --local`)."""
+    from tqdm.auto import tqdm
+
+    sampler = prepare_sampler(cfg)
+    uri = run_uri(cfg)
+    storage.check_writable(uri)
+    learner = MetaLearner.from_config(cfg, sampler)
+    history = []
+    with staged(uri) as out:
+        write_run_header(cfg, sampler, out)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        bar = tqdm(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every),
+                   total=cfg.meta.meta_steps, desc="meta-train", disable=not progress)
+        for metrics in bar:
+            history.append(metrics)
+            append_metrics(out, metrics)
+            bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}", acc=f"{metrics['query_accuracy']:.2f}")
+        return finish(cfg, learner, out, history, progress)
+
+
+def evaluate_adapter(adapter: str, overrides: Mapping[str, Any], out_uri: str | None, progress: bool = True) -> dict[str, Any]:
+    """Meta-test an exported init (local or s3://) on the test classes of its own split."""
+    encoder, default_init, cfg, metadata = load_adapter(adapter, dict(overrides))
+    sampler = prepare_sampler(cfg)
+    with staged(out_uri or storage.join(adapter.rstrip("/").rsplit("/", 1)[0], "eval")) as out:
+        params = encoder.adapter_params()
+        return evaluate_and_report(cfg, encoder, {"meta": params, "finetune": default_init}, sampler, out,
+                                   {"adapter": adapter, "meta_step": metadata.get("meta_step")}, progress)
