@@ -30,8 +30,15 @@ def adapt_and_predict(
     labels = torch.tensor([classes.index(y) for y in support.labels], device=encoder.device)
     params = {k: v.detach().requires_grad_() for k, v in init.items()}
     adapted = adapt(
-        encoder, params, encoder.tokenize(support.texts), labels, len(classes),
-        steps=steps, lr=lr, scale=scale, first_order=True,
+        encoder,
+        params,
+        encoder.tokenize(support.texts),
+        labels,
+        len(classes),
+        steps=steps,
+        lr=lr,
+        scale=scale,
+        first_order=True,
     )
     batch: list[str] = []
     for text in [*queries, None]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 from metapeft_ray.config import ConfigError, load_config, parse_override
 
@@ -40,15 +41,20 @@ def _cmd_adapt(args: argparse.Namespace) -> None:
 
     encoder, _, cfg, _ = load_adapter(args.adapter)
     support = load_dataset(args.support, args.text_column, args.label_column)
-    if args.query:
-        queries = list(load_dataset(args.query, args.text_column, args.label_column).texts) \
-            if args.query.endswith((".jsonl", ".csv", ".tsv")) else _lines(open(args.query, encoding="utf-8"))
+    if args.query and args.query.endswith((".jsonl", ".csv", ".tsv")):
+        queries = iter(load_dataset(args.query, args.text_column, args.label_column).texts)
     else:
-        queries = _lines(sys.stdin)
+        queries = _lines(
+            Path(args.query).read_text(encoding="utf-8").splitlines() if args.query else sys.stdin
+        )
     for pred in adapt_and_predict(
-        encoder, encoder.adapter_params(), support, queries,
+        encoder,
+        encoder.adapter_params(),
+        support,
+        queries,
         steps=cfg.meta.inner_steps if args.steps is None else args.steps,
-        lr=args.lr or cfg.meta.inner_lr, scale=cfg.model.head_scale,
+        lr=args.lr or cfg.meta.inner_lr,
+        scale=cfg.model.head_scale,
     ):
         print(json.dumps(pred), flush=True)
 
@@ -59,12 +65,14 @@ def _cmd_check(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     s = prepare_sampler(cfg).splits
-    print(f"ok: {cfg.data.dataset} fold {s.fold}/{s.folds}: {len(s.train)} train, {len(s.val)} val, "
-          f"{len(s.test)} test classes")
+    print(
+        f"ok: {cfg.data.dataset} fold {s.fold}/{s.folds}: {len(s.train)} train, {len(s.val)} val, "
+        f"{len(s.test)} test classes"
+    )
 
 
-def _lines(stream):  # noqa: ANN001, ANN202
-    return (line.rstrip("\n") for line in stream if line.strip())
+def _lines(lines: Iterable[str]) -> Iterator[str]:
+    return (line.rstrip("\n") for line in lines if line.strip())
 
 
 def _print_report(report: dict) -> None:
@@ -81,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default="quickstart", help=CONFIG_HELP)
     t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     t.add_argument("--local", action="store_true", help="single process, no Ray (for debugging)")
-    t.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    t.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
+    )
     t.add_argument("--workers", type=int, default=None, help="Ray workers (default: distributed.workers)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
@@ -89,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="meta-test an exported init against the baselines")
     e.add_argument("--adapter", required=True, help="exported adapter dir or s3:// prefix")
     e.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.episodes=600")
-    e.add_argument("--out", default=None, help="where to write report.{json,md} (default: beside the adapter)")
+    e.add_argument(
+        "--out", default=None, help="where to write report.{json,md} (default: beside the adapter)"
+    )
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
 

@@ -49,8 +49,7 @@ class DataSection(_Section):
     def _fold_in_range(self) -> DataSection:
         if self.fold >= self.folds:
             raise ValueError(
-                f"data.fold={self.fold} is out of range for data.folds={self.folds}; "
-                f"use 0..{self.folds - 1}"
+                f"data.fold={self.fold} is out of range for data.folds={self.folds}; use 0..{self.folds - 1}"
             )
         return self
 
@@ -183,9 +182,7 @@ def validate_config(raw: Mapping[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(
-            f"invalid config, {err.error_count()} problem(s):\n{_format_errors(err)}"
-        ) from None
+        raise ConfigError(f"invalid config, {err.error_count()} problem(s):\n{_format_errors(err)}") from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:

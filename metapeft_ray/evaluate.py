@@ -86,8 +86,15 @@ def meta_test(
             for m in methods:
                 if m in inits:
                     acc[m] = run_episode(
-                        encoder, inits[m], episode, steps=steps, lr=lr, scale=scale,
-                        first_order=True, meta_gradient=False, track_support_after=False,
+                        encoder,
+                        inits[m],
+                        episode,
+                        steps=steps,
+                        lr=lr,
+                        scale=scale,
+                        first_order=True,
+                        meta_gradient=False,
+                        track_support_after=False,
                     ).query_accuracy
                 scores[m].setdefault(key, []).append(acc[m])
     return {m: {key: mean_ci95(v) for key, v in per.items()} for m, per in scores.items()}

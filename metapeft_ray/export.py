@@ -61,5 +61,7 @@ def load_adapter(
     result = set_peft_model_state_dict(encoder.model, weights)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:
-        raise ValueError(f"{uri}: adapter weights missing for {missing[:3]}; was it exported with this config?")
+        raise ValueError(
+            f"{uri}: adapter weights missing for {missing[:3]}; was it exported with this config?"
+        )
     return encoder, default_init, cfg, metadata

@@ -71,7 +71,9 @@ def adapt(
     (second-order MAML); with ``first_order=True`` the inner gradients are constants.
     """
     weight, bias = proto_head(encoder.embed(params, support), support_labels, n_way)
-    fast = dict(params)
+    # A fresh node per tensor, so the inner gradient is the partial derivative w.r.t. the adapter
+    # with the head held fixed (not the total one through the prototype init of the head).
+    fast = {name: p.view_as(p) for name, p in params.items()}
     losses: list[float] = []
     for _ in range(steps):
         logits = head_logits(encoder.embed(fast, support), weight, bias, scale)
@@ -85,7 +87,9 @@ def adapt(
     return Adapted(fast, weight, bias, losses)
 
 
-def episode_tensors(encoder: Encoder, episode: Episode) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]:
+def episode_tensors(
+    encoder: Encoder, episode: Episode
+) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]:
     """Tokenised support and query batches with their label tensors, on the encoder's device."""
     dev = encoder.device
     return (
@@ -129,8 +133,15 @@ def run_episode(
         torch.manual_seed(_episode_seed(episode))
         with torch.enable_grad():
             adapted = adapt(
-                encoder, params, support, s_labels, n_way,
-                steps=steps, lr=lr, scale=scale, first_order=first_order or not meta_gradient,
+                encoder,
+                params,
+                support,
+                s_labels,
+                n_way,
+                steps=steps,
+                lr=lr,
+                scale=scale,
+                first_order=first_order or not meta_gradient,
             )
         with torch.set_grad_enabled(meta_gradient):
             logits = head_logits(encoder.embed(adapted.params, query), adapted.weight, adapted.bias, scale)
@@ -141,7 +152,9 @@ def run_episode(
         after = float("nan")
         if track_support_after and steps:
             with torch.no_grad():
-                s_logits = head_logits(encoder.embed(adapted.params, support), adapted.weight, adapted.bias, scale)
+                s_logits = head_logits(
+                    encoder.embed(adapted.params, support), adapted.weight, adapted.bias, scale
+                )
                 after = F.cross_entropy(s_logits, s_labels).item()
     before = adapted.support_losses[0] if adapted.support_losses else float("nan")
     accuracy = (logits.argmax(-1) == q_labels).float().mean().item()

@@ -34,18 +34,39 @@ PLACEMENTS: dict[str, tuple[str, ...]] = {
 }
 
 # Per architecture family: the regex of a transformer layer's prefix, and each role's suffix.
-_BERT = (r"encoder\.layer\.{layer}\.", {
-    "q": r"attention\.self\.query", "k": r"attention\.self\.key", "v": r"attention\.self\.value",
-    "o": r"attention\.output\.dense", "ffn_in": r"intermediate\.dense", "ffn_out": r"output\.dense",
-})
-_DISTILBERT = (r"transformer\.layer\.{layer}\.", {
-    "q": r"attention\.q_lin", "k": r"attention\.k_lin", "v": r"attention\.v_lin",
-    "o": r"attention\.out_lin", "ffn_in": r"ffn\.lin1", "ffn_out": r"ffn\.lin2",
-})
-_DECODER = (r"layers\.{layer}\.", {
-    "q": r"self_attn\.q_proj", "k": r"self_attn\.k_proj", "v": r"self_attn\.v_proj",
-    "o": r"self_attn\.o_proj", "ffn_in": r"mlp\.(?:gate_proj|up_proj)", "ffn_out": r"mlp\.down_proj",
-})
+_BERT = (
+    r"encoder\.layer\.{layer}\.",
+    {
+        "q": r"attention\.self\.query",
+        "k": r"attention\.self\.key",
+        "v": r"attention\.self\.value",
+        "o": r"attention\.output\.dense",
+        "ffn_in": r"intermediate\.dense",
+        "ffn_out": r"output\.dense",
+    },
+)
+_DISTILBERT = (
+    r"transformer\.layer\.{layer}\.",
+    {
+        "q": r"attention\.q_lin",
+        "k": r"attention\.k_lin",
+        "v": r"attention\.v_lin",
+        "o": r"attention\.out_lin",
+        "ffn_in": r"ffn\.lin1",
+        "ffn_out": r"ffn\.lin2",
+    },
+)
+_DECODER = (
+    r"layers\.{layer}\.",
+    {
+        "q": r"self_attn\.q_proj",
+        "k": r"self_attn\.k_proj",
+        "v": r"self_attn\.v_proj",
+        "o": r"self_attn\.o_proj",
+        "ffn_in": r"mlp\.(?:gate_proj|up_proj)",
+        "ffn_out": r"mlp\.down_proj",
+    },
+)
 ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "mpnet", "camembert"], _BERT),
     "distilbert": _DISTILBERT,
@@ -111,15 +132,16 @@ def resolve_layers(selector: str, num_layers: int) -> list[int]:
     return idx
 
 
-def target_modules(model: nn.Module, placement: str, layers: str, custom: list[str] | None) -> str | list[str]:
+def target_modules(
+    model: nn.Module, placement: str, layers: str, custom: list[str] | None
+) -> str | list[str]:
     """Expand a placement key to peft ``target_modules`` and check it matches real modules."""
     if placement == "custom":
         targets: str | list[str] = list(custom or [])
     else:
         if placement not in PLACEMENTS:
             raise PlacementError(
-                f"peft.placement={placement!r} is unknown; choose one of "
-                f"{', '.join([*PLACEMENTS, 'custom'])}"
+                f"peft.placement={placement!r} is unknown; choose one of {', '.join([*PLACEMENTS, 'custom'])}"
             )
         model_type = getattr(model.config, "model_type", "?")
         if model_type not in ARCHITECTURES:
@@ -230,7 +252,9 @@ class Encoder:
                 with self.model.disable_adapter():
                     hidden = self.model(**batch).last_hidden_state
             else:
-                hidden = functional_call(self.model, dict(params), args=(), kwargs=dict(batch)).last_hidden_state
+                hidden = functional_call(
+                    self.model, dict(params), args=(), kwargs=dict(batch)
+                ).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).float()
         return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
@@ -262,7 +286,9 @@ def build_encoder(
     base, tokenizer = load_backbone(backbone, eager_attention=second_order)
     targets = target_modules(base, placement, layers, custom_targets)
     hub_name = PACKAGED_HUB_ID if backbone == PACKAGED_BACKBONE else backbone
-    model = wrap_with_lora(base, rank=rank, alpha=alpha, dropout=dropout, targets=targets, base_model_name=hub_name)
+    model = wrap_with_lora(
+        base, rank=rank, alpha=alpha, dropout=dropout, targets=targets, base_model_name=hub_name
+    )
     model.to(device).eval()
     if dropout > 0:  # only the adapters' dropout is live; the frozen backbone stays in eval mode
         for name, module in model.named_modules():

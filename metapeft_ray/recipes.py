@@ -60,30 +60,65 @@ def append_metrics(out: Path, metrics: Mapping[str, float]) -> None:
 
 
 def evaluate_and_report(
-    cfg: Config, encoder: Any, inits: Mapping[str, Any], sampler: Any, out: Path,
-    extra: Mapping[str, Any] | None = None, progress: bool = False,
+    cfg: Config,
+    encoder: Any,
+    inits: Mapping[str, Any],
+    sampler: Any,
+    out: Path,
+    extra: Mapping[str, Any] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Meta-test every method of ``eval.methods`` and write report.json + report.md."""
     ev = cfg.eval
     results = meta_test(
-        encoder, inits, sampler, methods=ev.methods, seed=cfg.run.seed, n_way=ev.n_way, shots=ev.shots,
-        q_query=ev.q_query, episodes=ev.episodes, steps=cfg.meta.inner_steps if ev.inner_steps is None else ev.inner_steps,
-        lr=ev.inner_lr or cfg.meta.inner_lr, scale=cfg.model.head_scale, progress=progress,
+        encoder,
+        inits,
+        sampler,
+        methods=ev.methods,
+        seed=cfg.run.seed,
+        n_way=ev.n_way,
+        shots=ev.shots,
+        q_query=ev.q_query,
+        episodes=ev.episodes,
+        steps=cfg.meta.inner_steps if ev.inner_steps is None else ev.inner_steps,
+        lr=ev.inner_lr or cfg.meta.inner_lr,
+        scale=cfg.model.head_scale,
+        progress=progress,
     )
-    title = f"Meta-test on {cfg.data.dataset}, fold {cfg.data.fold} ({len(sampler.splits.test)} held-out classes)"
-    report = {"results": results, "splits": splits_record(cfg, sampler), "config": cfg.to_dict(), **(extra or {})}
+    title = (
+        f"Meta-test on {cfg.data.dataset}, fold {cfg.data.fold} ({len(sampler.splits.test)} held-out classes)"
+    )
+    report = {
+        "results": results,
+        "splits": splits_record(cfg, sampler),
+        "config": cfg.to_dict(),
+        **(extra or {}),
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(f"# {title}\n\n" + markdown_table(results, title))
     return report
 
 
-def finish(cfg: Config, learner: MetaLearner, out: Path, history: Iterable[Mapping[str, float]] = (), progress: bool = False) -> dict[str, Any]:
+def finish(
+    cfg: Config,
+    learner: MetaLearner,
+    out: Path,
+    history: Iterable[Mapping[str, float]] = (),
+    progress: bool = False,
+) -> dict[str, Any]:
     """Export the meta-learned init, then meta-test it against the baselines."""
     last = dict(list(history)[-1]) if history else {}
-    metadata = {"config": cfg.to_dict(), "splits": splits_record(cfg, learner.sampler), "meta_step": learner.step, "metrics": last}
+    metadata = {
+        "config": cfg.to_dict(),
+        "splits": splits_record(cfg, learner.sampler),
+        "meta_step": learner.step,
+        "metrics": last,
+    }
     export_adapter(learner.encoder, out / "adapter", metadata)
     inits = {"meta": learner.params, "finetune": learner.default_init}
-    return evaluate_and_report(cfg, learner.encoder, inits, learner.sampler, out, {"meta_step": learner.step}, progress)
+    return evaluate_and_report(
+        cfg, learner.encoder, inits, learner.sampler, out, {"meta_step": learner.step}, progress
+    )
 
 
 def train_local(cfg: Config, progress: bool = True) -> dict[str, Any]:
@@ -98,8 +133,12 @@ def train_local(cfg: Config, progress: bool = True) -> dict[str, Any]:
     with staged(uri) as out:
         write_run_header(cfg, sampler, out)
         (out / "metrics.jsonl").unlink(missing_ok=True)
-        bar = tqdm(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every),
-                   total=cfg.meta.meta_steps, desc="meta-train", disable=not progress)
+        bar = tqdm(
+            learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every),
+            total=cfg.meta.meta_steps,
+            desc="meta-train",
+            disable=not progress,
+        )
         for metrics in bar:
             history.append(metrics)
             append_metrics(out, metrics)
@@ -107,11 +146,20 @@ def train_local(cfg: Config, progress: bool = True) -> dict[str, Any]:
         return finish(cfg, learner, out, history, progress)
 
 
-def evaluate_adapter(adapter: str, overrides: Mapping[str, Any], out_uri: str | None, progress: bool = True) -> dict[str, Any]:
+def evaluate_adapter(
+    adapter: str, overrides: Mapping[str, Any], out_uri: str | None, progress: bool = True
+) -> dict[str, Any]:
     """Meta-test an exported init (local or s3://) on the test classes of its own split."""
     encoder, default_init, cfg, metadata = load_adapter(adapter, dict(overrides))
     sampler = prepare_sampler(cfg)
     with staged(out_uri or storage.join(adapter.rstrip("/").rsplit("/", 1)[0], "eval")) as out:
         params = encoder.adapter_params()
-        return evaluate_and_report(cfg, encoder, {"meta": params, "finetune": default_init}, sampler, out,
-                                   {"adapter": adapter, "meta_step": metadata.get("meta_step")}, progress)
+        return evaluate_and_report(
+            cfg,
+            encoder,
+            {"meta": params, "finetune": default_init},
+            sampler,
+            out,
+            {"adapter": adapter, "meta_step": metadata.get("meta_step")},
+            progress,
+        )

@@ -88,7 +88,9 @@ class MetaLearner:
         self.step = 0
 
     @classmethod
-    def from_config(cls, cfg: Config, sampler: EpisodeSampler, device: torch.device | None = None) -> MetaLearner:
+    def from_config(
+        cls, cfg: Config, sampler: EpisodeSampler, device: torch.device | None = None
+    ) -> MetaLearner:
         torch.manual_seed(cfg.run.seed)  # peft's Kaiming init of A
         m = cfg.meta
         return cls(
@@ -115,8 +117,14 @@ class MetaLearner:
     def _episode(self, spec: EpisodeSpec, meta_gradient: bool):  # noqa: ANN202
         i = self.inner
         return run_episode(
-            self.encoder, self.params, self.sampler.build(spec),
-            steps=i.steps, lr=i.lr, scale=i.scale, first_order=i.first_order, meta_gradient=meta_gradient,
+            self.encoder,
+            self.params,
+            self.sampler.build(spec),
+            steps=i.steps,
+            lr=i.lr,
+            scale=i.scale,
+            first_order=i.first_order,
+            meta_gradient=meta_gradient,
         )
 
     def meta_step(self, *, rank: int = 0, world: int = 1, reduce: Reduce = _no_reduce) -> dict[str, float]:
@@ -130,7 +138,10 @@ class MetaLearner:
             grad += torch.cat([g.reshape(-1) for g in r.grads.values()])
             stats += torch.tensor([getattr(r, s) for s in _STATS], device=dev, dtype=torch.float64)
         total = reduce(torch.cat([grad.double(), stats]))
-        grad, stats = total[: grad.numel()] / self.meta_batch_size, total[grad.numel() :] / self.meta_batch_size
+        grad, stats = (
+            total[: grad.numel()] / self.meta_batch_size,
+            total[grad.numel() :] / self.meta_batch_size,
+        )
         offset = 0
         for p in params:
             p.grad = grad[offset : offset + p.numel()].view_as(p).to(p.dtype)
@@ -146,8 +157,11 @@ class MetaLearner:
         """Mean query accuracy after adaptation on the meta-validation classes."""
         correct = torch.zeros(2, dtype=torch.float64, device=next(iter(self.params.values())).device)
         for spec in self.val_specs()[rank::world]:
-            correct += torch.tensor([self._episode(spec, meta_gradient=False).query_accuracy, 1.0],
-                                    dtype=torch.float64, device=correct.device)
+            correct += torch.tensor(
+                [self._episode(spec, meta_gradient=False).query_accuracy, 1.0],
+                dtype=torch.float64,
+                device=correct.device,
+            )
         total = reduce(correct)
         return float(total[0] / total[1])
 

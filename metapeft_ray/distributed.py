@@ -1,0 +1,491 @@
+"""Distributed meta-training on Ray Train (V2): `train_ray`, what `metapeft train` runs.
+
+Thin by design: every worker builds the same `MetaLearner` and calls ``learner.iterate`` with its
+``rank``/``world`` and an all-reduce; the learner already splits the meta-batch
+(``specs[rank::world]``), packs meta-gradients and statistics into one flat vector and divides by
+the meta-batch size, so a W-worker run equals the single-process run (float32 tolerance).
+
+Order of work (everything that can be checked is checked before any cluster resource is taken):
+
+1. config (re-validated with ``--workers``), data and episode shapes (`prepare_sampler`), storage
+   (`storage.check_writable`), and that a rerun of ``run.name`` is compatible with what is stored;
+2. a run that already finished is recognised (``training.json``) and not re-run;
+3. Ray: an unreachable ``--address`` / ``RAY_ADDRESS`` fails in seconds, a request for more
+   workers than the cluster can ever hold fails before the trainer starts;
+4. ``TorchTrainer.fit()``: rank 0 checkpoints ``learner.state_dict()`` (+ the metric history)
+   every ``meta.checkpoint_every`` steps and at the end into ``run.output_dir/run.name`` (local or
+   ``s3://``); rerunning the same name resumes from the latest checkpoint (Ray Train V2 reloads
+   its checkpoint-manager snapshot from that directory), and a killed worker restarts the group
+   from the latest checkpoint up to ``distributed.max_failures`` times;
+5. the driver loads the final checkpoint, exports the adapter and meta-tests it (`recipes.finish`).
+
+Secrets never travel through Ray task arguments: the train-loop config is the plain config tree,
+and the pickled pyarrow S3 filesystem carries no credentials (checked); workers take ``AWS_*``
+from their own process environment (the cluster nodes' environment, or the job's runtime env).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metapeft_ray import storage
+from metapeft_ray.config import Config, ConfigError
+from metapeft_ray.recipes import append_metrics, finish, run_uri, staged, write_run_header
+from metapeft_ray.train import MetaLearner, prepare_sampler
+
+__all__ = ["ClusterCapacityError", "RayConnectionError", "TrainingFailedError", "train_ray"]
+
+STATE_FILE = "state.pt"
+TRAINING_RECORD = "training.json"
+CONNECT_TIMEOUT_S = 3.0
+# Settings that may change when a stored run is resumed; anything else must match config.yaml.
+_RESUMABLE_KEYS = (
+    "meta.meta_steps",
+    "meta.val_every",
+    "meta.checkpoint_every",
+    "eval",
+    "distributed",
+)
+# Test hook only (never a secret): workers write their PIDs there and may hold at a step so a
+# test can kill one by PID at a known point. Forwarded to workers through the runtime env.
+TEST_PID_DIR_ENV = "METAPEFT_TEST_PID_DIR"
+
+
+class RayConnectionError(ValueError):
+    """The Ray cluster named by ``--address`` / ``RAY_ADDRESS`` cannot be reached."""
+
+
+class ClusterCapacityError(ValueError):
+    """More workers (or bigger ones) than the cluster can ever hold."""
+
+
+class TrainingFailedError(RuntimeError):
+    """The workers failed more than ``distributed.max_failures`` times."""
+
+
+# -- driver -------------------------------------------------------------------------------------
+
+
+def train_ray(
+    cfg: Config, *, address: str | None = None, workers: int | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Meta-train on Ray, export the adapter, meta-test it; returns `recipes.finish`'s report."""
+    if workers is not None:
+        cfg = cfg.with_overrides({"distributed.workers": workers})
+    sampler = prepare_sampler(cfg)
+    uri = run_uri(cfg)
+    storage.check_writable(uri)
+    _check_resumable(cfg, uri)
+    record = _read_record(uri)
+    if record is not None and record["meta_step"] >= cfg.meta.meta_steps:
+        return _finished(cfg, uri, record, sampler, progress)
+
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    started_here = _connect(cfg, address)
+    try:
+        use_gpu, per_worker = _worker_resources(cfg)
+        _check_capacity(cfg.distributed.workers, per_worker)
+        t0 = time.monotonic()
+        result, restarts = _fit(cfg, use_gpu, per_worker, progress)
+        fit_s = time.monotonic() - t0
+    finally:
+        if started_here:
+            ray.shutdown()
+
+    ckpt_name = Path(result.checkpoint.path).name
+    state = _load_state(storage.join(uri, ckpt_name))
+    if restarts:
+        print(
+            f"metapeft: recovered from {restarts} worker-group failure(s) "
+            f"(distributed.max_failures="
+            f"{cfg.distributed.max_failures}); resumed from the last checkpoint each time"
+        )
+    record = {
+        "meta_step": state["meta_step"],
+        "checkpoint": ckpt_name,
+        "workers": cfg.distributed.workers,
+        "use_gpu": use_gpu,
+        "restarts": restarts,
+        "fit_seconds": round(fit_s, 2),
+    }
+    report = _export(cfg, sampler, uri, state, progress)
+    storage.write_text(storage.join(uri, TRAINING_RECORD), json.dumps(record, indent=2))
+    return {**report, "distributed": record}
+
+
+def _finished(
+    cfg: Config, uri: str, record: dict[str, Any], sampler: Any, progress: bool
+) -> dict[str, Any]:
+    if record["meta_step"] > cfg.meta.meta_steps:
+        raise ConfigError(
+            f"run {uri} is already trained to meta-step {record['meta_step']} > "
+            f"meta.meta_steps={cfg.meta.meta_steps}; raise meta.meta_steps or choose a new run.name"
+        )
+    if storage.exists(storage.join(uri, "report.json")) and storage.exists(
+        storage.join(uri, "adapter", "metapeft.json")
+    ):
+        print(
+            f"metapeft: run {uri} already finished at meta-step {record['meta_step']}; "
+            "not re-training (choose a new run.name, or raise meta.meta_steps to continue it)"
+        )
+        return {
+            **json.loads(storage.read_text(storage.join(uri, "report.json"))),
+            "distributed": record,
+        }
+    print(f"metapeft: run {uri} finished training but its export is missing; re-exporting")
+    state = _load_state(storage.join(uri, record["checkpoint"]))
+    return {**_export(cfg, sampler, uri, state, progress), "distributed": record}
+
+
+def _export(
+    cfg: Config, sampler: Any, uri: str, state: dict[str, Any], progress: bool
+) -> dict[str, Any]:
+    """Driver side: the final init into a local learner, then the usual artifacts."""
+    device = torch.device(
+        "cuda" if torch.cuda.is_available() and cfg.model.device != "cpu" else "cpu"
+    )
+    learner = MetaLearner.from_config(cfg, sampler, device=device)
+    learner.load_state_dict(state)
+    history = state["history"]
+    with staged(uri) as out:
+        write_run_header(cfg, sampler, out)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        for metrics in history:
+            append_metrics(out, metrics)
+        return finish(cfg, learner, out, history, progress)
+
+
+def _load_state(checkpoint_uri: str) -> dict[str, Any]:
+    data = storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _read_record(uri: str) -> dict[str, Any] | None:
+    path = storage.join(uri, TRAINING_RECORD)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+
+
+def _check_resumable(cfg: Config, uri: str) -> None:
+    """A rerun of ``run.name`` continues the stored run, so it must be the same experiment."""
+    import yaml
+
+    path = storage.join(uri, "config.yaml")
+    if not storage.exists(path):
+        return
+    stored, current = (
+        _flatten(yaml.safe_load(storage.read_text(path)) or {}),
+        _flatten(cfg.to_dict()),
+    )
+    differ = sorted(
+        k
+        for k in stored.keys() | current.keys()
+        if stored.get(k) != current.get(k) and not k.startswith(_RESUMABLE_KEYS)
+    )
+    if differ:
+        shown = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in differ[:5])
+        raise ConfigError(
+            f"run {uri} exists with a different config ({shown}); rerunning a run.name resumes it, "
+            "so choose a new run.name (only meta.meta_steps, meta.val_every, "
+            "meta.checkpoint_every, "
+            "eval.* and distributed.* may change)"
+        )
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+# -- Ray connection and capacity ----------------------------------------------------------------
+
+
+def _connect(cfg: Config, address: str | None) -> bool:
+    """Connect to ``address`` (checked first, so a wrong one fails in seconds) or start an
+    embedded local Ray. Returns True when this call started Ray (and must shut it down)."""
+    import ray
+
+    if address is not None:
+        _probe(address)
+    if ray.is_initialized():  # e.g. a notebook or a test session that already holds a cluster
+        return False
+    if address is None:
+        d = cfg.distributed
+        ray.init(
+            num_cpus=d.local_num_cpus or os.cpu_count() or 1,
+            object_store_memory=d.local_object_store_mb << 20,
+            include_dashboard=False,  # for a dashboard: `ray start --head`, then --address
+            log_to_driver=True,
+        )
+        return True
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except Exception as err:  # ConnectionError, auth failures, version mismatch ...
+        raise RayConnectionError(
+            f"cannot connect to the Ray cluster at {address!r}: {_first_line(err)}"
+        ) from None
+    return True
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else repr(err)
+
+
+def _probe(address: str) -> None:
+    """A TCP connect to the GCS (``host:port``) or Ray Client (``ray://host:port``) port, so an
+    unreachable address fails in seconds instead of ray.init's minute of retries."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayConnectionError(
+            f"Ray address {address!r} is not of the form host:port, ray://host:port or auto"
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise RayConnectionError(
+            f"cannot reach the Ray cluster at {address!r} ({err.strerror or err}); check "
+            "--address / "
+            "RAY_ADDRESS (the head's GCS port, 6379 by default, or ray://host:10001) and that the "
+            "cluster is running"
+        ) from None
+
+
+def _worker_resources(cfg: Config) -> tuple[bool, dict[str, float]]:
+    import ray
+
+    d = cfg.distributed
+    use_gpu = d.use_gpu == "yes" or (
+        d.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+    )
+    per_worker = {"CPU": d.cpus_per_worker, **d.resources_per_worker}
+    if use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    return use_gpu, per_worker
+
+
+def _fits(node: Mapping[str, float], per_worker: Mapping[str, float]) -> float:
+    """How many workers of ``per_worker`` one node of resources ``node`` holds (inf: unbounded)."""
+    return min(
+        (node.get(k, 0.0) // v for k, v in per_worker.items() if v > 0), default=float("inf")
+    )
+
+
+def _check_capacity(workers: int, per_worker: Mapping[str, float]) -> None:
+    """Fail before the trainer starts when ``workers`` can never be placed.
+
+    Compared with the cluster's *total* resources (not what is free now: busy resources free up,
+    and Ray queues the worker group until they do), node by node, since a worker cannot span
+    nodes. An autoscaling cluster may grow: when the autoscaler published its node types, the
+    bound is what those types could hold at their max_count; when it did not (a fixed-size
+    cluster, `ray start` by hand, the embedded local Ray), the cluster is taken as it is, since
+    nothing will add nodes to it and the trainer would otherwise wait for ever.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    now = sum(_fits(n, per_worker) for n in nodes)
+    bound, source = now, "the cluster's nodes"
+    types = _autoscaler_node_types()
+    if types:
+        grown = sum(
+            _fits(res, per_worker) * (float("inf") if count == -1 else count)
+            for res, count in types
+        )
+        bound, source = max(now, grown), "the cluster's nodes and the autoscaler's node types"
+    if bound >= workers:
+        return
+    total = ray.cluster_resources()
+    have = ", ".join(f"{k}={total.get(k, 0):g}" for k in per_worker)
+    need = ", ".join(f"{k}={v:g}" for k, v in per_worker.items())
+    hint = (
+        (
+            "no node (type) can hold even one worker; lower distributed.cpus_per_worker / "
+            "distributed.resources_per_worker or add such nodes"
+        )
+        if bound == 0
+        else (f"use at most --workers {int(bound)} (distributed.workers), or smaller workers")
+    )
+    raise ClusterCapacityError(
+        f"{workers} workers of {{{need}}} cannot be placed: {source} hold at most {int(bound)} "
+        f"(cluster total {have}); {hint}"
+    )
+
+
+def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
+    """``[(resources of one node, max_count)]`` from the autoscaler's published cluster config
+    (KubeRay / cluster launcher with autoscaler v2); empty when there is none. Private Ray API,
+    pinned ray version; any failure means "no autoscaler known"."""
+    try:
+        import ray._private.state
+
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:
+        return []
+    if config is None:
+        return []
+    return [
+        (dict(g.resources), int(g.max_count)) for g in config.node_group_configs if g.max_count != 0
+    ]
+
+
+# -- the trainer --------------------------------------------------------------------------------
+
+
+def _fit(
+    cfg: Config, use_gpu: bool, per_worker: dict[str, float], progress: bool
+) -> tuple[Any, int]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    fs, path = storage.pyarrow_filesystem(cfg.run.output_dir)
+    attempts = ray.remote(_AttemptCounter).options(num_cpus=0).remote()
+    env = {k: v for k, v in os.environ.items() if k == TEST_PID_DIR_ENV}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "progress": progress, "attempts": attempts},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.distributed.workers, use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=path,
+            storage_filesystem=fs if storage.is_remote(cfg.run.output_dir) else None,
+            failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # ray.train.TrainingFailedError after max_failures
+        raise TrainingFailedError(
+            f"distributed training of {cfg.run.name!r} failed after "
+            f"{cfg.distributed.max_failures} restart(s): {_first_line(err)}; fix the cause "
+            "and rerun the same run.name to resume from its last checkpoint"
+        ) from err
+    restarts = max(0, ray.get(attempts.get.remote()) - 1)
+    ray.kill(attempts)
+    if result.error is not None:
+        raise TrainingFailedError(
+            f"distributed training of {cfg.run.name!r} failed: {result.error}"
+        )
+    if result.checkpoint is None:
+        raise TrainingFailedError(
+            f"distributed training of {cfg.run.name!r} reported no checkpoint"
+        )
+    return result, restarts
+
+
+class _AttemptCounter:
+    """How many times the worker group started in one fit (restarts = count - 1); a tiny Ray
+    actor (``ray.remote(_AttemptCounter)``) so the count survives the workers it counts."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def incr(self) -> int:
+        self.n += 1
+        return self.n
+
+    def get(self) -> int:
+        return self.n
+
+
+# -- the worker ---------------------------------------------------------------------------------
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: the core's MetaLearner, this rank's share, an all-reduce."""
+    import ray.train
+    import ray.train.torch
+
+    from metapeft_ray.config import validate_config
+
+    cfg = validate_config(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
+    if rank == 0:
+        ray.get(loop_config["attempts"].incr.remote())
+
+    learner = MetaLearner.from_config(
+        cfg, prepare_sampler(cfg), device=ray.train.torch.get_device()
+    )
+    history: list[dict[str, float]] = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        learner.load_state_dict(state)
+        history = list(state["history"])
+
+    m = cfg.meta
+    for metrics in learner.iterate(
+        m.meta_steps, val_every=m.val_every, rank=rank, world=world, reduce=_all_reduce_sum
+    ):
+        history.append(metrics)
+        step = learner.step
+        if rank == 0 and loop_config["progress"]:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "meta_step")
+            print(f"meta-step {step}/{m.meta_steps} {shown}", flush=True)
+        if step % m.checkpoint_every == 0 or step == m.meta_steps:
+            _report(learner, history, rank)
+        _test_hook(rank, step)
+
+
+def _report(learner: MetaLearner, history: list[dict[str, float]], rank: int) -> None:
+    """Every rank calls report (a barrier); only rank 0 hands over a checkpoint."""
+    import ray.train
+
+    metrics = history[-1]
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="metapeft-ckpt-") as d:
+        torch.save({**learner.state_dict(), "history": history}, Path(d) / STATE_FILE)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"checkpoint_{learner.step:06d}",
+        )
+
+
+def _test_hook(rank: int, step: int) -> None:
+    """Tests only (``METAPEFT_TEST_PID_DIR``): publish this worker's PID after each step and,
+    while ``hold-step<N>`` exists there, wait after step N so the test can kill a worker then."""
+    pid_dir = os.environ.get(TEST_PID_DIR_ENV)
+    if not pid_dir:
+        return
+    d = Path(pid_dir)
+    (d / f"rank{rank}-step{step}-{uuid.uuid4().hex[:6]}.pid").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 120
+    while (d / f"hold-step{step}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
