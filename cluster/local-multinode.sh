@@ -17,8 +17,9 @@
 #   DASHBOARD_PORT          dashboard / job API port [8266]
 #   HEAD_METRICS_PORT       --metrics-export-port of the head [8080]
 #   NODE2_METRICS_PORT      --metrics-export-port of the second node [8081]
+#   HEAD_AGENT_PORT         --dashboard-agent-listen-port of the head [52365, Ray's default]
 #   NODE2_AGENT_PORT        --dashboard-agent-listen-port of the second node [52366]
-#                           (the head keeps Ray's default, 52365)
+#   CLIENT_PORT             --ray-client-server-port of the head [10001, Ray's default]
 #   NUM_CPUS                --num-cpus of each node [1]
 #   OBJECT_STORE_MEMORY     --object-store-memory of each node, bytes [268435456]
 #   START_TIMEOUT           seconds allowed to each `ray start` [120]
@@ -42,7 +43,9 @@ HEAD_PORT="${HEAD_PORT:-6389}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8266}"
 HEAD_METRICS_PORT="${HEAD_METRICS_PORT:-8080}"
 NODE2_METRICS_PORT="${NODE2_METRICS_PORT:-8081}"
+HEAD_AGENT_PORT="${HEAD_AGENT_PORT:-52365}"
 NODE2_AGENT_PORT="${NODE2_AGENT_PORT:-52366}"
+CLIENT_PORT="${CLIENT_PORT:-10001}"
 NUM_CPUS="${NUM_CPUS:-1}"
 OBJECT_STORE_MEMORY="${OBJECT_STORE_MEMORY:-268435456}"
 START_TIMEOUT="${START_TIMEOUT:-120}"
@@ -162,6 +165,7 @@ cmd_start() {
   address="$(head_ip):$HEAD_PORT"
   start_node head --head --port="$HEAD_PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+    --dashboard-agent-listen-port="$HEAD_AGENT_PORT" --ray-client-server-port="$CLIENT_PORT" \
     --metrics-export-port="$HEAD_METRICS_PORT"
   start_node node2 --address="$address" \
     --dashboard-agent-listen-port="$NODE2_AGENT_PORT" \

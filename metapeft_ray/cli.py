@@ -16,6 +16,16 @@ OVERRIDES_HELP = "dotted overrides, e.g. meta.inner_steps=3 peft.rank=4"
 
 def _cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
+    if args.metrics_port is not None:
+        if not args.local:
+            raise ValueError(
+                "--metrics-port serves a --local run's metrics; on Ray every node exports them on "
+                "its --metrics-export-port (see docs/cluster.md)"
+            )
+        from metapeft_ray.metrics import serve_local
+
+        port = serve_local(args.metrics_port, args.metrics_host)
+        print(f"metapeft: metrics on http://{args.metrics_host}:{port}/metrics", file=sys.stderr)
     if args.local:
         from metapeft_ray.recipes import train_local
 
@@ -71,6 +81,61 @@ def _cmd_check(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from metapeft_ray import jobs
+
+    submission = jobs.prepare_submission(
+        args.run_command,
+        config=args.config,
+        overrides=args.overrides,
+        adapter=args.adapter,
+        working_dir=args.working_dir,
+        env_vars=jobs.build_env_vars(args.env, s3_endpoint=args.s3_endpoint_env),
+        pip=args.pip,
+    )
+    client = jobs.JobsClient(args.address)
+    job_id = client.submit(submission, submission_id=args.job_id)
+    print(job_id, flush=True)
+    if not args.follow:
+        print(
+            f"metapeft: submitted {submission.entrypoint!r}; follow it with "
+            f"`metapeft jobs logs {job_id} --follow --address {client.address}`",
+            file=sys.stderr,
+        )
+        return 0
+    return _follow(client, job_id)
+
+
+def _follow(client, job_id: str) -> int:  # noqa: ANN001 - a jobs.JobsClient
+    try:
+        status = client.follow(job_id)
+    except KeyboardInterrupt:
+        print(f"\nmetapeft: stopped following; job {job_id} keeps running", file=sys.stderr)
+        return 130
+    print(f"metapeft: job {job_id} {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from metapeft_ray import jobs
+
+    client = jobs.JobsClient(args.address)
+    if args.action == "list":
+        for job in sorted(client.list(), key=lambda j: j.start_time or 0):
+            print(jobs.describe(job))
+    elif args.action == "status":
+        info = client.info(args.job_id)
+        print(f"{args.job_id}\t{info.status}\t{info.message or ''}".rstrip())
+    elif args.action == "logs":
+        if args.follow:
+            return _follow(client, args.job_id)
+        print(client.logs(args.job_id), end="")
+    elif args.action == "stop":
+        stopped = client.stop(args.job_id)
+        print(f"{args.job_id}\t{'stopping' if stopped else 'not running: ' + client.status(args.job_id)}")
+    return 0
+
+
 def _lines(lines: Iterable[str]) -> Iterator[str]:
     return (line.rstrip("\n") for line in lines if line.strip())
 
@@ -94,7 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--workers", type=int, default=None, help="Ray workers (default: distributed.workers)")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="with --local: serve Prometheus metrics (ray_metapeft_*) on this port (0: a free one)",
+    )
+    t.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
     t.set_defaults(func=_cmd_train)
+
+    _add_submit_parser(sub)
+    _add_jobs_parser(sub)
 
     e = sub.add_parser("evaluate", help="meta-test an exported init against the baselines")
     e.add_argument("--adapter", required=True, help="exported adapter dir or s3:// prefix")
@@ -122,14 +197,74 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+ADDRESS_HELP = "the Ray job API, http://HEAD:8265 (default: RAY_ADDRESS)"
+
+
+def _add_submit_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "submit",
+        help="run train, evaluate or tune on a Ray cluster as a Ray job; prints the job id",
+        description=(
+            "Submit `metapeft COMMAND --config CONFIG OVERRIDES` as a Ray job. The config is "
+            "validated here first. With RAY_AUTH_MODE=token the token comes from RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. Nothing from this shell's environment is "
+            "copied to the job unless named with --env or --s3-endpoint-env: the job's runtime "
+            "env is stored by the cluster and shown on its dashboard, so prefer credentials "
+            "that live on the nodes (instance role, Kubernetes Secret)."
+        ),
+    )
+    s.add_argument("--config", default="quickstart", help=CONFIG_HELP)
+    s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    s.add_argument("--command", dest="run_command", choices=("train", "evaluate", "tune"), default="train")
+    s.add_argument("--adapter", default=None, help="with --command evaluate: the exported adapter")
+    s.add_argument("--address", default=None, help=ADDRESS_HELP)
+    s.add_argument(
+        "--working-dir",
+        default=None,
+        help="upload this directory and run the job in it (default: none, the cluster runs its "
+        "installed metapeft_ray, e.g. the project image)",
+    )
+    s.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="a job environment variable; KEY alone copies this shell's value. Secrets are only "
+        "sent when named here, and are then visible on the dashboard",
+    )
+    s.add_argument(
+        "--s3-endpoint-env",
+        action="store_true",
+        help="forward AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION "
+        "(not credentials) from this shell",
+    )
+    s.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job")
+    s.add_argument("--job-id", default=None, help="submission id to use (default: generated)")
+    s.add_argument("--follow", action="store_true", help="stream the logs; exit 1 unless SUCCEEDED")
+    s.set_defaults(func=_cmd_submit)
+
+
+def _add_jobs_parser(sub: argparse._SubParsersAction) -> None:
+    j = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
+    actions = j.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", default=None, help=ADDRESS_HELP)
+    actions.add_parser("list", parents=[common], help="all jobs of the cluster")
+    for name, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
+        a = actions.add_parser(name, parents=[common], help=text)
+        a.add_argument("job_id", metavar="JOB")
+        if name == "logs":
+            a.add_argument("--follow", action="store_true", help="stream until the job ends")
+    j.set_defaults(func=_cmd_jobs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"metapeft {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

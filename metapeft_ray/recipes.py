@@ -17,10 +17,11 @@ from typing import Any
 
 import yaml
 
+from metapeft_ray import metrics as live_metrics
 from metapeft_ray import storage
 from metapeft_ray.config import Config
 from metapeft_ray.evaluate import markdown_table, meta_test
-from metapeft_ray.export import export_adapter, load_adapter
+from metapeft_ray.export import export_adapter, load_adapter, load_inner_lrs
 from metapeft_ray.train import MetaLearner, prepare_sampler
 
 
@@ -67,8 +68,10 @@ def evaluate_and_report(
     out: Path,
     extra: Mapping[str, Any] | None = None,
     progress: bool = False,
+    inner_lrs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Meta-test every method of ``eval.methods`` and write report.json + report.md."""
+    """Meta-test every method of ``eval.methods`` and write report.json + report.md.
+    ``inner_lrs``: per-method per-tensor learning rates (Meta-SGD's learned ones for ``meta``)."""
     ev = cfg.eval
     results = meta_test(
         encoder,
@@ -84,6 +87,7 @@ def evaluate_and_report(
         lr=ev.inner_lr or cfg.meta.inner_lr,
         scale=cfg.model.head_scale,
         progress=progress,
+        inner_lrs=inner_lrs,
     )
     title = (
         f"Meta-test on {cfg.data.dataset}, fold {cfg.data.fold} ({len(sampler.splits.test)} held-out classes)"
@@ -114,10 +118,18 @@ def finish(
         "meta_step": learner.step,
         "metrics": last,
     }
-    export_adapter(learner.encoder, out / "adapter", metadata)
+    lrs = learner.inner_lrs()  # Meta-SGD's learned rates; None for the other algorithms
+    export_adapter(learner.encoder, out / "adapter", metadata, inner_lrs=lrs)
     inits = {"meta": learner.params, "finetune": learner.default_init}
     return evaluate_and_report(
-        cfg, learner.encoder, inits, learner.sampler, out, {"meta_step": learner.step}, progress
+        cfg,
+        learner.encoder,
+        inits,
+        learner.sampler,
+        out,
+        {"meta_step": learner.step},
+        progress,
+        inner_lrs={"meta": lrs},
     )
 
 
@@ -129,6 +141,8 @@ def train_local(cfg: Config, progress: bool = True) -> dict[str, Any]:
     uri = run_uri(cfg)
     storage.check_writable(uri)
     learner = MetaLearner.from_config(cfg, sampler)
+    tags = live_metrics.tags_for(cfg, "local")  # recorded only with --metrics-port (or on Ray)
+    live_metrics.instrument_episodes(learner, **tags)
     history = []
     with staged(uri) as out:
         write_run_header(cfg, sampler, out)
@@ -142,6 +156,7 @@ def train_local(cfg: Config, progress: bool = True) -> dict[str, Any]:
         for metrics in bar:
             history.append(metrics)
             append_metrics(out, metrics)
+            live_metrics.record_step(metrics, **tags)
             bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}", acc=f"{metrics['query_accuracy']:.2f}")
         return finish(cfg, learner, out, history, progress)
 
@@ -151,6 +166,7 @@ def evaluate_adapter(
 ) -> dict[str, Any]:
     """Meta-test an exported init (local or s3://) on the test classes of its own split."""
     encoder, default_init, cfg, metadata = load_adapter(adapter, dict(overrides))
+    lrs = load_inner_lrs(adapter, encoder.device)
     sampler = prepare_sampler(cfg)
     with staged(out_uri or storage.join(adapter.rstrip("/").rsplit("/", 1)[0], "eval")) as out:
         params = encoder.adapter_params()
@@ -162,4 +178,5 @@ def evaluate_adapter(
             out,
             {"adapter": adapter, "meta_step": metadata.get("meta_step")},
             progress,
+            inner_lrs={"meta": lrs},
         )

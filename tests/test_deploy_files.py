@@ -26,6 +26,8 @@ from botocore.validate import ParamValidator
 from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from metapeft_ray import metrics as metapeft_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY_VERSION = ray.__version__
 
@@ -41,15 +43,10 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 METRICS_PORT = 8080
-# ray.util.metrics names as Prometheus shows them (ray_ + metapeft_ prefix).
-GAUGES = ["meta_step", "meta_loss", "query_accuracy", "support_loss_before",
-          "support_loss_after", "adaptation_gain", "meta_val_accuracy"]
-COUNTERS = ["episodes_total", "worker_failures_total"]
-HISTOGRAMS = ["inner_loop_seconds"]
-METRICS = {f"ray_metapeft_{name}" for name in GAUGES + COUNTERS + HISTOGRAMS}
-METRIC_SERIES = METRICS | {
-    f"ray_metapeft_{name}_{suffix}" for name in HISTOGRAMS for suffix in ("bucket", "sum", "count")
-}
+# The metric names as Prometheus shows them (ray_ + metapeft_ prefix, counters with _total),
+# declared once in metapeft_ray.metrics, which records them.
+METRICS = metapeft_metrics.prometheus_names()
+METRIC_SERIES = metapeft_metrics.prometheus_series()
 
 # Known spec fields of KubeRay's ray.io/v1 types (ray-operator/apis/ray/v1/*_types.go).
 RAYCLUSTER_SPEC_KEYS = frozenset({
@@ -487,6 +484,24 @@ def test_grafana_dashboard_panels_read_metapeft_metrics() -> None:
     quantiles = [t["expr"] for p in dashboard["panels"] for t in p["targets"]
                  if "histogram_quantile(0.95" in t["expr"]]
     assert any("ray_metapeft_inner_loop_seconds_bucket" in q and "by (le)" in q for q in quantiles)
+
+
+def dashboard_labels(dashboard: dict[str, Any]) -> set[str]:
+    """Labels the panels group or filter by: ``by (a, b)`` and ``{a=~"..."}``."""
+    labels: set[str] = set()
+    for panel in dashboard.get("panels", []):
+        for target in panel.get("targets", []):
+            expr = target.get("expr", "")
+            for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+                labels |= {x.strip() for x in group.split(",") if x.strip()}
+            labels |= set(re.findall(r"[{,]\s*(\w+)\s*[=!]~?", expr))
+    return labels
+
+
+def test_grafana_dashboard_uses_only_declared_tag_keys() -> None:
+    labels = dashboard_labels(json.loads(DASHBOARD_JSON.read_text()))
+    assert {"run", "worker", "le"} <= labels
+    assert labels <= {*metapeft_metrics.TAG_KEYS, "le"}
 
 
 @pytest.mark.parametrize(

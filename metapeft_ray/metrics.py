@@ -1,0 +1,379 @@
+"""Training metrics for Prometheus: one set of names, recorded from Ray workers, drivers and
+long ``--local`` runs. Importing this module never imports Ray.
+
+Every metric is named ``metapeft_<name>`` and carries the tag keys :data:`TAG_KEYS`
+(``run``, ``worker``, ``algorithm``). Where they appear:
+
+* On Ray (workers and drivers), through ``ray.util.metrics``: each node's
+  ``--metrics-export-port`` serves them as ``ray_metapeft_<name>`` (counters with ``_total``,
+  the histogram as ``_bucket`` / ``_sum`` / ``_count``) about 10 s after they are recorded; the Ray
+  dashboard's metrics view and ``deploy/grafana/metapeft-dashboard.json`` read them from there.
+* Outside Ray (``metapeft train --local --metrics-port N``), through ``prometheus_client`` on
+  ``http://HOST:N/metrics`` under the *same* Prometheus names, so one dashboard serves both.
+* Anywhere else (tests, notebooks, a ``--local`` run without ``--metrics-port``) every
+  ``record_*`` call is a no-op: the maths never depends on whether anyone is watching.
+
+The metric objects are created lazily, once per process (Ray wants one object per name per
+process, with its tag keys declared up front), on the first ``record_*`` call that has a backend.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "METRICS",
+    "PREFIX",
+    "TAG_KEYS",
+    "MetricSpec",
+    "algorithm_name",
+    "instrument_episodes",
+    "prometheus_names",
+    "prometheus_series",
+    "record_episode",
+    "record_failure",
+    "record_step",
+    "record_val",
+    "sample_names",
+    "serve_local",
+    "tags_for",
+]
+
+PREFIX = "metapeft_"
+RAY_EXPORT_PREFIX = "ray_"
+"""Prefix Ray's exporter puts before every ``ray.util.metrics`` name; the local exporter uses it
+too, so Prometheus queries and the Grafana dashboard are the same for both."""
+TAG_KEYS = ("run", "worker", "algorithm")
+# Inner-loop (one episode's adaptation) latency, seconds: from a tiny CPU model (~10 ms) up to
+# many second-order steps of a large backbone.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+Kind = Literal["gauge", "counter", "histogram"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    """Without the prefix; counters without ``_total`` (the exporters add it)."""
+    kind: Kind
+    description: str
+
+    @property
+    def full_name(self) -> str:
+        return PREFIX + self.name
+
+    @property
+    def prometheus_name(self) -> str:
+        """As Prometheus shows it: ``ray_metapeft_<name>``, counters with ``_total``."""
+        return RAY_EXPORT_PREFIX + self.full_name + ("_total" if self.kind == "counter" else "")
+
+
+# The keys of `MetaLearner.iterate`'s per-step dict that become gauges (same names).
+STEP_GAUGES = (
+    "meta_step",
+    "meta_loss",
+    "query_accuracy",
+    "support_loss_before",
+    "support_loss_after",
+    "adaptation_gain",
+    "meta_val_accuracy",
+)
+_GAUGE_HELP = {
+    "meta_step": "outer (meta) updates applied to the adapter init so far",
+    "meta_loss": "query loss after adaptation, mean over the meta-batch (the meta-objective)",
+    "query_accuracy": "query accuracy after adaptation, mean over the meta-batch",
+    "support_loss_before": "support loss at the adapter init, before the inner loop",
+    "support_loss_after": "support loss after the inner loop",
+    "adaptation_gain": "support_loss_before - support_loss_after (what the inner loop achieved)",
+    "meta_val_accuracy": "query accuracy after adaptation on the meta-validation classes",
+}
+METRICS: tuple[MetricSpec, ...] = (
+    *(MetricSpec(name, "gauge", _GAUGE_HELP[name]) for name in STEP_GAUGES),
+    MetricSpec("episodes", "counter", "few-shot episodes adapted (meta-train and meta-validation)"),
+    MetricSpec("worker_failures", "counter", "worker-group restarts after a worker failure"),
+    MetricSpec("inner_loop_seconds", "histogram", "wall time of one episode's inner loop"),
+)
+_BY_NAME = {m.name: m for m in METRICS}
+
+
+def prometheus_names() -> set[str]:
+    """Metric names as Prometheus shows them (``ray_metapeft_meta_loss``, ...)."""
+    return {m.prometheus_name for m in METRICS}
+
+
+def prometheus_series() -> set[str]:
+    """Every series name a query may use: the names plus the histograms' bucket/sum/count."""
+    return prometheus_names() | {
+        f"{m.prometheus_name}_{suffix}"
+        for m in METRICS
+        if m.kind == "histogram"
+        for suffix in ("bucket", "sum", "count")
+    }
+
+
+def sample_names() -> set[str]:
+    """The sample names a scrape of ``/metrics`` shows (a histogram only as bucket/sum/count)."""
+    return prometheus_series() - {m.prometheus_name for m in METRICS if m.kind == "histogram"}
+
+
+_SECOND_ORDER_ALGORITHMS = ("maml", "metasgd")
+
+
+def algorithm_name(algorithm: str, first_order: bool) -> str:
+    """The ``algorithm`` tag: ``meta.algorithm``, with ``_fo`` for the first-order variant of an
+    algorithm that has a second-order one (``maml_fo``; Reptile and ProtoNet have none)."""
+    return f"{algorithm}_fo" if first_order and algorithm in _SECOND_ORDER_ALGORITHMS else algorithm
+
+
+def tags_for(cfg: Any, worker: str | int) -> dict[str, str]:
+    """The tags of a run: ``run.name``, the worker (a rank, ``local`` or ``driver``), and the
+    algorithm from ``meta.*``. Use as ``record_step(m, **tags_for(cfg, rank))``."""
+    return {
+        "run": cfg.run.name,
+        "worker": str(worker),
+        "algorithm": algorithm_name(cfg.meta.algorithm, cfg.meta.first_order),
+    }
+
+
+# -- backends -----------------------------------------------------------------------------------
+
+
+class _Backend:
+    """One metric object per name, created on first use."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _create(self, spec: MetricSpec) -> Any:
+        raise NotImplementedError
+
+    def get(self, name: str) -> Any:
+        obj = self._objects.get(name)
+        if obj is None:
+            with self._lock:
+                obj = self._objects.get(name)
+                if obj is None:
+                    obj = self._objects[name] = self._create(_BY_NAME[name])
+        return obj
+
+    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        raise NotImplementedError
+
+    def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        raise NotImplementedError
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        raise NotImplementedError
+
+
+class _RayBackend(_Backend):
+    """``ray.util.metrics`` objects, plus a daemon thread that re-sets every gauge's last value.
+
+    Why the thread: Ray 2.60's node agent drops a gauge series when its process has not re-set it
+    for two export intervals (``RAY_metrics_report_interval_ms``, 10 s by default), even while
+    the process lives; a meta-step slower than that would make the gauges blink in and out of
+    Prometheus. Re-setting them every interval keeps a live worker's last values visible, as a
+    Prometheus gauge is expected to behave; they leave the export when the worker exits.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._refresher: threading.Thread | None = None
+
+    def _create(self, spec: MetricSpec) -> Any:
+        from ray.util import metrics as rm
+
+        if spec.kind == "gauge":
+            return rm.Gauge(spec.full_name, spec.description, tag_keys=TAG_KEYS)
+        if spec.kind == "counter":
+            return rm.Counter(spec.full_name, spec.description, tag_keys=TAG_KEYS)
+        return rm.Histogram(
+            spec.full_name, spec.description, boundaries=list(LATENCY_BUCKETS), tag_keys=TAG_KEYS
+        )
+
+    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.get(name).set(value, tags=dict(tags))
+        with self._lock:
+            self._last[(name, tuple(sorted(tags.items())))] = value
+            if self._refresher is None:
+                self._refresher = threading.Thread(
+                    target=self._refresh, name="metapeft-gauge-refresh", daemon=True
+                )
+                self._refresher.start()
+
+    def _refresh(self) -> None:
+        import ray
+
+        try:
+            period = max(1.0, ray._config.metrics_report_interval_ms() / 1000.0)
+        except Exception:  # private API; the default report interval is 10 s
+            period = 5.0
+        while True:
+            time.sleep(period)
+            if not ray.is_initialized():
+                with self._lock:
+                    self._last.clear()
+                    self._refresher = None
+                return
+            with self._lock:
+                last = list(self._last.items())
+            for (name, tags), value in last:
+                self.get(name).set(value, tags=dict(tags))
+
+    def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.get(name).inc(value, tags=dict(tags))
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.get(name).observe(value, tags=dict(tags))
+
+
+class _PrometheusBackend(_Backend):
+    """prometheus_client objects in a registry of their own (nothing else is exported)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from prometheus_client import CollectorRegistry
+
+        self.registry = CollectorRegistry()
+
+    def _create(self, spec: MetricSpec) -> Any:
+        import prometheus_client as pc
+
+        # prometheus_client appends _total to counters itself, as Ray's exporter does.
+        name = RAY_EXPORT_PREFIX + spec.full_name
+        kw = {"labelnames": TAG_KEYS, "registry": self.registry}
+        if spec.kind == "gauge":
+            return pc.Gauge(name, spec.description, **kw)
+        if spec.kind == "counter":
+            return pc.Counter(name, spec.description, **kw)
+        return pc.Histogram(name, spec.description, buckets=LATENCY_BUCKETS, **kw)
+
+    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.get(name).labels(**tags).set(value)
+
+    def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.get(name).labels(**tags).inc(value)
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.get(name).labels(**tags).observe(value)
+
+
+_ray_backend: _RayBackend | None = None
+_local_backend: _PrometheusBackend | None = None
+_local_server: Any = None
+
+
+def _backend() -> _Backend | None:
+    """The local exporter if this process started one, else Ray's if Ray is initialised here,
+    else None. Ray is only looked up in ``sys.modules``: if nothing imported it, it is not
+    initialised, and importing it here would break the Ray-free layers' guarantee."""
+    global _ray_backend
+    if _local_backend is not None:
+        return _local_backend
+    ray = sys.modules.get("ray")
+    if ray is None or not getattr(ray, "is_initialized", lambda: False)():
+        return None
+    if _ray_backend is None:
+        _ray_backend = _RayBackend()
+    return _ray_backend
+
+
+def serve_local(port: int, host: str = "127.0.0.1") -> int:
+    """Serve this process's metrics with ``prometheus_client`` on ``http://host:port/metrics``
+    (a process outside Ray: ``metapeft train --local --metrics-port N``). ``port=0`` picks a free
+    port. Returns the port. From then on, ``record_*`` calls of this process go there."""
+    global _local_backend, _local_server
+    if _local_server is not None:
+        return int(_local_server.server_port)
+    from prometheus_client import start_http_server
+
+    backend = _PrometheusBackend()
+    try:
+        server, _ = start_http_server(port, addr=host, registry=backend.registry)
+    except OSError as err:
+        raise ValueError(
+            f"cannot serve metrics on {host}:{port} ({err.strerror or err}); choose another "
+            "--metrics-port (0 picks a free one)"
+        ) from None
+    _local_backend, _local_server = backend, server
+    return int(server.server_port)
+
+
+def stop_local() -> None:
+    """Stop the local exporter (tests); later ``record_*`` calls go back to Ray or nowhere."""
+    global _local_backend, _local_server
+    if _local_server is not None:
+        _local_server.shutdown()
+        _local_server.server_close()
+    _local_backend, _local_server = None, None
+
+
+# -- recording ----------------------------------------------------------------------------------
+
+
+def _tags(run: str, worker: str, algorithm: str) -> dict[str, str]:
+    return {"run": str(run), "worker": str(worker), "algorithm": str(algorithm)}
+
+
+def record_step(metrics: Mapping[str, float], *, run: str, worker: str, algorithm: str) -> None:
+    """Set the gauges from one `MetaLearner.iterate` step dict (keys it lacks, such as
+    ``meta_val_accuracy`` on most steps, are left at their last value; unknown keys ignored)."""
+    backend = _backend()
+    if backend is None:
+        return
+    tags = _tags(run, worker, algorithm)
+    for key in STEP_GAUGES:
+        if key in metrics:
+            backend.set(key, float(metrics[key]), tags)
+
+
+def record_episode(seconds: float, *, run: str, worker: str, algorithm: str) -> None:
+    """One episode adapted: its inner-loop wall time into the histogram, and the counter."""
+    backend = _backend()
+    if backend is None:
+        return
+    tags = _tags(run, worker, algorithm)
+    backend.observe("inner_loop_seconds", float(seconds), tags)
+    backend.inc("episodes", 1.0, tags)
+
+
+def record_failure(count: int = 1, *, run: str, worker: str, algorithm: str) -> None:
+    """``count`` worker-group restarts (a worker died and the group resumed from a checkpoint)."""
+    backend = _backend()
+    if backend is None or count <= 0:
+        return
+    backend.inc("worker_failures", float(count), _tags(run, worker, algorithm))
+
+
+def record_val(accuracy: float, *, run: str, worker: str, algorithm: str) -> None:
+    """Meta-validation accuracy, e.g. of a Tune trial (``run`` = the trial's name)."""
+    backend = _backend()
+    if backend is None:
+        return
+    backend.set("meta_val_accuracy", float(accuracy), _tags(run, worker, algorithm))
+
+
+def instrument_episodes(learner: Any, *, run: str, worker: str, algorithm: str) -> None:
+    """Time every episode ``learner`` adapts (meta-train and meta-validation) and count it.
+
+    `MetaLearner` (layer 1) has no hook and must stay Ray- and metrics-free, so this wraps its
+    per-episode method on the instance; ``tests/test_metrics.py`` pins that the wrapped method
+    exists and is what ``meta_step`` and ``validate`` call. Costs one ``perf_counter`` pair per
+    episode and nothing when no backend is active.
+    """
+    episode: Callable[..., Any] = learner._episode
+
+    def timed_episode(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        result = episode(*args, **kwargs)
+        record_episode(time.perf_counter() - t0, run=run, worker=worker, algorithm=algorithm)
+        return result
+
+    learner._episode = timed_episode
