@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from metapeft_ray import metrics as live_metrics
 from metapeft_ray import storage
 from metapeft_ray.config import Config, ConfigError
 from metapeft_ray.recipes import append_metrics, finish, run_uri, staged, write_run_header
@@ -91,12 +92,15 @@ def train_ray(
     if record is not None and record["meta_step"] >= cfg.meta.meta_steps:
         return _finished(cfg, uri, record, sampler, progress)
 
+    with staged(uri) as out:  # early, so an interrupted run is still checked on its rerun
+        write_run_header(cfg, sampler, out)
+
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    started_here = _connect(cfg, address)
+    started_here = connect(cfg, address)
     try:
-        use_gpu, per_worker = _worker_resources(cfg)
+        use_gpu, per_worker = _worker_resources(cfg, ray.cluster_resources())
         _check_capacity(cfg.distributed.workers, per_worker)
         t0 = time.monotonic()
         result, restarts = _fit(cfg, use_gpu, per_worker, progress)
@@ -121,42 +125,34 @@ def train_ray(
         "restarts": restarts,
         "fit_seconds": round(fit_s, 2),
     }
-    report = _export(cfg, sampler, uri, state, progress)
+    # Recorded before the export: if the export fails, the rerun re-exports without Ray.
     storage.write_text(storage.join(uri, TRAINING_RECORD), json.dumps(record, indent=2))
-    return {**report, "distributed": record}
+    return {**_export(cfg, sampler, uri, state, progress), "distributed": record}
 
 
-def _finished(
-    cfg: Config, uri: str, record: dict[str, Any], sampler: Any, progress: bool
-) -> dict[str, Any]:
+def _finished(cfg: Config, uri: str, record: dict[str, Any], sampler: Any, progress: bool) -> dict[str, Any]:
     if record["meta_step"] > cfg.meta.meta_steps:
         raise ConfigError(
             f"run {uri} is already trained to meta-step {record['meta_step']} > "
             f"meta.meta_steps={cfg.meta.meta_steps}; raise meta.meta_steps or choose a new run.name"
         )
-    if storage.exists(storage.join(uri, "report.json")) and storage.exists(
-        storage.join(uri, "adapter", "metapeft.json")
-    ):
+    step = record["meta_step"]
+    report, adapter = _read_json(uri, "report.json"), _read_json(uri, "adapter", "metapeft.json")
+    if report.get("meta_step") == step and adapter.get("meta_step") == step:
         print(
-            f"metapeft: run {uri} already finished at meta-step {record['meta_step']}; "
-            "not re-training (choose a new run.name, or raise meta.meta_steps to continue it)"
+            f"metapeft: run {uri} already finished at meta-step {step}; not re-training "
+            "(choose a new run.name, or raise meta.meta_steps to continue it)"
         )
-        return {
-            **json.loads(storage.read_text(storage.join(uri, "report.json"))),
-            "distributed": record,
-        }
-    print(f"metapeft: run {uri} finished training but its export is missing; re-exporting")
+        return {**report, "distributed": record}
+    print(f"metapeft: run {uri} finished training at meta-step {step} but its export is missing "
+          "or older; re-exporting from the final checkpoint")  # fmt: skip
     state = _load_state(storage.join(uri, record["checkpoint"]))
     return {**_export(cfg, sampler, uri, state, progress), "distributed": record}
 
 
-def _export(
-    cfg: Config, sampler: Any, uri: str, state: dict[str, Any], progress: bool
-) -> dict[str, Any]:
+def _export(cfg: Config, sampler: Any, uri: str, state: dict[str, Any], progress: bool) -> dict[str, Any]:
     """Driver side: the final init into a local learner, then the usual artifacts."""
-    device = torch.device(
-        "cuda" if torch.cuda.is_available() and cfg.model.device != "cpu" else "cpu"
-    )
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.model.device != "cpu" else "cpu")
     learner = MetaLearner.from_config(cfg, sampler, device=device)
     learner.load_state_dict(state)
     history = state["history"]
@@ -171,6 +167,11 @@ def _export(
 def _load_state(checkpoint_uri: str) -> dict[str, Any]:
     data = storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _read_json(uri: str, *parts: str) -> dict[str, Any]:
+    path = storage.join(uri, *parts)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
 
 
 def _read_record(uri: str) -> dict[str, Any] | None:
@@ -217,7 +218,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # -- Ray connection and capacity ----------------------------------------------------------------
 
 
-def _connect(cfg: Config, address: str | None) -> bool:
+def connect(cfg: Config, address: str | None) -> bool:
     """Connect to ``address`` (checked first, so a wrong one fails in seconds) or start an
     embedded local Ray. Returns True when this call started Ray (and must shut it down)."""
     import ray
@@ -228,8 +229,12 @@ def _connect(cfg: Config, address: str | None) -> bool:
         return False
     if address is None:
         d = cfg.distributed
+        # The embedded Ray's size is known before it starts: check the workers fit it first.
+        local = {"CPU": float(d.local_num_cpus or os.cpu_count() or 1)}
+        local["GPU"] = float(torch.cuda.device_count())
+        _check_capacity(d.workers, _worker_resources(cfg, local)[1], nodes=[local])
         ray.init(
-            num_cpus=d.local_num_cpus or os.cpu_count() or 1,
+            num_cpus=int(local["CPU"]),
             object_store_memory=d.local_object_store_mb << 20,
             include_dashboard=False,  # for a dashboard: `ray start --head`, then --address
             log_to_driver=True,
@@ -272,13 +277,9 @@ def _probe(address: str) -> None:
         ) from None
 
 
-def _worker_resources(cfg: Config) -> tuple[bool, dict[str, float]]:
-    import ray
-
+def _worker_resources(cfg: Config, cluster: Mapping[str, float]) -> tuple[bool, dict[str, float]]:
     d = cfg.distributed
-    use_gpu = d.use_gpu == "yes" or (
-        d.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
-    )
+    use_gpu = d.use_gpu == "yes" or (d.use_gpu == "auto" and cluster.get("GPU", 0) > 0)
     per_worker = {"CPU": d.cpus_per_worker, **d.resources_per_worker}
     if use_gpu:
         per_worker.setdefault("GPU", 1.0)
@@ -287,12 +288,12 @@ def _worker_resources(cfg: Config) -> tuple[bool, dict[str, float]]:
 
 def _fits(node: Mapping[str, float], per_worker: Mapping[str, float]) -> float:
     """How many workers of ``per_worker`` one node of resources ``node`` holds (inf: unbounded)."""
-    return min(
-        (node.get(k, 0.0) // v for k, v in per_worker.items() if v > 0), default=float("inf")
-    )
+    return min((node.get(k, 0.0) // v for k, v in per_worker.items() if v > 0), default=float("inf"))
 
 
-def _check_capacity(workers: int, per_worker: Mapping[str, float]) -> None:
+def _check_capacity(
+    workers: int, per_worker: Mapping[str, float], nodes: list[Mapping[str, float]] | None = None
+) -> None:
     """Fail before the trainer starts when ``workers`` can never be placed.
 
     Compared with the cluster's *total* resources (not what is free now: busy resources free up,
@@ -302,21 +303,26 @@ def _check_capacity(workers: int, per_worker: Mapping[str, float]) -> None:
     cluster, `ray start` by hand, the embedded local Ray), the cluster is taken as it is, since
     nothing will add nodes to it and the trainer would otherwise wait for ever.
     """
-    import ray
+    if nodes is None:
+        import ray
 
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        types = _autoscaler_node_types()
+    else:  # the embedded local Ray, before it starts: one node, no autoscaler
+        types = []
     now = sum(_fits(n, per_worker) for n in nodes)
     bound, source = now, "the cluster's nodes"
-    types = _autoscaler_node_types()
     if types:
+        # max_count -1: unbounded; 0 * inf would be nan, so a type that fits no worker adds 0.
         grown = sum(
-            _fits(res, per_worker) * (float("inf") if count == -1 else count)
+            (float("inf") if count == -1 else count) * fit
             for res, count in types
+            if (fit := _fits(res, per_worker)) > 0
         )
         bound, source = max(now, grown), "the cluster's nodes and the autoscaler's node types"
     if bound >= workers:
         return
-    total = ray.cluster_resources()
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in per_worker}
     have = ", ".join(f"{k}={total.get(k, 0):g}" for k in per_worker)
     need = ", ".join(f"{k}={v:g}" for k, v in per_worker.items())
     hint = (
@@ -345,57 +351,52 @@ def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
         return []
     if config is None:
         return []
-    return [
-        (dict(g.resources), int(g.max_count)) for g in config.node_group_configs if g.max_count != 0
-    ]
+    return [(dict(g.resources), int(g.max_count)) for g in config.node_group_configs if g.max_count != 0]
 
 
 # -- the trainer --------------------------------------------------------------------------------
 
 
-def _fit(
-    cfg: Config, use_gpu: bool, per_worker: dict[str, float], progress: bool
-) -> tuple[Any, int]:
+def _fit(cfg: Config, use_gpu: bool, per_worker: dict[str, float], progress: bool) -> tuple[Any, int]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fs, path = storage.pyarrow_filesystem(cfg.run.output_dir)
-    attempts = ray.remote(_AttemptCounter).options(num_cpus=0).remote()
     env = {k: v for k, v in os.environ.items() if k == TEST_PID_DIR_ENV}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "progress": progress, "attempts": attempts},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.distributed.workers, use_gpu=use_gpu, resources_per_worker=per_worker
-        ),
-        run_config=RunConfig(
-            name=cfg.run.name,
-            storage_path=path,
-            storage_filesystem=fs if storage.is_remote(cfg.run.output_dir) else None,
-            failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": env} if env else None,
-        ),
-    )
+    attempts = ray.remote(_AttemptCounter).options(num_cpus=0).remote()
     try:
-        result = trainer.fit()
-    except Exception as err:  # ray.train.TrainingFailedError after max_failures
-        raise TrainingFailedError(
-            f"distributed training of {cfg.run.name!r} failed after "
-            f"{cfg.distributed.max_failures} restart(s): {_first_line(err)}; fix the cause "
-            "and rerun the same run.name to resume from its last checkpoint"
-        ) from err
-    restarts = max(0, ray.get(attempts.get.remote()) - 1)
-    ray.kill(attempts)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.to_dict(), "progress": progress, "attempts": attempts},
+            scaling_config=ScalingConfig(
+                num_workers=cfg.distributed.workers, use_gpu=use_gpu, resources_per_worker=per_worker
+            ),
+            run_config=RunConfig(
+                name=cfg.run.name,
+                storage_path=path,
+                storage_filesystem=fs if storage.is_remote(cfg.run.output_dir) else None,
+                failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                worker_runtime_env={"env_vars": env} if env else None,
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as err:  # ray.train.TrainingFailedError after max_failures
+            raise TrainingFailedError(
+                f"distributed training of {cfg.run.name!r} failed after "
+                f"{cfg.distributed.max_failures} restart(s): {_first_line(err)}; fix the cause "
+                "and rerun the same run.name to resume from its last checkpoint"
+            ) from err
+        restarts = max(0, ray.get(attempts.get.remote()) - 1)
+        live_metrics.record_failure(restarts, **live_metrics.tags_for(cfg, "driver"))
+    finally:
+        ray.kill(attempts)
     if result.error is not None:
-        raise TrainingFailedError(
-            f"distributed training of {cfg.run.name!r} failed: {result.error}"
-        )
+        raise TrainingFailedError(f"distributed training of {cfg.run.name!r} failed: {result.error}")
     if result.checkpoint is None:
-        raise TrainingFailedError(
-            f"distributed training of {cfg.run.name!r} reported no checkpoint"
-        )
+        raise TrainingFailedError(f"distributed training of {cfg.run.name!r} reported no checkpoint")
     return result, restarts
 
 
@@ -436,9 +437,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         ray.get(loop_config["attempts"].incr.remote())
 
-    learner = MetaLearner.from_config(
-        cfg, prepare_sampler(cfg), device=ray.train.torch.get_device()
-    )
+    learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=ray.train.torch.get_device())
+    tags = live_metrics.tags_for(cfg, rank)  # ray_metapeft_* on each node's metrics port
+    live_metrics.instrument_episodes(learner, **tags)
     history: list[dict[str, float]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -453,6 +454,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ):
         history.append(metrics)
         step = learner.step
+        if rank == 0:  # every rank holds the same all-reduced numbers
+            live_metrics.record_step(metrics, **tags)
         if rank == 0 and loop_config["progress"]:
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "meta_step")
             print(f"meta-step {step}/{m.meta_steps} {shown}", flush=True)

@@ -1,0 +1,252 @@
+"""Distributed meta-training on a real local Ray (one cluster for the session, tiny BERT).
+
+What is pinned: W workers == the single-process MetaLearner (same seed and meta-batch);
+checkpoint + resume == uninterrupted; a finished run is not re-trained; a worker killed by PID
+mid-run is recovered from the last checkpoint with the same result; S3 storage end to end;
+and every bad input fails quickly, before a TorchTrainer is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from metapeft_ray import distributed, storage
+from metapeft_ray.config import Config, load_config
+from metapeft_ray.recipes import run_uri
+from metapeft_ray.train import MetaLearner, prepare_sampler
+
+try:
+    from tests.conftest import S3_BUCKET
+except ImportError:  # plain `pytest` puts tests/ (not the repo root) on sys.path
+    from conftest import S3_BUCKET  # type: ignore[no-redef]
+
+pytestmark = pytest.mark.ray
+
+STEPS = 4
+
+
+def make_cfg(backbone: str, dataset: str, output_dir: str, name: str, **extra: Any) -> Config:
+    overrides = {
+        "run.name": name, "run.output_dir": output_dir, "run.seed": 3,
+        "model.backbone": backbone, "model.max_length": 16,
+        "data.dataset": dataset, "data.folds": 3, "data.val_fraction": 0.4,
+        "episode.n_way": 3, "episode.k_shot": 1, "episode.q_query": 2,
+        "meta.first_order": True, "meta.meta_steps": STEPS, "meta.meta_batch_size": 4,
+        "meta.val_every": 2, "meta.val_episodes": 2, "meta.checkpoint_every": 2,
+        "meta.outer_lr": 0.01,
+        "eval.episodes": 3, "eval.shots": [1], "eval.n_way": 3, "eval.q_query": 2,
+        "distributed.workers": 2, "distributed.max_failures": 0,
+        **extra,
+    }  # fmt: skip
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+def final_adapter(cfg: Config) -> dict[str, torch.Tensor]:
+    uri = run_uri(cfg)
+    record = json.loads(storage.read_text(storage.join(uri, distributed.TRAINING_RECORD)))
+    return distributed._load_state(storage.join(uri, record["checkpoint"]))["adapter"]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def base(tiny_backbone: str, tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory):
+    out = str(tmp_path_factory.mktemp("runs"))
+
+    def cfg(name: str, **extra: Any) -> Config:
+        return make_cfg(tiny_backbone, tiny_dataset, out, name, **extra)
+
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def reference(base) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """The single-process, uninterrupted 4-step adapter init (no Ray)."""
+    cfg = base("reference")
+    learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
+    init = {k: v.detach().clone() for k, v in learner.params.items()}
+    for _ in learner.iterate(STEPS, val_every=cfg.meta.val_every):
+        pass
+    final = {k: v.detach().cpu().clone() for k, v in learner.params.items()}
+    # The comparisons below mean something only if training moved the init well past 1e-5.
+    assert max((final[k] - init[k]).abs().max().item() for k in init) > 1e-3
+    return final
+
+
+@pytest.fixture
+def no_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a TorchTrainer is ever built."""
+    import ray.train.torch
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise AssertionError("a TorchTrainer was started")
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", boom)
+
+
+def test_two_workers_equal_single_process(ray_cluster, base, reference) -> None:  # noqa: ANN001
+    cfg = base("equivalence")
+    report = distributed.train_ray(cfg, progress=False)
+    assert_same(final_adapter(cfg), reference)
+    out = Path(run_uri(cfg))
+    assert report["meta_step"] == STEPS and report["distributed"]["restarts"] == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["meta_step"] for line in lines] == list(range(1, STEPS + 1))
+    assert {"config.yaml", "splits.json", "report.json", "report.md"} <= {p.name for p in out.iterdir()}
+
+
+def test_resume_equals_uninterrupted_and_finished_is_not_rerun(  # noqa: ANN001
+    ray_cluster, base, reference, monkeypatch
+) -> None:
+    distributed.train_ray(base("resume", **{"meta.meta_steps": 2}), progress=False)
+    cfg = base("resume")
+    report = distributed.train_ray(cfg, progress=False)
+    assert report["meta_step"] == STEPS
+    assert_same(final_adapter(cfg), reference)
+    history = [json.loads(x) for x in (Path(run_uri(cfg)) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["meta_step"] for m in history] == list(range(1, STEPS + 1))
+
+    import ray.train.torch
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", None)  # would fail if called
+    t0 = time.monotonic()
+    again = distributed.train_ray(cfg, progress=False)
+    assert time.monotonic() - t0 < 10
+    assert again["results"] == report["results"]
+    # The export lost: re-exported from the final checkpoint, still without training.
+    storage_dir = Path(run_uri(cfg))
+    for f in (storage_dir / "adapter").iterdir():
+        f.unlink()
+    distributed.train_ray(cfg, progress=False)
+    assert (storage_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # Asking for fewer steps than done, or a different experiment under the same name: refused.
+    with pytest.raises(ValueError, match="already trained to meta-step 4"):
+        distributed.train_ray(base("resume", **{"meta.meta_steps": 3}), progress=False)
+    with pytest.raises(ValueError, match="meta.inner_lr"):
+        distributed.train_ray(base("resume", **{"meta.inner_lr": 0.5}), progress=False)
+
+
+def test_killed_worker_is_recovered(  # noqa: ANN001
+    ray_cluster, base, reference, tmp_path, monkeypatch
+) -> None:
+    """SIGKILL rank 1 by PID after step 3 (checkpoint at 2): the group restarts from step 2."""
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    (pid_dir / "hold-step3").touch()  # both ranks wait after step 3 until the kill is done
+    monkeypatch.setenv(distributed.TEST_PID_DIR_ENV, str(pid_dir))
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            found = list(pid_dir.glob("rank1-step3-*.pid"))
+            if found:
+                pid = int(found[0].read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.1)
+        (pid_dir / "hold-step3").unlink(missing_ok=True)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    cfg = base("killed", **{"distributed.max_failures": 2})
+    report = distributed.train_ray(cfg, progress=False)
+    thread.join(timeout=10)
+    assert killed, "the worker never reached step 3"
+    assert report["distributed"]["restarts"] == 1
+    assert_same(final_adapter(cfg), reference)
+    pids_after = {int(p.read_text()) for p in pid_dir.glob("rank1-step4-*.pid")}
+    assert pids_after and killed[0] not in pids_after  # step 4 ran in a new worker process
+
+
+def test_s3_storage_end_to_end(ray_cluster, base, reference, s3_env) -> None:  # noqa: ANN001
+    cfg = base("on-s3", **{"run.output_dir": f"s3://{S3_BUCKET}/runs"})
+    report = distributed.train_ray(cfg, progress=False)
+    assert report["meta_step"] == STEPS
+    keys = {
+        o["Key"]
+        for o in s3_env.client().list_objects_v2(Bucket=S3_BUCKET, Prefix="runs/on-s3/")["Contents"]
+    }
+    for key in ("checkpoint_000004/state.pt", "adapter/adapter_model.safetensors",
+                "adapter/metapeft.json", "report.json", "metrics.jsonl", "training.json"):  # fmt: skip
+        assert f"runs/on-s3/{key}" in keys, sorted(keys)
+    assert_same(final_adapter(cfg), reference)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_inputs_fail_fast(ray_cluster, base, s3_env, monkeypatch, no_trainer) -> None:  # noqa: ANN001
+    def fails(match: str, cfg: Config, **kw: Any) -> None:
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=match) as err:
+            distributed.train_ray(cfg, progress=False, **kw)
+        assert time.monotonic() - t0 < 15, f"took {time.monotonic() - t0:.1f}s"
+        assert "\n" not in str(err.value)
+
+    fails("cannot reach the Ray cluster", base("bad-address"), address=f"127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
+    fails("cannot reach the Ray cluster", base("bad-address"))
+    monkeypatch.delenv("RAY_ADDRESS")
+    fails("cannot be placed.*at most 4", base("too-many"), workers=5)
+    fails("cannot be placed.*no node", base("too-big", **{"distributed.resources_per_worker": {"TPU": 1}}))
+    fails("does not exist", base("s3", **{"run.output_dir": "s3://no-such-bucket-here/runs"}))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    fails("credentials", base("s3", **{"run.output_dir": f"s3://{S3_BUCKET}/runs"}))
+
+
+def test_capacity_counts_nodes_and_autoscaler_types(ray_cluster, monkeypatch) -> None:  # noqa: ANN001
+    check = distributed._check_capacity
+    check(4, {"CPU": 1})  # the session cluster: one node, 4 CPUs
+    with pytest.raises(distributed.ClusterCapacityError, match="at most 2"):
+        check(3, {"CPU": 2})
+    with pytest.raises(distributed.ClusterCapacityError, match="at most 1"):
+        check(2, {"CPU": 1}, nodes=[{"CPU": 1.5}])  # a worker cannot span nodes
+    # An autoscaler that can add GPU nodes: a GPU request is not refused ...
+    monkeypatch.setattr(distributed, "_autoscaler_node_types", lambda: [({"CPU": 8, "GPU": 1}, -1)])
+    check(16, {"CPU": 1, "GPU": 1})
+    # ... but a resource no node type offers is.
+    with pytest.raises(distributed.ClusterCapacityError, match="no node"):
+        check(1, {"CPU": 1, "TPU": 1})
+    monkeypatch.setattr(distributed, "_autoscaler_node_types", lambda: [({"CPU": 8}, 2)])
+    with pytest.raises(distributed.ClusterCapacityError, match="at most 16"):
+        check(17, {"CPU": 1})
+
+
+def test_no_secret_reaches_the_trainer(ray_cluster, base, s3_env, monkeypatch) -> None:  # noqa: ANN001
+    """Credentials stay in the processes' environment: nothing handed to Ray carries them."""
+    import ray.cloudpickle
+    import ray.train.torch
+
+    seen: list[bytes] = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(*a: Any, **k: Any) -> None:
+        seen.append(ray.cloudpickle.dumps((a, k)))
+        raise Captured
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", capture)
+    with pytest.raises(Captured):
+        distributed.train_ray(base("secret", **{"run.output_dir": f"s3://{S3_BUCKET}/runs"}))
+    assert seen and s3_env.secret_key.encode() not in seen[0]
+    assert s3_env.access_key.encode() not in seen[0]
