@@ -23,9 +23,11 @@ def adapt_and_predict(
     lr: float,
     scale: float,
     batch_size: int = 64,
+    param_lrs: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """``steps`` inner steps on the support set (the same `adapt` as training), then one
-    prediction per query text: ``{"text", "label", "confidence"}``."""
+    prediction per query text: ``{"text", "label", "confidence"}``. ``param_lrs``: Meta-SGD's
+    learned per-tensor learning rates of the init (`export.load_inner_lrs`)."""
     classes = sorted(set(support.labels))
     labels = torch.tensor([classes.index(y) for y in support.labels], device=encoder.device)
     params = {k: v.detach().requires_grad_() for k, v in init.items()}
@@ -39,6 +41,7 @@ def adapt_and_predict(
         lr=lr,
         scale=scale,
         first_order=True,
+        param_lrs=param_lrs,
     )
     batch: list[str] = []
     for text in [*queries, None]:

@@ -47,7 +47,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_adapt(args: argparse.Namespace) -> None:
     from metapeft_ray.adapt import adapt_and_predict
     from metapeft_ray.data import load_dataset
-    from metapeft_ray.export import load_adapter
+    from metapeft_ray.export import load_adapter, load_inner_lrs
 
     encoder, _, cfg, _ = load_adapter(args.adapter)
     support = load_dataset(args.support, args.text_column, args.label_column)
@@ -65,8 +65,21 @@ def _cmd_adapt(args: argparse.Namespace) -> None:
         steps=cfg.meta.inner_steps if args.steps is None else args.steps,
         lr=args.lr or cfg.meta.inner_lr,
         scale=cfg.model.head_scale,
+        # Meta-SGD's learned per-tensor rates, unless --lr asks for one scalar rate
+        param_lrs=None if args.lr else load_inner_lrs(args.adapter, encoder.device),
     ):
         print(json.dumps(pred), flush=True)
+
+
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from metapeft_ray.tune import run_search
+
+    cfg = load_config(args.config, args.overrides)
+    report = run_search(cfg, args.space, address=args.address, resume=args.resume, progress=not args.quiet)
+    if "best" in report:
+        best = report["best"]
+        print(f"best trial {best['trial']}: meta-val accuracy {best['meta_val_accuracy']:.3f}")
+        _print_report({"results": best["meta_test"], "splits": {"dataset": cfg.data.dataset}})
 
 
 def _cmd_check(args: argparse.Namespace) -> None:
@@ -92,6 +105,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         working_dir=args.working_dir,
         env_vars=jobs.build_env_vars(args.env, s3_endpoint=args.s3_endpoint_env),
         pip=args.pip,
+        space=args.space,
     )
     client = jobs.JobsClient(args.address)
     job_id = client.submit(submission, submission_id=args.job_id)
@@ -190,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--label-column", default="label")
     a.set_defaults(func=_cmd_adapt)
 
+    u = sub.add_parser("tune", help="Ray Tune search of the PEFT config, scored on meta-val episodes")
+    u.add_argument("--config", default="quickstart", help=CONFIG_HELP)
+    u.add_argument("--space", default="default", help="search-space YAML (default: the shipped one)")
+    u.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    u.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
+    )
+    u.add_argument(
+        "--resume", action="store_true", help="continue an interrupted search of the same run.name"
+    )
+    u.add_argument("--quiet", action="store_true")
+    u.set_defaults(func=_cmd_tune)
+
     c = sub.add_parser("check", help="validate a config and its data, take no resources")
     c.add_argument("--config", default="quickstart", help=CONFIG_HELP)
     c.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
@@ -217,6 +244,9 @@ def _add_submit_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     s.add_argument("--command", dest="run_command", choices=("train", "evaluate", "tune"), default="train")
     s.add_argument("--adapter", default=None, help="with --command evaluate: the exported adapter")
+    s.add_argument(
+        "--space", default=None, help="with --command tune: the search-space YAML (default: shipped)"
+    )
     s.add_argument("--address", default=None, help=ADDRESS_HELP)
     s.add_argument(
         "--working-dir",

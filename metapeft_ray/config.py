@@ -73,22 +73,92 @@ class ModelSection(_Section):
     """bf16 autocast for the backbone forward on GPU (ignored on CPU)."""
 
 
+# Which roles each placement key adapts (roles are expanded per architecture family in
+# `metapeft_ray.placements`). Plain data here, so the config can check cross-field rules at load.
+PLACEMENTS: dict[str, tuple[str, ...]] = {
+    "attn_q": ("q",),
+    "attn_v": ("v",),
+    "attn_qv": ("q", "v"),
+    "attn_kv": ("k", "v"),
+    "attn_qkv": ("q", "k", "v"),
+    "attn_all": ("q", "k", "v", "o"),
+    "attn_out": ("o",),
+    "ffn": ("ffn_in", "ffn_out"),
+    "ffn_out": ("ffn_out",),
+    "attn_ffn_out": ("o", "ffn_out"),
+    "attn_kv_ffn_out": ("k", "v", "ffn_out"),
+    "all_linear": ("q", "k", "v", "o", "ffn_in", "ffn_out"),
+}
+PeftMethodName = Literal["lora", "dora", "ia3", "prompt", "prefix", "bottleneck"]
+# The placement a method gets when peft.placement is not given (None: the method has none).
+DEFAULT_PLACEMENT: dict[str, str | None] = {
+    "lora": "attn_qv",
+    "dora": "attn_qv",
+    "ia3": "attn_kv_ffn_out",  # the IA3 paper's: keys, values, the FFN's inner activation
+    "bottleneck": "ffn_out",  # after the feed-forward block (Pfeiffer); attn_ffn_out = Houlsby
+    "prompt": None,
+    "prefix": None,
+}
+PROMPT_METHODS = ("prompt", "prefix")
+# A bottleneck adapter goes after a block's output projection: attention output and/or FFN output.
+BOTTLENECK_ROLES = frozenset({"o", "ffn_out"})
+
+
 class PeftSection(_Section):
-    method: Literal["lora"] = "lora"
+    method: PeftMethodName = "lora"
+    """lora, dora (LoRA with peft's weight decomposition), ia3, prompt (prompt tuning), prefix
+    (prefix tuning), bottleneck (our residual down/up adapter after attention and/or FFN blocks)."""
     rank: int = Field(8, ge=1)
+    """LoRA/DoRA rank (ignored by the other methods)."""
     alpha: float = Field(16.0, gt=0)
+    """LoRA/DoRA alpha (ignored by the other methods)."""
     dropout: float = Field(0.0, ge=0, lt=1)
-    placement: str = "attn_qv"
-    """Key for which modules carry adapters: attn_q, attn_qv, attn_qkv, attn_all, ffn,
-    all_linear — or ``custom`` with ``target_modules``."""
+    """LoRA/DoRA dropout; the other methods have none."""
+    placement: str | None = None
+    """Key for which modules carry adapters: attn_q, attn_v, attn_qv, attn_kv, attn_qkv, attn_all,
+    attn_out, ffn, ffn_out, attn_ffn_out, attn_kv_ffn_out, all_linear — or ``custom`` with
+    ``target_modules``. Unset: the method's default (lora/dora attn_qv, ia3 attn_kv_ffn_out,
+    bottleneck ffn_out); prompt and prefix tuning have no placement."""
     layers: str = "all"
     """Which transformer layers: all, top_half, bottom_half, top_N, bottom_N, or a range 0-2."""
     target_modules: list[str] | None = None
     init_b_std: float = Field(0.01, gt=0)
-    """Std of the meta-init of LoRA B. Never 0: with B = 0 the first inner step cannot move A."""
+    """Std of the meta-init of the factor peft initialises to zero (LoRA/DoRA B, the bottleneck's
+    up-projection). Never 0: with B = 0 the first inner step cannot move A."""
+    num_virtual_tokens: int = Field(10, ge=1)
+    """Prompt and prefix tuning: virtual tokens (prepended to the input / to every layer's keys
+    and values)."""
+    bottleneck_dim: int = Field(16, ge=1)
+    """Bottleneck adapter: width of the down-projection."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_default_placement(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("placement") is None:
+            method = data.get("method", "lora")
+            if method in DEFAULT_PLACEMENT:
+                data = {**data, "placement": DEFAULT_PLACEMENT[method]}
+        return data
 
     @model_validator(mode="after")
-    def _custom_needs_modules(self) -> PeftSection:
+    def _cross_field_rules(self) -> PeftSection:
+        m = self.method
+        if m in PROMPT_METHODS:
+            where = "the input" if m == "prompt" else "every layer's keys and values"
+            problems = []
+            if self.placement is not None or self.target_modules:
+                problems.append(
+                    f"peft.placement={self.placement!r} does not apply to peft.method={m} (its virtual "
+                    f"tokens are prepended to {where}, not placed in modules); set peft.placement=null"
+                )
+            if self.layers != "all":
+                problems.append(
+                    f"peft.layers={self.layers!r} does not apply to peft.method={m}: peft prepends the "
+                    f"virtual tokens to {where} and offers no per-layer selection; use peft.layers=all"
+                )
+            if problems:
+                raise ValueError("; ".join(problems))
+            return self
         if self.placement == "custom" and not self.target_modules:
             raise ValueError("peft.placement=custom needs peft.target_modules (a list of names)")
         if self.placement != "custom" and self.target_modules:
@@ -96,20 +166,67 @@ class PeftSection(_Section):
                 f"peft.target_modules is only used with peft.placement=custom "
                 f"(got placement={self.placement!r}); drop one of them"
             )
+        if m == "bottleneck" and self.placement in PLACEMENTS:
+            roles = PLACEMENTS[self.placement]
+            if not set(roles) <= BOTTLENECK_ROLES:
+                raise ValueError(
+                    f"peft.method=bottleneck puts an adapter after a block's output projection, but "
+                    f"peft.placement={self.placement} adapts {', '.join(roles)}; use ffn_out (after the "
+                    f"feed-forward block), attn_out (after attention) or attn_ffn_out (both, Houlsby)"
+                )
+        if self.dropout > 0 and m not in ("lora", "dora"):
+            raise ValueError(
+                f"peft.dropout={self.dropout} applies to lora/dora only; peft.method={m} has no "
+                f"adapter dropout, set peft.dropout=0"
+            )
         return self
 
 
 class MetaSection(_Section):
-    algorithm: Literal["maml"] = "maml"
+    algorithm: Literal["maml", "metasgd", "reptile", "protonet"] = "maml"
+    """maml (Proto-MAML head; second order unless first_order), metasgd (MAML with learned
+    per-tensor/per-parameter inner learning rates), reptile (first-order, no query gradient),
+    protonet (prototypical loss on the PEFT-adapted encoder, no inner steps at training)."""
     first_order: bool = False
+    """maml / metasgd: drop the second-order terms. Reptile and protonet never need them."""
     inner_steps: int = Field(1, ge=0)
     inner_lr: float = Field(0.05, gt=0)
     meta_batch_size: int = Field(4, ge=1)
     outer_lr: float = Field(1e-3, gt=0)
+    outer_optimizer: Literal["adam", "sgd"] = "adam"
+    """The outer update of the meta-parameters. Reptile with sgd and outer_lr = epsilon is classic
+    Reptile, phi_0 <- phi_0 + epsilon (mean phi_K - phi_0)."""
+    metasgd_granularity: Literal["tensor", "parameter"] = "tensor"
+    """Meta-SGD: one learned learning rate per adapter tensor, or one per adapter parameter."""
+    metasgd_lr_init: float | None = Field(None, gt=0)
+    """Meta-SGD: initial inner learning rates (default meta.inner_lr)."""
+    metasgd_outer_lr: float = Field(0.01, gt=0)
+    """Meta-SGD: outer learning rate of the log learning rates (an Adam step of 0.01 changes a
+    learning rate by about 1 %)."""
     meta_steps: int = Field(50, ge=0)
     val_every: int = Field(25, ge=1)
     val_episodes: int = Field(20, ge=1)
     checkpoint_every: int = Field(25, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_fit_the_algorithm(self) -> MetaSection:
+        a, k = self.algorithm, self.inner_steps
+        if a == "protonet" and k != 0:
+            raise ValueError(
+                f"meta.algorithm=protonet trains with the prototypical loss and takes no inner steps, "
+                f"but meta.inner_steps={k}; set meta.inner_steps=0 (eval.inner_steps=N adapts at "
+                f"meta-test)"
+            )
+        if a in ("reptile", "metasgd") and k < 1:
+            why = "moves towards the adapted weights" if a == "reptile" else "learns inner learning rates"
+            raise ValueError(f"meta.algorithm={a} {why} and needs meta.inner_steps >= 1 (got {k})")
+        return self
+
+    @property
+    def second_order(self) -> bool:
+        """Whether the inner loop's graph is differentiated (then the backbone needs eager
+        attention): MAML and Meta-SGD unless first_order; Reptile and ProtoNet never."""
+        return self.algorithm in ("maml", "metasgd") and not self.first_order
 
 
 class EvalSection(_Section):

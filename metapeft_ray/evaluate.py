@@ -1,16 +1,21 @@
 """Meta-test on held-out classes: the meta-learned init and the baselines on the same episodes.
 
 Methods (all scored on identical episode specs, so the comparison is paired):
-- ``meta``     the meta-learned adapter init, adapted with the shared inner loop (`adapt`);
-- ``finetune`` (b) LoRA from peft's default init (B = 0), same steps, learning rate and head;
+- ``meta``     the meta-learned adapter init, adapted with the shared inner loop (`adapt`) —
+               with Meta-SGD's learned per-tensor learning rates when there are some;
+- ``finetune`` (b) the same PEFT method from its default init (LoRA/DoRA B = 0, IA3 ones,
+               bottleneck up-projection 0 — all the identity; prompt/prefix peft's random init),
+               same steps, learning rate and head;
 - ``proto``    (a) the frozen backbone with a prototype classifier, no training;
 - ``logreg``   (a') the frozen backbone with logistic regression fit on the support embeddings.
-Each cell is the mean query accuracy with a 95 % confidence interval, 1.96 * sd / sqrt(n).
+Each cell is the mean query accuracy with a 95 % confidence interval, 1.96 * sd / sqrt(n), and
+for the adapted methods the mean wall time of adapting to one task and scoring its queries.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,8 +28,8 @@ from metapeft_ray.meta import episode_tensors, head_logits, proto_head, run_epis
 from metapeft_ray.model import Encoder
 
 METHOD_LABELS = {
-    "meta": "meta-learned LoRA init + adaptation",
-    "finetune": "(b) LoRA fine-tune from peft default init",
+    "meta": "meta-learned adapter init + adaptation",
+    "finetune": "(b) adapter fine-tune from peft default init",
     "proto": "(a) frozen backbone + prototypes",
     "logreg": "(a') frozen backbone + logistic regression",
 }
@@ -66,13 +71,17 @@ def meta_test(
     lr: float,
     scale: float,
     progress: bool = False,
+    inner_lrs: Mapping[str, Mapping[str, Tensor] | None] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Accuracy per method and shot: ``{method: {"5w1s": {mean, ci95, episodes}}}``.
+    """Accuracy per method and shot: ``{method: {"5w1s": {mean, ci95, episodes[, ms_per_task]}}}``.
 
-    ``inits`` maps the adapted methods (``meta``, ``finetune``) to their adapter init.
+    ``inits`` maps the adapted methods (``meta``, ``finetune``) to their adapter init;
+    ``inner_lrs`` optionally maps them to per-tensor learning rates (Meta-SGD's learned ones).
     """
     methods = list(methods)
     scores: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    seconds: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    inner_lrs = inner_lrs or {}
     from tqdm.auto import tqdm
 
     for k in shots:
@@ -85,6 +94,7 @@ def meta_test(
                 acc |= _frozen_scores(encoder, episode, scale)
             for m in methods:
                 if m in inits:
+                    t0 = time.perf_counter()
                     acc[m] = run_episode(
                         encoder,
                         inits[m],
@@ -95,9 +105,18 @@ def meta_test(
                         first_order=True,
                         meta_gradient=False,
                         track_support_after=False,
+                        param_lrs=inner_lrs.get(m),
                     ).query_accuracy
+                    seconds[m].setdefault(key, []).append(time.perf_counter() - t0)
                 scores[m].setdefault(key, []).append(acc[m])
-    return {m: {key: mean_ci95(v) for key, v in per.items()} for m, per in scores.items()}
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for m, per in scores.items():
+        results[m] = {}
+        for key, v in per.items():
+            results[m][key] = mean_ci95(v)
+            if seconds[m].get(key):
+                results[m][key]["ms_per_task"] = 1000 * float(np.mean(seconds[m][key]))
+    return results
 
 
 def markdown_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], title: str = "") -> str:

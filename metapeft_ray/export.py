@@ -1,14 +1,18 @@
 """The meta-learned init in standard PEFT format, plus our metadata beside it.
 
 ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's own ``save_pretrained``), so
-``PeftModel.from_pretrained(backbone, path)`` loads it; ``metapeft.json`` adds the config tree,
-the class splits and the metrics, so ``metapeft evaluate`` / ``adapt`` can rebuild everything.
+``PeftModel.from_pretrained(backbone, path)`` loads it (LoRA, DoRA, IA3, prompt and prefix
+tuning); the bottleneck adapter, which peft does not know, is ``bottleneck_adapter.safetensors``
++ ``bottleneck_config.json`` for our `load_bottleneck`. ``metapeft.json`` adds the config tree,
+the class splits and the metrics, so ``metapeft evaluate`` / ``adapt`` can rebuild everything;
+Meta-SGD's learned inner learning rates go beside it as ``metasgd_lrs.safetensors``.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +20,42 @@ import torch
 
 from metapeft_ray import storage
 from metapeft_ray.config import Config, validate_config
+from metapeft_ray.methods import METHODS
 from metapeft_ray.model import Encoder, encoder_from_config
 
 METADATA_FILE = "metapeft.json"
+INNER_LRS_FILE = "metasgd_lrs.safetensors"
 
 
-def export_adapter(encoder: Encoder, path: Path, metadata: dict[str, Any]) -> Path:
-    """Write the encoder's current adapter weights (the meta-learned init) in PEFT format."""
+def export_adapter(
+    encoder: Encoder,
+    path: Path,
+    metadata: dict[str, Any],
+    inner_lrs: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the encoder's current adapter weights (the meta-learned init) in PEFT format (our
+    own format for the bottleneck adapter), and Meta-SGD's learned learning rates if given."""
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     encoder.model.save_pretrained(str(path))
+    if inner_lrs:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in inner_lrs.items()}, str(path / INNER_LRS_FILE)
+        )
     (path / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
     return path
+
+
+def load_inner_lrs(uri: str, device: torch.device | None = None) -> dict[str, torch.Tensor] | None:
+    """Meta-SGD's learned per-tensor inner learning rates of an exported init (None if it has
+    none): ``{adapter tensor name: rate}``, for `adapt` / `run_episode`'s ``param_lrs``."""
+    from safetensors.torch import load_file
+
+    file = local_adapter(uri) / INNER_LRS_FILE
+    if not file.is_file():
+        return None
+    return load_file(str(file), device=str(device or "cpu"))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -46,7 +75,6 @@ def load_adapter(
 ) -> tuple[Encoder, dict[str, torch.Tensor], Config, dict[str, Any]]:
     """Rebuild the encoder of an exported init: ``(encoder with the init loaded, peft's default
     init for the fine-tuning baseline, config, metadata)``."""
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     path = local_adapter(uri)
@@ -57,11 +85,27 @@ def load_adapter(
     torch.manual_seed(cfg.run.seed)  # the same peft default init the training run compared with
     encoder = encoder_from_config(cfg, device=device)
     default_init = {k: v.detach().clone() for k, v in encoder.adapter_params().items()}
-    weights = load_file(str(path / "adapter_model.safetensors"), device=str(encoder.device))
-    result = set_peft_model_state_dict(encoder.model, weights)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing:
-        raise ValueError(
-            f"{uri}: adapter weights missing for {missing[:3]}; was it exported with this config?"
-        )
+    if cfg.peft.method == "bottleneck":
+        from metapeft_ray.methods.bottleneck import WEIGHTS_FILE
+
+        weights = load_file(str(path / WEIGHTS_FILE), device=str(encoder.device))
+        try:
+            encoder.model.load_adapter_weights(weights)
+        except ValueError as err:
+            raise ValueError(f"{uri}: {err}") from None
+    else:
+        from peft import set_peft_model_state_dict
+
+        weights = load_file(str(path / "adapter_model.safetensors"), device=str(encoder.device))
+        result = set_peft_model_state_dict(encoder.model, weights)
+        # Prompt learning loads its embedding strictly inside peft (under another key name).
+        missing = [
+            k
+            for k in result.missing_keys
+            if k in default_init and not METHODS[cfg.peft.method].prompt_learning
+        ]
+        if missing:
+            raise ValueError(
+                f"{uri}: adapter weights missing for {missing[:3]}; was it exported with this config?"
+            )
     return encoder, default_init, cfg, metadata

@@ -177,6 +177,10 @@ def _config_argument(config: str, working_dir: str | Path | None) -> str:
     path = resolve_config_path(config).resolve()
     if path.parent == PACKAGED_CONFIGS.resolve() and not Path(config).is_file():
         return config
+    return _file_argument(path, working_dir)
+
+
+def _file_argument(path: Path, working_dir: str | Path | None) -> str:
     if working_dir is not None:
         root = Path(working_dir).expanduser().resolve()
         if path.is_relative_to(root):
@@ -193,6 +197,7 @@ def prepare_submission(
     working_dir: str | Path | None = None,
     env_vars: Mapping[str, str] | None = None,
     pip: Sequence[str] = (),
+    space: str | None = None,
 ) -> Submission:
     """Validate locally, then build the entrypoint, runtime env and metadata.
 
@@ -213,6 +218,17 @@ def prepare_submission(
             raise JobsError(f"--adapter is only for --command evaluate, not {command}")
         cfg = load_config(config, overrides)
         args = ["--config", _config_argument(config or "quickstart", working_dir)]
+        if command == "tune":
+            from metapeft_ray.tune import load_space
+
+            load_space(space or "default", cfg)
+            shipped = space is None or not Path(space).is_file()  # a shipped space's name
+            args += [
+                "--space",
+                (space or "default") if shipped else _file_argument(Path(space).resolve(), working_dir),
+            ]
+        elif space:
+            raise JobsError(f"--space is only for --command tune, not {command}")
         meta.update(run=cfg.run.name, output_dir=cfg.run.output_dir)
     return Submission(
         entrypoint=build_entrypoint(command, args, overrides, module=working_dir is not None),

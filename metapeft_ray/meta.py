@@ -12,7 +12,11 @@ meta-gradient flows through the prototypes into the adapter init.
 Inner update (MAML, Finn et al. 2017) on ``phi = (adapter params, W, b)``:
 ``phi_{t+1} = phi_t - alpha * grad L_support(phi_t)``; the meta-gradient is
 ``d L_query(phi_T) / d phi_0``. First-order MAML drops the second-order terms by treating
-``grad L_support`` as a constant (the graph of the inner gradients is not built).
+``grad L_support`` as a constant (the graph of the inner gradients is not built). Meta-SGD
+(Li et al. 2017) replaces the scalar ``alpha`` of each adapter tensor by a learned one
+(``param_lrs``: a scalar or an elementwise tensor per adapter tensor); the head keeps ``alpha``.
+How an episode becomes a contribution to the outer update (MAML, Meta-SGD, Reptile, ProtoNet)
+is `metapeft_ray.algorithms`; all of them call `run_episode`.
 """
 
 from __future__ import annotations
@@ -64,11 +68,14 @@ def adapt(
     lr: float,
     scale: float,
     first_order: bool,
+    param_lrs: Mapping[str, Tensor] | None = None,
 ) -> Adapted:
     """The one inner loop: ``steps`` SGD steps on the support loss over adapter params + head.
 
     With ``first_order=False`` the returned tensors stay differentiable w.r.t. ``params``
     (second-order MAML); with ``first_order=True`` the inner gradients are constants.
+    ``param_lrs`` (Meta-SGD) gives each adapter tensor its own learning rate, a scalar or an
+    elementwise tensor; the result stays differentiable w.r.t. them in either case.
     """
     weight, bias = proto_head(encoder.embed(params, support), support_labels, n_way)
     # A fresh node per tensor, so the inner gradient is the partial derivative w.r.t. the adapter
@@ -82,7 +89,12 @@ def adapt(
         tensors = [*fast.values(), weight, bias]
         grads = torch.autograd.grad(loss, tensors, create_graph=not first_order)
         *g_params, g_weight, g_bias = grads
-        fast = {name: p - lr * g for (name, p), g in zip(fast.items(), g_params, strict=True)}
+        if param_lrs is None:
+            fast = {name: p - lr * g for (name, p), g in zip(fast.items(), g_params, strict=True)}
+        else:
+            fast = {
+                name: p - param_lrs[name] * g for (name, p), g in zip(fast.items(), g_params, strict=True)
+            }
         weight, bias = weight - lr * g_weight, bias - lr * g_bias
     return Adapted(fast, weight, bias, losses)
 
@@ -109,6 +121,8 @@ class EpisodeResult:
     query_accuracy: float
     support_loss_before: float
     support_loss_after: float
+    adapted: Params | None = None
+    """The adapted adapter tensors, detached (only with ``keep_adapted``; Reptile uses them)."""
 
 
 def run_episode(
@@ -122,13 +136,23 @@ def run_episode(
     first_order: bool,
     meta_gradient: bool,
     track_support_after: bool = True,
+    param_lrs: Mapping[str, Tensor] | None = None,
+    grad_wrt: Mapping[str, Tensor] | None = None,
+    keep_adapted: bool = False,
 ) -> EpisodeResult:
     """Adapt on the support set, score the query set; with ``meta_gradient`` also return
-    ``d L_query / d params`` (the episode's contribution to the outer update)."""
+    ``d L_query / d params`` (the episode's contribution to the outer update).
+
+    ``param_lrs``: per-tensor inner learning rates (Meta-SGD). ``grad_wrt``: the tensors to
+    differentiate the query loss w.r.t. when they are more than ``params`` (Meta-SGD adds its
+    log learning rates); the gradients come back under the same names.
+    """
     support, s_labels, query, q_labels = episode_tensors(encoder, episode)
     n_way = len(episode.class_names)
     if not meta_gradient:  # adapt a detached copy: no graph back into the caller's init
         params = {k: v.detach().requires_grad_() for k, v in params.items()}
+        if param_lrs is not None:
+            param_lrs = {k: v.detach() for k, v in param_lrs.items()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_episode_seed(episode))
         with torch.enable_grad():
@@ -142,13 +166,15 @@ def run_episode(
                 lr=lr,
                 scale=scale,
                 first_order=first_order or not meta_gradient,
+                param_lrs=param_lrs,
             )
         with torch.set_grad_enabled(meta_gradient):
             logits = head_logits(encoder.embed(adapted.params, query), adapted.weight, adapted.bias, scale)
             loss = F.cross_entropy(logits, q_labels)
         grads = None
         if meta_gradient:
-            grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+            wrt = params if grad_wrt is None else grad_wrt
+            grads = dict(zip(wrt, torch.autograd.grad(loss, list(wrt.values())), strict=True))
         after = float("nan")
         if track_support_after and steps:
             with torch.no_grad():
@@ -158,7 +184,8 @@ def run_episode(
                 after = F.cross_entropy(s_logits, s_labels).item()
     before = adapted.support_losses[0] if adapted.support_losses else float("nan")
     accuracy = (logits.argmax(-1) == q_labels).float().mean().item()
-    return EpisodeResult(grads, loss.item(), accuracy, before, after)
+    kept = {k: v.detach() for k, v in adapted.params.items()} if keep_adapted else None
+    return EpisodeResult(grads, loss.item(), accuracy, before, after, kept)
 
 
 def _episode_seed(episode: Episode) -> int:

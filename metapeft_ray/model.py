@@ -1,17 +1,15 @@
-"""Frozen backbone + PEFT adapters, and the functional sentence encoder the maths runs on.
+"""Frozen backbone + PEFT adapter, and the functional sentence encoder the maths runs on.
 
-Placements are string keys (``attn_qv``, ``ffn``, ...) plus a layer selector (``top_half``,
-``0-2``); they expand to one exact regex for peft's ``target_modules`` (peft full-matches a
-string), so ``output.dense`` of the FFN never catches ``attention.output.dense`` by accident.
+Which adapter (LoRA, DoRA, IA3, prompt/prefix tuning, bottleneck) is a registered method
+(`metapeft_ray.methods`); where it goes is a placement (`metapeft_ray.placements`). The encoder
+substitutes the adapter tensors functionally and never touches the frozen backbone's weights.
 """
 
 from __future__ import annotations
 
-import difflib
-import re
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,63 +17,35 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metapeft_ray.methods import METHODS, AdapterSpec
+from metapeft_ray.methods.lora import meta_init_lora, wrap_with_lora
+from metapeft_ray.placements import (
+    ARCHITECTURES,
+    PLACEMENTS,
+    PlacementError,
+    matched_modules,
+    resolve_layers,
+    target_modules,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "PLACEMENTS",
+    "AdapterSpec",
+    "Encoder",
+    "PlacementError",
+    "build_encoder",
+    "encoder_from_config",
+    "load_backbone",
+    "matched_modules",
+    "meta_init_lora",
+    "resolve_layers",
+    "target_modules",
+    "wrap_with_lora",
+]
+
 PACKAGED_BACKBONE = "all-MiniLM-L6-v2"
 PACKAGED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
-# Which roles each placement key adapts.
-PLACEMENTS: dict[str, tuple[str, ...]] = {
-    "attn_q": ("q",),
-    "attn_v": ("v",),
-    "attn_qv": ("q", "v"),
-    "attn_qkv": ("q", "k", "v"),
-    "attn_all": ("q", "k", "v", "o"),
-    "ffn": ("ffn_in", "ffn_out"),
-    "all_linear": ("q", "k", "v", "o", "ffn_in", "ffn_out"),
-}
-
-# Per architecture family: the regex of a transformer layer's prefix, and each role's suffix.
-_BERT = (
-    r"encoder\.layer\.{layer}\.",
-    {
-        "q": r"attention\.self\.query",
-        "k": r"attention\.self\.key",
-        "v": r"attention\.self\.value",
-        "o": r"attention\.output\.dense",
-        "ffn_in": r"intermediate\.dense",
-        "ffn_out": r"output\.dense",
-    },
-)
-_DISTILBERT = (
-    r"transformer\.layer\.{layer}\.",
-    {
-        "q": r"attention\.q_lin",
-        "k": r"attention\.k_lin",
-        "v": r"attention\.v_lin",
-        "o": r"attention\.out_lin",
-        "ffn_in": r"ffn\.lin1",
-        "ffn_out": r"ffn\.lin2",
-    },
-)
-_DECODER = (
-    r"layers\.{layer}\.",
-    {
-        "q": r"self_attn\.q_proj",
-        "k": r"self_attn\.k_proj",
-        "v": r"self_attn\.v_proj",
-        "o": r"self_attn\.o_proj",
-        "ffn_in": r"mlp\.(?:gate_proj|up_proj)",
-        "ffn_out": r"mlp\.down_proj",
-    },
-)
-ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "mpnet", "camembert"], _BERT),
-    "distilbert": _DISTILBERT,
-    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"], _DECODER),
-}
-
-
-class PlacementError(ValueError):
-    """A placement that matches no module, or an adapter that does not fit its layer."""
 
 
 def resolve_backbone(name: str) -> str:
@@ -105,119 +75,13 @@ def load_backbone(name: str, *, eager_attention: bool) -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def resolve_layers(selector: str, num_layers: int) -> list[int]:
-    """all | top_half | bottom_half | top_N | bottom_N | A-B | A,B,C -> layer indices."""
-    s = selector.strip()
-    if s == "all":
-        return list(range(num_layers))
-    if s in ("top_half", "bottom_half"):
-        half = num_layers // 2
-        return list(range(half, num_layers)) if s == "top_half" else list(range(half))
-    if m := re.fullmatch(r"(top|bottom)_(\d+)", s):
-        n = int(m.group(2))
-        if not 1 <= n <= num_layers:
-            raise PlacementError(f"peft.layers={selector!r}: N must be in 1..{num_layers}")
-        return list(range(num_layers - n, num_layers)) if m.group(1) == "top" else list(range(n))
-    if m := re.fullmatch(r"(\d+)-(\d+)", s):
-        idx = list(range(int(m.group(1)), int(m.group(2)) + 1))
-    elif re.fullmatch(r"\d+(,\d+)*", s):
-        idx = sorted({int(x) for x in s.split(",")})
-    else:
-        raise PlacementError(
-            f"peft.layers={selector!r} is not understood; use all, top_half, bottom_half, "
-            f"top_N, bottom_N, a range like 0-2 or a list like 0,3,5"
-        )
-    if not idx or idx[-1] >= num_layers:
-        raise PlacementError(f"peft.layers={selector!r}: this model has layers 0..{num_layers - 1}")
-    return idx
-
-
-def target_modules(
-    model: nn.Module, placement: str, layers: str, custom: list[str] | None
-) -> str | list[str]:
-    """Expand a placement key to peft ``target_modules`` and check it matches real modules."""
-    if placement == "custom":
-        targets: str | list[str] = list(custom or [])
-    else:
-        if placement not in PLACEMENTS:
-            raise PlacementError(
-                f"peft.placement={placement!r} is unknown; choose one of {', '.join([*PLACEMENTS, 'custom'])}"
-            )
-        model_type = getattr(model.config, "model_type", "?")
-        if model_type not in ARCHITECTURES:
-            raise PlacementError(
-                f"placement keys are not defined for model_type={model_type!r}; use "
-                f"peft.placement=custom with peft.target_modules, e.g. {_linear_names(model)[:4]}"
-            )
-        prefix, roles = ARCHITECTURES[model_type]
-        layer_alt = "|".join(str(i) for i in resolve_layers(layers, model.config.num_hidden_layers))
-        role_alt = "|".join(roles[r] for r in PLACEMENTS[placement])
-        targets = rf"(?:.*\.)?{prefix.format(layer=f'(?:{layer_alt})')}(?:{role_alt})"
-    matched = matched_modules(model, targets)
-    if not matched:
-        wanted = targets if isinstance(targets, list) else [placement]
-        near = sorted({n for w in wanted for n in difflib.get_close_matches(w, _linear_names(model), 5, 0.3)})
-        raise PlacementError(
-            f"peft placement {placement!r} (layers={layers!r}, target_modules={targets!r}) matches no "
-            f"module of this backbone; nearest linear modules: {near or _linear_names(model)[:6]}"
-        )
-    return targets
-
-
-def matched_modules(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Module names peft will adapt: full regex match for a string, suffix match for a list."""
-    names = _linear_names(model)
-    if isinstance(targets, str):
-        return [n for n in names if re.fullmatch(targets, n)]
-    return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
-
-
-def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-def wrap_with_lora(
-    backbone: nn.Module,
-    *,
-    rank: int,
-    alpha: float,
-    dropout: float,
-    targets: str | list[str],
-    base_model_name: str,
-) -> nn.Module:
-    """peft LoRA with peft's default init (A Kaiming, B = 0): the plain fine-tuning baseline."""
-    from peft import LoraConfig, get_peft_model
-
-    modules = dict(backbone.named_modules())
-    too_small = [
-        f"{n} ({m.in_features}x{m.out_features})"
-        for n in matched_modules(backbone, targets)
-        if rank > min((m := modules[n]).in_features, m.out_features)
-    ]
-    if too_small:
-        raise PlacementError(f"peft.rank={rank} exceeds the size of {too_small[:3]}; lower the rank")
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, init_lora_weights=True
-    )
-    model = get_peft_model(backbone, config)
-    model.peft_config["default"].base_model_name_or_path = base_model_name
-    return model
-
-
-def meta_init_lora(adapter_params: Mapping[str, Tensor], *, b_std: float, seed: int) -> None:
-    """Give B small random values. With B = 0, dL/dA = 0 and the first inner step cannot move A
-    (DESIGN.md §3); peft's default is right for fine-tuning and wrong for a meta-init."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in adapter_params.items():
-            if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
-
-
 @dataclass
 class Encoder:
     """Sentence encoder ``x -> normalize(mean_pool(f(x; theta_backbone, phi)))`` in which only the
-    adapter parameters ``phi`` are passed functionally; the backbone stays frozen."""
+    adapter parameters ``phi`` are passed functionally; the backbone stays frozen.
+
+    Mean pooling runs over the input's real tokens (the tokenizer's attention mask): virtual
+    tokens that prompt tuning prepends to ``last_hidden_state`` are dropped first."""
 
     model: nn.Module
     tokenizer: Any
@@ -225,6 +89,8 @@ class Encoder:
     normalize: bool
     device: torch.device
     bf16: bool = False
+    spec: AdapterSpec = field(default_factory=AdapterSpec)
+    """What adapter the model carries (``spec.method`` names the registered method)."""
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -242,6 +108,7 @@ class Encoder:
 
     def embed(self, params: Mapping[str, Tensor] | None, batch: Mapping[str, Tensor]) -> Tensor:
         """Embeddings with ``params`` substituted for the adapter; ``None`` = backbone alone."""
+        method = METHODS[self.spec.method]
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if self.bf16 and self.device.type == "cuda"
@@ -249,12 +116,12 @@ class Encoder:
         )
         with autocast:
             if params is None:
-                with self.model.disable_adapter():
-                    hidden = self.model(**batch).last_hidden_state
+                hidden = method.backbone_hidden(self.model, batch)
             else:
                 hidden = functional_call(
                     self.model, dict(params), args=(), kwargs=dict(batch)
                 ).last_hidden_state
+                hidden = hidden[:, method.hidden_offset(self.spec) :]
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).float()
         return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
@@ -271,7 +138,7 @@ def pick_device(choice: str) -> torch.device:
 def build_encoder(
     *,
     backbone: str,
-    placement: str,
+    placement: str | None,
     layers: str,
     custom_targets: list[str] | None,
     rank: int,
@@ -282,34 +149,75 @@ def build_encoder(
     second_order: bool,
     device: torch.device,
     bf16: bool = False,
+    method: str = "lora",
+    num_virtual_tokens: int = 10,
+    bottleneck_dim: int = 16,
+    init_b_std: float = 0.01,
 ) -> Encoder:
-    base, tokenizer = load_backbone(backbone, eager_attention=second_order)
-    targets = target_modules(base, placement, layers, custom_targets)
-    hub_name = PACKAGED_HUB_ID if backbone == PACKAGED_BACKBONE else backbone
-    model = wrap_with_lora(
-        base, rank=rank, alpha=alpha, dropout=dropout, targets=targets, base_model_name=hub_name
+    """The frozen backbone wrapped with ``method``'s adapter in its default init (meta-init is the
+    learner's job: `PeftMethod.meta_init`)."""
+    if method not in METHODS:
+        raise ValueError(f"peft.method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    spec = AdapterSpec(
+        method=method,
+        placement=placement,
+        layers=layers,
+        custom_targets=tuple(custom_targets) if custom_targets else None,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        init_b_std=init_b_std,
+        num_virtual_tokens=num_virtual_tokens,
+        bottleneck_dim=bottleneck_dim,
+        max_length=max_length,
     )
-    model.to(device).eval()
-    if dropout > 0:  # only the adapters' dropout is live; the frozen backbone stays in eval mode
-        for name, module in model.named_modules():
-            if name.endswith("lora_dropout.default"):
-                module.train()
-    return Encoder(model, tokenizer, max_length, normalize, device, bf16)
+    base, tokenizer = load_backbone(backbone, eager_attention=second_order)
+    hub_name = PACKAGED_HUB_ID if backbone == PACKAGED_BACKBONE else backbone
+    peft_method = METHODS[method]
+    model = peft_method.wrap(base, spec, hub_name)
+    model.to(device)
+    peft_method.set_modes(model, spec)
+    return Encoder(model, tokenizer, max_length, normalize, device, bf16, spec)
+
+
+def adapter_spec(cfg: Any) -> AdapterSpec:
+    """The flat adapter settings of a config (``peft.*`` and ``model.max_length``); with
+    ``METHODS[spec.method].wrap(backbone, spec, name)`` a caller can check a config against a
+    weightless skeleton of the backbone."""
+    p = cfg.peft
+    return AdapterSpec(
+        method=p.method,
+        placement=p.placement,
+        layers=p.layers,
+        custom_targets=tuple(p.target_modules) if p.target_modules else None,
+        rank=p.rank,
+        alpha=p.alpha,
+        dropout=p.dropout,
+        init_b_std=p.init_b_std,
+        num_virtual_tokens=p.num_virtual_tokens,
+        bottleneck_dim=p.bottleneck_dim,
+        max_length=cfg.model.max_length,
+    )
 
 
 def encoder_from_config(cfg: Any, *, device: torch.device | None = None) -> Encoder:
     """Recipe-level glue: unpack the config tree into `build_encoder`'s flat arguments."""
+    p = cfg.peft
     return build_encoder(
         backbone=cfg.model.backbone,
-        placement=cfg.peft.placement,
-        layers=cfg.peft.layers,
-        custom_targets=cfg.peft.target_modules,
-        rank=cfg.peft.rank,
-        alpha=cfg.peft.alpha,
-        dropout=cfg.peft.dropout,
+        placement=p.placement,
+        layers=p.layers,
+        custom_targets=p.target_modules,
+        rank=p.rank,
+        alpha=p.alpha,
+        dropout=p.dropout,
         max_length=cfg.model.max_length,
         normalize=cfg.model.normalize,
-        second_order=not cfg.meta.first_order,
+        second_order=cfg.meta.second_order,
         device=device or pick_device(cfg.model.device),
         bf16=cfg.model.bf16,
+        method=p.method,
+        num_virtual_tokens=p.num_virtual_tokens,
+        bottleneck_dim=p.bottleneck_dim,
+        init_b_std=p.init_b_std,
     )

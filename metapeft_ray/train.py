@@ -1,26 +1,32 @@
 """Meta-training of the adapter init: `MetaLearner` (one meta-step, Ray-free) and its setup.
 
 A meta-step draws ``meta_batch_size`` episode specs, lets each rank run its share
-(``specs[rank::world]``) through `run_episode`, sums the meta-gradients and the statistics in one
-flat vector through ``reduce`` (identity in one process, an all-reduce on Ray), and applies one
-Adam update to the adapter init: ``phi_0 <- Adam(phi_0, (1/B) sum_i dL_query_i/dphi_0)``.
-Every rank applies the same update to the same vector, so all ranks stay in exact agreement.
+(``specs[rank::world]``) through the algorithm's per-episode function (`metapeft_ray.algorithms`),
+sums the contributions and the statistics in one flat vector through ``reduce`` (identity in one
+process, an all-reduce on Ray), and applies one optimiser update to the meta-parameters:
+``theta <- Adam(theta, (1/B) sum_i g_i)`` with ``theta`` the adapter init (plus Meta-SGD's log
+learning rates) and ``g_i`` episode i's contribution (MAML: ``dL_query_i/dtheta``; Reptile:
+``phi_0 - phi_K,i``). Every rank applies the same update to the same vector, so all ranks stay in
+exact agreement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from metapeft_ray.algorithms import ALGORITHMS, InnerLoop, MetaAlgorithm
+from metapeft_ray.algorithms.maml import MAML
 from metapeft_ray.config import Config, ConfigError
 from metapeft_ray.data import load_dataset
 from metapeft_ray.episodes import ClassSplits, EpisodeSampler, EpisodeSpec, check_labels
-from metapeft_ray.meta import run_episode
-from metapeft_ray.model import Encoder, encoder_from_config, meta_init_lora
+from metapeft_ray.meta import EpisodeResult
+from metapeft_ray.methods import METHODS
+from metapeft_ray.model import Encoder, encoder_from_config
 
 Reduce = Callable[[Tensor], Tensor]
 _STATS = ("query_loss", "query_accuracy", "support_loss_before", "support_loss_after")
@@ -51,16 +57,9 @@ def prepare_sampler(cfg: Config) -> EpisodeSampler:
     return sampler
 
 
-@dataclass(frozen=True)
-class InnerLoop:
-    steps: int
-    lr: float
-    scale: float
-    first_order: bool
-
-
 class MetaLearner:
-    """The adapter init (``phi_0``), its outer optimiser, and how to take one meta-step."""
+    """The meta-parameters (adapter init ``phi_0``, plus the algorithm's own, e.g. Meta-SGD's
+    log learning rates), their outer optimiser, and how to take one meta-step."""
 
     def __init__(
         self,
@@ -75,28 +74,44 @@ class MetaLearner:
         meta_batch_size: int,
         outer_lr: float,
         val_episodes: int,
-        b_std: float,
+        b_std: float | None = None,
+        algorithm: MetaAlgorithm | None = None,
+        outer_optimizer: str = "adam",
+        extra_outer_lr: float | None = None,
     ) -> None:
         self.encoder, self.sampler, self.inner = encoder, sampler, inner
         self.seed, self.meta_batch_size, self.val_episodes = seed, meta_batch_size, val_episodes
         self.shape = {"n_way": n_way, "k_shot": k_shot, "q_query": q_query}
+        self.algorithm = algorithm or MAML()
         self.params = encoder.adapter_params()
-        # peft's own init (B = 0) is kept for the fine-tuning baseline before B is meta-initialised.
+        # The method's default init (LoRA: B = 0) is kept for the fine-tuning baseline.
         self.default_init = {k: v.detach().clone() for k, v in self.params.items()}
-        meta_init_lora(self.params, b_std=b_std, seed=seed)
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=outer_lr)
+        spec = encoder.spec if b_std is None else dataclasses.replace(encoder.spec, init_b_std=b_std)
+        METHODS[spec.method].meta_init(self.params, spec, seed)
+        self.extra = self.algorithm.extra_meta_params(self.params, lr=inner.lr)
+        self.meta_params: dict[str, Tensor] = {**self.params, **self.extra}
+        groups: list[dict[str, Any]] = [{"params": list(self.params.values())}]
+        if self.extra:
+            groups.append({"params": list(self.extra.values()), "lr": extra_outer_lr or outer_lr})
+        if outer_optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(groups, lr=outer_lr)
+        elif outer_optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=outer_lr)
+        else:
+            raise ValueError(f"meta.outer_optimizer={outer_optimizer!r}; use adam or sgd")
         self.step = 0
 
     @classmethod
     def from_config(
         cls, cfg: Config, sampler: EpisodeSampler, device: torch.device | None = None
     ) -> MetaLearner:
-        torch.manual_seed(cfg.run.seed)  # peft's Kaiming init of A
+        torch.manual_seed(cfg.run.seed)  # the method's default init (peft's Kaiming init of A, ...)
         m = cfg.meta
         return cls(
             encoder_from_config(cfg, device=device),
             sampler,
-            inner=InnerLoop(m.inner_steps, m.inner_lr, cfg.model.head_scale, m.first_order),
+            # Reptile and ProtoNet never differentiate the inner loop: first order for them.
+            inner=InnerLoop(m.inner_steps, m.inner_lr, cfg.model.head_scale, not m.second_order),
             seed=cfg.run.seed,
             n_way=cfg.episode.n_way,
             k_shot=cfg.episode.k_shot,
@@ -105,6 +120,9 @@ class MetaLearner:
             outer_lr=m.outer_lr,
             val_episodes=m.val_episodes,
             b_std=cfg.peft.init_b_std,
+            algorithm=ALGORITHMS[m.algorithm].from_settings(m.model_dump()),
+            outer_optimizer=m.outer_optimizer,
+            extra_outer_lr=m.metasgd_outer_lr,
         )
 
     def train_specs(self, step: int) -> list[EpisodeSpec]:
@@ -114,28 +132,31 @@ class MetaLearner:
         # The same validation episodes at every evaluation, so the curve compares like with like.
         return self.sampler.specs("val", self.val_episodes, seed=self.seed, step=0, **self.shape)
 
-    def _episode(self, spec: EpisodeSpec, meta_gradient: bool):  # noqa: ANN202
-        i = self.inner
-        return run_episode(
+    def _episode(self, spec: EpisodeSpec, meta_gradient: bool) -> EpisodeResult:
+        return self.algorithm.episode(
             self.encoder,
             self.params,
+            self.extra,
             self.sampler.build(spec),
-            steps=i.steps,
-            lr=i.lr,
-            scale=i.scale,
-            first_order=i.first_order,
+            self.inner,
             meta_gradient=meta_gradient,
         )
 
+    def inner_lrs(self) -> dict[str, Tensor] | None:
+        """The learned per-tensor inner learning rates (Meta-SGD), detached; None otherwise."""
+        with torch.no_grad():
+            lrs = self.algorithm.inner_lrs(self.extra)
+        return None if lrs is None else {k: v.detach().clone() for k, v in lrs.items()}
+
     def meta_step(self, *, rank: int = 0, world: int = 1, reduce: Reduce = _no_reduce) -> dict[str, float]:
         """One outer update from this rank's share of the meta-batch of episodes at ``self.step``."""
-        params = list(self.params.values())
+        names, params = list(self.meta_params), list(self.meta_params.values())
         dev = params[0].device
         grad = torch.zeros(sum(p.numel() for p in params), device=dev)
         stats = torch.zeros(len(_STATS), device=dev, dtype=torch.float64)
         for spec in self.train_specs(self.step)[rank::world]:
             r = self._episode(spec, meta_gradient=True)
-            grad += torch.cat([g.reshape(-1) for g in r.grads.values()])
+            grad += torch.cat([r.grads[k].reshape(-1) for k in names])
             stats += torch.tensor([getattr(r, s) for s in _STATS], device=dev, dtype=torch.float64)
         total = reduce(torch.cat([grad.double(), stats]))
         grad, stats = (
@@ -177,15 +198,26 @@ class MetaLearner:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue bit-for-bit (episodes are rebuilt from specs)."""
-        return {
+        state: dict[str, Any] = {
             "adapter": {k: v.detach().cpu() for k, v in self.params.items()},
             "optimizer": self.optimizer.state_dict(),
             "meta_step": self.step,
         }
+        if self.extra:  # Meta-SGD's log learning rates
+            state["extra_meta_params"] = {k: v.detach().cpu() for k, v in self.extra.items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        extra = state.get("extra_meta_params", {})
+        if extra.keys() != self.extra.keys():
+            raise ValueError(
+                f"checkpoint meta-parameters {sorted(extra)[:2]} do not match meta.algorithm="
+                f"{self.algorithm.name} ({sorted(self.extra)[:2]}); was it trained with another algorithm?"
+            )
         with torch.no_grad():
             for k, v in state["adapter"].items():
                 self.params[k].copy_(v)
+            for k, v in extra.items():
+                self.extra[k].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["meta_step"])

@@ -1,0 +1,294 @@
+"""The hybrids table: PEFT methods x meta-algorithms, meta-tested on Banking77 and HWU64.
+
+Every (method, algorithm) is meta-trained from the same seed with the same budget (the same
+number of meta-steps x meta-batch of training episodes, the same inner steps and rates), then
+meta-tested on the same held-out-class episodes (paired) at N-way 1-shot and 5-shot, beside the
+frozen-backbone baselines (prototypes, logistic regression) and each method's plain fine-tune
+from peft's default init. Cells: mean query accuracy ± 95 % CI; also the trainable parameter
+count (Meta-SGD's learned rates counted separately), the wall time of adapting to one task and
+scoring it, and the meta-training time.
+
+    python benchmarks/hybrids.py --meta-steps 30 --episodes 100            # everything
+    python benchmarks/hybrids.py --combos lora:maml,ia3:reptile --episodes 20   # a subset
+
+Writes ``benchmarks/results/hybrids.md`` (the table, with the command that produced it) and
+``hybrids.json`` (every number). Single process, no Ray: the same `MetaLearner` and `meta_test`
+the CLI runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metapeft_ray.config import Config, load_config
+from metapeft_ray.evaluate import meta_test
+from metapeft_ray.train import MetaLearner, prepare_sampler
+
+METHODS = ["lora", "dora", "ia3", "prompt", "prefix", "bottleneck"]
+ALGORITHMS = ["maml", "metasgd", "reptile", "protonet"]
+DATASET_LABELS = {"banking77": "Banking77", "hwu64": "HWU64"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", nargs="+", default=["banking77", "hwu64"])
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
+    p.add_argument(
+        "--combos",
+        default="",
+        help="comma-separated method:algorithm pairs to run instead of --methods x --algorithms",
+    )
+    p.add_argument("--meta-steps", type=int, default=30)
+    p.add_argument("--meta-batch", type=int, default=2)
+    p.add_argument("--episodes", type=int, default=100, help="meta-test episodes per cell")
+    p.add_argument("--n-way", type=int, default=5)
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--train-shot", type=int, default=1, help="k_shot of the meta-training episodes")
+    p.add_argument("--q-query", type=int, default=5)
+    p.add_argument("--inner-steps", type=int, default=1, help="inner steps (training and meta-test)")
+    p.add_argument("--inner-lr", type=float, default=0.05)
+    p.add_argument("--outer-lr", type=float, default=1e-3)
+    p.add_argument("--first-order", action="store_true", help="first-order MAML / Meta-SGD")
+    p.add_argument(
+        "--protonet-eval-steps",
+        type=int,
+        default=0,
+        help="inner steps at meta-test for ProtoNet inits (0: prototypes of the adapted encoder)",
+    )
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--finetune",
+        nargs="*",
+        default=None,
+        help="methods whose plain fine-tune row to run (default: every method in the runs)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process; 1 is several times faster on a busy machine (no OpenMP spinning)",
+    )
+    p.add_argument("--processes", type=int, default=1, help="datasets run in this many processes at once")
+    p.add_argument("--set", nargs="*", default=[], help="extra dotted overrides for every run")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "hybrids.md")
+    return p.parse_args(argv)
+
+
+def combos(args: argparse.Namespace) -> list[tuple[str, str]]:
+    if not args.combos:
+        return [(m, a) for m in args.methods for a in args.algorithms]
+    pairs = [tuple(c.split(":")) for c in args.combos.split(",") if c]
+    bad = [c for c in pairs if len(c) != 2 or c[0] not in METHODS or c[1] not in ALGORITHMS]
+    if bad:
+        raise SystemExit(f"--combos: {bad} are not method:algorithm pairs of {METHODS} x {ALGORITHMS}")
+    return pairs  # type: ignore[return-value]
+
+
+def make_cfg(args: argparse.Namespace, dataset: str, method: str, algorithm: str) -> Config:
+    o: dict[str, Any] = {
+        "run.name": f"hybrids-{dataset}-{method}-{algorithm}",
+        "run.seed": args.seed,
+        "data.dataset": dataset,
+        "data.fold": args.fold,
+        "episode.n_way": args.n_way,
+        "episode.k_shot": args.train_shot,
+        "episode.q_query": args.q_query,
+        "peft.method": method,
+        "meta.algorithm": algorithm,
+        "meta.first_order": args.first_order,
+        "meta.inner_steps": 0 if algorithm == "protonet" else args.inner_steps,
+        "meta.inner_lr": args.inner_lr,
+        "meta.outer_lr": args.outer_lr,
+        "meta.meta_batch_size": args.meta_batch,
+        "meta.meta_steps": args.meta_steps,
+        "meta.val_every": max(1, args.meta_steps),
+        "meta.val_episodes": 1,
+        "eval.episodes": args.episodes,
+        "eval.n_way": args.n_way,
+        "eval.shots": args.shots,
+        "eval.q_query": args.q_query,
+    }
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in o.items()] + list(args.set))
+
+
+def _test(
+    cfg: Config, learner: MetaLearner, inits: dict[str, Any], methods: list[str], steps: int, **kw: Any
+):  # noqa: ANN202
+    return meta_test(
+        learner.encoder,
+        inits,
+        learner.sampler,
+        methods=methods,
+        seed=cfg.run.seed,
+        n_way=cfg.eval.n_way,
+        shots=cfg.eval.shots,
+        q_query=cfg.eval.q_query,
+        episodes=cfg.eval.episodes,
+        steps=steps,
+        lr=cfg.meta.inner_lr,
+        scale=cfg.model.head_scale,
+        **kw,
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    pairs = combos(args)
+    rows: dict[str, dict[str, Any]] = {}  # row key -> {"params":..., dataset: {setting: cell}}
+
+    def row(key: str, **info: Any) -> dict[str, Any]:
+        return rows.setdefault(key, {"info": info, "cells": {}})
+
+    for dataset in args.datasets:
+        done_methods: set[str] = set()
+        for method, algorithm in pairs:
+            cfg = make_cfg(args, dataset, method, algorithm)
+            sampler = prepare_sampler(cfg)
+            learner = MetaLearner.from_config(cfg, sampler, device=torch.device("cpu"))
+            n_adapter = sum(p.numel() for p in learner.params.values())
+            n_extra = sum(p.numel() for p in learner.extra.values())
+            if dataset not in row("proto", label="(a) frozen backbone + prototypes", params=0)["cells"]:
+                frozen = _test(cfg, learner, {}, ["proto", "logreg"], 0)
+                rows["proto"]["cells"][dataset] = frozen["proto"]
+                row("logreg", label="(a') frozen backbone + logistic regression", params=0)["cells"][
+                    dataset
+                ] = frozen["logreg"]
+            wanted = args.finetune is None or method in args.finetune
+            if wanted and method not in done_methods:  # the method's plain fine-tune, once per method
+                ft = _test(cfg, learner, {"finetune": learner.default_init}, ["finetune"], args.inner_steps)
+                row(
+                    f"{method}/finetune",
+                    method=method,
+                    algorithm="fine-tune (peft default init)",
+                    params=n_adapter,
+                )
+                rows[f"{method}/finetune"]["cells"][dataset] = ft["finetune"]
+                done_methods.add(method)
+            t0 = time.perf_counter()
+            history = list(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every))
+            train_s = time.perf_counter() - t0
+            steps = args.protonet_eval_steps if algorithm == "protonet" else args.inner_steps
+            res = _test(
+                cfg,
+                learner,
+                {"meta": learner.params},
+                ["meta"],
+                steps,
+                inner_lrs={"meta": learner.inner_lrs()},
+            )
+            r = row(
+                f"{method}/{algorithm}", method=method, algorithm=algorithm, params=n_adapter, extra=n_extra
+            )
+            r["cells"][dataset] = {
+                **res["meta"],
+                "train_s": train_s,
+                "final_meta_loss": history[-1]["meta_loss"],
+            }
+            cell = ", ".join(f"{k} {100 * v['mean']:.1f}" for k, v in res["meta"].items())
+            print(f"{dataset} {method}/{algorithm}: {cell} (train {train_s:.0f}s)", flush=True)
+    return rows
+
+
+def markdown(args: argparse.Namespace, rows: dict[str, Any], command: str, wall_s: float) -> str:
+    settings = [f"{args.n_way}w{k}s" for k in args.shots]
+    cols = [(d, s) for d in args.datasets for s in settings]
+    head = " | ".join(f"{DATASET_LABELS.get(d, d)} {s}" for d, s in cols)
+    ms_head = " / ".join(settings)
+    lines = [
+        "# Hybrids: PEFT methods x meta-algorithms on one backbone",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        f"all-MiniLM-L6-v2 (frozen), fold {args.fold} of 5 (held-out test classes), seed {args.seed}. "
+        f"Meta-training: {args.meta_steps} meta-steps x {args.meta_batch} episodes of "
+        f"{args.n_way}-way {args.train_shot}-shot, {args.q_query} queries/class, "
+        f"{args.inner_steps} inner step(s) at lr {args.inner_lr} "
+        f"({'first' if args.first_order else 'second'}-order MAML/Meta-SGD), outer Adam lr {args.outer_lr}. "
+        f"Meta-test: {args.episodes} episodes per cell, the same episodes for every row, "
+        f"{args.q_query} queries/class, {args.inner_steps} adaptation step(s) "
+        f"(ProtoNet rows: {args.protonet_eval_steps}). Cells: accuracy % mean ± 95 % CI. "
+        f"Total wall time {wall_s / 60:.1f} min on this machine (2 shared CPU cores, "
+        f"{args.processes} process(es) x {args.threads} thread(s)).",
+        "",
+        f"| method | algorithm | trainable params | {head} | adapt ms/task ({ms_head}) | meta-train s |",
+        "|---|---|---|" + "---|" * len(cols) + "---|---|",
+    ]
+    for r in rows.values():
+        info = r["info"]
+        cells = []
+        for d, s in cols:
+            c = r["cells"].get(d, {}).get(s)
+            cells.append(f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}" if c else "—")
+        ms = []
+        for s in settings:
+            vals = [
+                r["cells"][d][s]["ms_per_task"]
+                for d in args.datasets
+                if "ms_per_task" in r["cells"].get(d, {}).get(s, {})
+            ]
+            ms.append(f"{sum(vals) / len(vals):.0f}" if vals else "—")
+        train = [r["cells"][d]["train_s"] for d in args.datasets if "train_s" in r["cells"].get(d, {})]
+        params = f"{info.get('params', 0):,}" + (f" + {info['extra']:,} lrs" if info.get("extra") else "")
+        label = info.get("label")
+        method, algo = (label, "—") if label else (info["method"], info["algorithm"])
+        lines.append(
+            f"| {method} | {algo} | {params} | "
+            + " | ".join(cells)
+            + f" | {' / '.join(ms)} | "
+            + (f"{sum(train) / len(train):.0f}" if train else "—")
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _run_one_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
+    return run(argparse.Namespace(**{**vars(args), "datasets": [dataset]}))
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """All datasets, ``--processes`` at a time; rows merged in the order of the first dataset."""
+    if args.processes <= 1 or len(args.datasets) == 1:
+        return run(args)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.processes, mp_context=ctx) as pool:
+        parts = list(pool.map(_run_one_dataset, [args] * len(args.datasets), args.datasets))
+    rows: dict[str, Any] = {}
+    for part in parts:
+        for key, r in part.items():
+            rows.setdefault(key, {"info": r["info"], "cells": {}})["cells"].update(r["cells"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    command = "python benchmarks/hybrids.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    t0 = time.perf_counter()
+    rows = run_all(args)
+    wall = time.perf_counter() - t0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = markdown(args, rows, command.strip(), wall)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {"command": command.strip(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
+            indent=2,
+        )
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""What every meta-algorithm provides: its extra meta-parameters (if any), and how one episode
+becomes that episode's contribution to the outer update of the meta-parameters.
+
+The `MetaLearner` sums the contributions of a meta-batch in one flat vector (one all-reduce on
+Ray), divides by the meta-batch size and takes one optimiser step, whatever the algorithm: the
+contribution is a gradient (MAML, Meta-SGD, ProtoNet) or a pseudo-gradient (Reptile).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from metapeft_ray.episodes import Episode
+from metapeft_ray.meta import EpisodeResult, run_episode
+from metapeft_ray.model import Encoder
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """The inner loop's settings (flat values from ``meta.*`` / ``model.head_scale``)."""
+
+    steps: int
+    lr: float
+    scale: float
+    first_order: bool
+
+
+class MetaAlgorithm:
+    """Base of the registered algorithms (``metapeft_ray.algorithms.ALGORITHMS``)."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> MetaAlgorithm:
+        """Build from the flat ``meta.*`` settings (an algorithm reads only its own keys)."""
+        return cls()
+
+    def extra_meta_params(self, adapter: Mapping[str, Tensor], *, lr: float) -> Params:
+        """Meta-parameters besides the adapter init (fresh leaf tensors); none by default."""
+        return {}
+
+    def inner_lrs(self, extra: Mapping[str, Tensor]) -> Params | None:
+        """Per-adapter-tensor inner learning rates the adaptation uses (None: the scalar lr)."""
+        return None
+
+    def episode(
+        self,
+        encoder: Encoder,
+        params: Mapping[str, Tensor],
+        extra: Mapping[str, Tensor],
+        episode: Episode,
+        inner: InnerLoop,
+        *,
+        meta_gradient: bool,
+    ) -> EpisodeResult:
+        """Adapt to ``episode`` and score its query set. With ``meta_gradient``, ``grads`` holds
+        the episode's contribution for every meta-parameter: ``params`` names, then ``extra``."""
+        return run_episode(
+            encoder,
+            params,
+            episode,
+            steps=inner.steps,
+            lr=inner.lr,
+            scale=inner.scale,
+            first_order=inner.first_order,
+            meta_gradient=meta_gradient,
+        )

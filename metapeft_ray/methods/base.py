@@ -1,0 +1,58 @@
+"""What every PEFT method provides: how to wrap the frozen backbone, how to meta-initialise its
+adapter tensors, and how the encoder reads the backbone's hidden states with and without it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Flat values (unpacked from ``peft.*`` and ``model.max_length`` by the recipe) that say what
+    to put on the backbone. Each method reads the fields it needs and ignores the others."""
+
+    method: str = "lora"
+    placement: str | None = "attn_qv"
+    layers: str = "all"
+    custom_targets: tuple[str, ...] | None = None
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    init_b_std: float = 0.01
+    num_virtual_tokens: int = 10
+    bottleneck_dim: int = 16
+    max_length: int = 64
+
+
+class PeftMethod:
+    """Base of the registered methods (``metapeft_ray.methods.METHODS``)."""
+
+    name: ClassVar[str]
+    prompt_learning: ClassVar[bool] = False
+    """Virtual tokens instead of modules: no placement, no layer selection."""
+
+    def wrap(self, backbone: nn.Module, spec: AdapterSpec, base_model_name: str) -> nn.Module:
+        """The backbone with this adapter in its *default* init (what plain fine-tuning starts
+        from). Only the adapter's tensors require grad."""
+        raise NotImplementedError
+
+    def set_modes(self, model: nn.Module, spec: AdapterSpec) -> None:
+        """Train/eval modes after wrapping: everything in eval (the backbone is frozen)."""
+        model.eval()
+
+    def meta_init(self, params: Mapping[str, Tensor], spec: AdapterSpec, seed: int) -> None:
+        """Turn the default init into the starting point of meta-learning, in place. The default
+        keeps it: right for methods whose default init already has non-zero gradients."""
+
+    def hidden_offset(self, spec: AdapterSpec) -> int:
+        """Leading positions of ``last_hidden_state`` that are virtual tokens, not input tokens."""
+        return 0
+
+    def backbone_hidden(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """``last_hidden_state`` of the backbone alone (the adapter switched off)."""
+        with model.disable_adapter():
+            return model(**batch).last_hidden_state

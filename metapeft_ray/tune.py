@@ -1,0 +1,319 @@
+"""Ray Tune search over the PEFT configuration, scored on meta-validation episodes.
+
+The search space addresses the same config tree by dotted paths (``peft.rank``,
+``peft.placement``, ``meta.inner_lr``, ...). Each trial re-validates its config (and its placement
+against the backbone's module names, on the meta device, without loading weights) before it loads
+anything; an invalid combination is recorded as *rejected* with its reason and the search goes on.
+A trial meta-trains in one process and reports the meta-validation accuracy (never the meta-test
+classes) every ``meta.val_every`` steps with a checkpoint, so ASHA can stop weak trials early.
+At the end the best config is written as YAML, the best trial's init is exported in PEFT format
+and meta-tested with confidence intervals, and all trials are reported (Markdown, JSON, PNG).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from metapeft_ray import storage
+from metapeft_ray.config import PACKAGED_CONFIGS, Config, ConfigError, validate_config
+
+OBJECTIVE = "meta_val_accuracy"
+
+
+class Distribution(BaseModel):
+    """Exactly one of: ``choice: [..]``, ``uniform: [lo, hi]``, ``loguniform: [lo, hi]``,
+    ``randint: [lo, hi]`` (hi exclusive)."""
+
+    model_config = ConfigDict(extra="forbid")
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Distribution:
+        given = [k for k, v in self if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of choice, uniform, loguniform, randint (got {given or 'none'})"
+            )
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        return self
+
+    def sample_value(self) -> Any:
+        """A value of the right type, to check the dotted path against the config tree."""
+        return self.choice[0] if self.choice is not None else next(v for _, v in self if v is not None)[0]
+
+    def to_tune(self, grid: bool) -> Any:
+        from ray import tune
+
+        if self.choice is not None:
+            return tune.grid_search(self.choice) if grid else tune.choice(self.choice)
+        if grid:
+            raise ValueError("the grid searcher takes only `choice` dimensions")
+        if self.uniform:
+            return tune.uniform(*self.uniform)
+        if self.loguniform:
+            return tune.loguniform(*self.loguniform)
+        return tune.randint(*self.randint)
+
+
+class TuneSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_samples: int = Field(8, ge=1)
+    searcher: Literal["optuna", "random", "grid"] = "optuna"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    """In validation reports (one every ``meta.val_every`` meta-steps)."""
+    reduction_factor: float = Field(2.0, gt=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    trial_cpus: float = Field(1.0, gt=0)
+    second_objective: Literal["trainable_params", "adapt_ms"] | None = "trainable_params"
+    seed: int = 0
+
+
+class SearchSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    search: dict[str, Distribution] = Field(min_length=1)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
+
+
+def load_space(path: str | Path, base: Config) -> SearchSpace:
+    """Parse and check a space file: every dotted path must exist in the config tree and take
+    the sampled type (all problems listed at once)."""
+    file = Path(path)
+    if not file.is_file() and (PACKAGED_CONFIGS / "spaces" / f"{file.stem}.yaml").is_file():
+        file = PACKAGED_CONFIGS / "spaces" / f"{file.stem}.yaml"
+    if not file.is_file():
+        raise ConfigError(f"search space {str(path)!r} not found (give a path, or `default`)")
+    try:
+        space = SearchSpace.model_validate(yaml.safe_load(file.read_text()) or {})
+    except ValidationError as err:
+        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{file}: invalid search space:\n" + "\n".join(lines)) from None
+    problems = []
+    for key, dist in space.search.items():
+        try:
+            base.with_overrides({key: dist.sample_value()})
+        except ConfigError as err:
+            problems.append(f"  search.{key}: {str(err).splitlines()[-1].strip()}")
+    if problems:
+        raise ConfigError(f"{file}: search keys that do not fit the config tree:\n" + "\n".join(problems))
+    return space
+
+
+def precheck(cfg: Config) -> None:
+    """Reject a config before loading weights or data: placement and rank against the backbone's
+    module structure, built on the meta device (no memory, no download of weights)."""
+    from transformers import AutoConfig, AutoModel
+
+    from metapeft_ray.methods import METHODS
+    from metapeft_ray.model import adapter_spec, resolve_backbone
+
+    hf_config = AutoConfig.from_pretrained(resolve_backbone(cfg.model.backbone))
+    with torch.device("meta"):
+        skeleton = AutoModel.from_config(hf_config)
+        METHODS[cfg.peft.method].wrap(skeleton, adapter_spec(cfg), "")
+
+
+def trial(params: dict[str, Any], base: dict[str, Any]) -> None:
+    """One Tune trial: validate, meta-train, report meta-val accuracy with a checkpoint."""
+    from ray import tune
+
+    from metapeft_ray.train import MetaLearner, prepare_sampler
+
+    try:
+        cfg = validate_config(base).with_overrides(params)
+        precheck(cfg)
+        sampler = prepare_sampler(cfg)
+    except ValueError as err:  # ConfigError, PlacementError, DataError
+        tune.report({OBJECTIVE: 0.0, "status": "rejected", "reason": str(err).replace("\n", " ")})
+        return
+    torch.set_num_threads(
+        max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
+    )
+    learner = MetaLearner.from_config(cfg, sampler)
+    if (ckpt := tune.get_checkpoint()) is not None:
+        with ckpt.as_directory() as d:
+            learner.load_state_dict(torch.load(Path(d) / "state.pt", weights_only=False))
+    n_params = sum(p.numel() for p in learner.params.values())
+    # Validation is timed separately so adapt_ms is the cost of adapting to one task.
+    for metrics in learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every):
+        if OBJECTIVE not in metrics:
+            continue
+        t0 = time.perf_counter()
+        learner.validate()
+        adapt_ms = 1000 * (time.perf_counter() - t0) / cfg.meta.val_episodes
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(learner.state_dict(), Path(d) / "state.pt")
+            tune.report(
+                {**metrics, "trainable_params": n_params, "adapt_ms": adapt_ms, "status": "ok"},
+                checkpoint=tune.Checkpoint.from_directory(d),
+            )
+
+
+def pareto_front(rows: list[dict[str, Any]], second: str) -> list[dict[str, Any]]:
+    """Trials not dominated in (max accuracy, min ``second``)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    return [
+        r for r in ok
+        if not any(
+            o[OBJECTIVE] >= r[OBJECTIVE] and o[second] <= r[second]
+            and (o[OBJECTIVE] > r[OBJECTIVE] or o[second] < r[second])
+            for o in ok
+        )
+    ]  # fmt: skip
+
+
+def _plot(rows: list[dict[str, Any]], second: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for status, marker in (("ok", "o"), ("stopped early", "x")):
+        pts = [r for r in rows if r["status"] == status]
+        ax.scatter([r[second] for r in pts], [r[OBJECTIVE] for r in pts], marker=marker, label=status)
+    front = sorted(pareto_front(rows, second), key=lambda r: r[second])
+    ax.plot([r[second] for r in front], [r[OBJECTIVE] for r in front], "--", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel(second.replace("_", " "))
+    ax.set_ylabel("meta-val accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _rows(result_grid: Any, meta_steps: int, keys: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for r in result_grid:
+        m = r.metrics or {}
+        status = m.get("status", "error")
+        if r.error is not None:
+            status = "error"
+        elif status == "ok" and m.get("meta_step", meta_steps) < meta_steps:
+            status = "stopped early"
+        rows.append({
+            "trial": Path(r.path).name if r.path else "?",
+            **{k: r.config.get(k) for k in keys},
+            OBJECTIVE: m.get(OBJECTIVE, float("nan")),
+            "meta_step": m.get("meta_step", 0),
+            "trainable_params": m.get("trainable_params", math.nan),
+            "adapt_ms": m.get("adapt_ms", math.nan),
+            "status": status,
+            "reason": m.get("reason") or (str(r.error).splitlines()[0] if r.error else ""),
+            "_result": r,
+        })  # fmt: skip
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]], keys: list[str], best: dict[str, Any] | None) -> str:
+    head = ["trial", *keys, "meta-val acc", "params", "adapt ms", "steps", "status"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: -(r[OBJECTIVE] if r[OBJECTIVE] == r[OBJECTIVE] else -1)):
+        status = r["status"] + (f": {r['reason'][:80]}" if r["reason"] else "")
+        out.append("| " + " | ".join([
+            r["trial"], *[str(r[k]) for k in keys], f"{100 * r[OBJECTIVE]:.1f}",
+            f"{r['trainable_params']:,.0f}" if r["trainable_params"] == r["trainable_params"] else "-",
+            f"{r['adapt_ms']:.0f}" if r["adapt_ms"] == r["adapt_ms"] else "-", str(r["meta_step"]), status,
+        ]) + " |")  # fmt: skip
+    if best:
+        out += ["", f"Best trial: {best['trial']} ({100 * best[OBJECTIVE]:.1f} % meta-val accuracy)"]
+    return "\n".join(out) + "\n"
+
+
+def run_search(
+    base: Config, space_path: str, *, address: str | None = None, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """The whole search: Tune, then export + meta-test of the best trial, then the report."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from metapeft_ray.distributed import connect
+    from metapeft_ray.recipes import finish, staged
+    from metapeft_ray.train import MetaLearner, prepare_sampler
+
+    space = load_space(space_path, base)
+    s = space.tune
+    prepare_sampler(base)  # data and episode shapes, before any cluster resource
+    name = f"{base.run.name}-tune"
+    root = storage.join(base.run.output_dir, name)
+    storage.check_writable(base.run.output_dir)
+    connect(base, address)
+
+    fs, path = storage.pyarrow_filesystem(base.run.output_dir)
+    exp_path = storage.join(path, name)
+    trainable = tune.with_resources(tune.with_parameters(trial, base=base.to_dict()), {"cpu": s.trial_cpus})
+    if resume:
+        if not tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+            raise ConfigError(f"--resume: no Tune experiment to resume at {root}")
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        search_alg = None
+        if s.searcher == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(metric=OBJECTIVE, mode="max", seed=s.seed)
+        max_t = max(1, base.meta.meta_steps // base.meta.val_every)
+        grace = min(s.grace_period, max_t)
+        scheduler = (
+            ASHAScheduler(max_t=max_t, grace_period=grace, reduction_factor=s.reduction_factor)
+            if s.scheduler == "asha"
+            else None
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={k: d.to_tune(s.searcher == "grid") for k, d in space.search.items()},
+            tune_config=tune.TuneConfig(
+                metric=OBJECTIVE, mode="max", search_alg=search_alg, scheduler=scheduler,
+                num_samples=1 if s.searcher == "grid" else s.num_samples,
+                max_concurrent_trials=s.max_concurrent,
+                reuse_actors=True,  # a trial process keeps torch/transformers imported
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=path, storage_filesystem=fs,
+                verbose=1 if progress else 0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        )  # fmt: skip
+    grid = tuner.fit()
+
+    keys = list(space.search)
+    rows = _rows(grid, base.meta.meta_steps, keys)
+    finished = [r for r in rows if r["status"] in ("ok", "stopped early")]
+    best = max(finished, key=lambda r: r[OBJECTIVE], default=None)
+    report: dict[str, Any] = {"space": space.model_dump(mode="json"), "base": base.to_dict()}
+    with staged(storage.join(root, "summary")) as out:
+        if best is not None:
+            best_cfg = base.with_overrides({k: best[k] for k in keys}).with_overrides({"run.name": "best"})
+            (out / "best.yaml").write_text(
+                "# metapeft train --config best.yaml   (best configuration of the search)\n"
+                + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False)
+            )
+            learner = MetaLearner.from_config(best_cfg, prepare_sampler(best_cfg))
+            with best["_result"].checkpoint.as_directory() as d:
+                learner.load_state_dict(torch.load(Path(d) / "state.pt", weights_only=False))
+            report["best"] = {
+                "trial": best["trial"], **{k: best[k] for k in keys}, OBJECTIVE: best[OBJECTIVE],
+                "meta_test": finish(best_cfg, learner, out / "best", progress=progress)["results"],
+            }  # fmt: skip
+        report["trials"] = [{k: v for k, v in r.items() if k != "_result"} for r in rows]
+        if s.second_objective:
+            report["pareto_front"] = [r["trial"] for r in pareto_front(rows, s.second_objective)]
+            if any(r["status"] == "ok" for r in rows):
+                _plot(rows, s.second_objective, out / "accuracy_vs_params.png")
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / "report.md").write_text(f"# Tune search {name}\n\n" + _markdown(rows, keys, best))
+    return report

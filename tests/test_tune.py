@@ -1,0 +1,133 @@
+"""A small Tune search on the session's local Ray: Optuna + ASHA, a rejected trial, resume,
+and the best init loading with PeftModel.from_pretrained."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from metapeft_ray.config import ConfigError, load_config
+from metapeft_ray.tune import load_space, pareto_front
+from tests.tiny import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPACE = """
+search:
+  peft.layers: {choice: ["all", "5-6"]}          # 5-6 does not exist in the 2-layer tiny model
+  meta.inner_lr: {choice: [0.001, 0.05, 20.0]}    # 20.0 diverges: a weak trial for ASHA to stop
+tune: {num_samples: 6, searcher: optuna, scheduler: asha, grace_period: 1, reduction_factor: 2,
+       trial_cpus: 1, seed: 1}
+"""
+
+
+def _base(tiny_backbone: str, tiny_dataset: str, out: Path, **extra: object):  # noqa: ANN202
+    over = {"meta.meta_steps": 4, "meta.val_every": 1, "run.output_dir": str(out), "run.name": "t", **extra}
+    return load_config("quickstart", tiny_overrides(tiny_backbone, tiny_dataset, **over))
+
+
+def test_space_files_are_checked_against_the_config_tree(tmp_path: Path) -> None:
+    bad = tmp_path / "space.yaml"
+    bad.write_text(
+        "search:\n  peft.rnk: {choice: [2]}\n  meta.inner_lr: {uniform: [0.1, 0.2], choice: [1]}\n"
+    )
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_space(bad, load_config("quickstart"))
+    bad.write_text("search:\n  peft.rnk: {choice: [2]}\n  meta.inner_steps: {choice: [many]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_space(bad, load_config("quickstart"))
+    assert "search.peft.rnk" in str(err.value) and "search.meta.inner_steps" in str(err.value)
+    assert load_space("default", load_config("quickstart")).tune.searcher == "optuna"
+
+
+def test_pareto_front_keeps_only_undominated_trials() -> None:
+    rows = [
+        {"trial": "a", "status": "ok", "meta_val_accuracy": 0.9, "trainable_params": 100},
+        {"trial": "b", "status": "ok", "meta_val_accuracy": 0.8, "trainable_params": 50},
+        {"trial": "c", "status": "ok", "meta_val_accuracy": 0.7, "trainable_params": 100},
+        {"trial": "d", "status": "rejected", "meta_val_accuracy": 0.0, "trainable_params": 1},
+    ]
+    assert [r["trial"] for r in pareto_front(rows, "trainable_params")] == ["a", "b"]
+
+
+@pytest.mark.ray
+def test_search_rejects_stops_early_and_exports_the_best(
+    ray_cluster: dict[str, str], tiny_backbone: str, tiny_dataset: str, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from metapeft_ray.tune import run_search
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    report = run_search(_base(tiny_backbone, tiny_dataset, tmp_path), str(space), progress=False)
+    statuses = [t["status"] for t in report["trials"]]
+    assert len(statuses) == 6
+    rejected = [t for t in report["trials"] if t["status"] == "rejected"]
+    assert rejected and all("this model has layers 0..1" in t["reason"] for t in rejected)
+    assert "stopped early" in statuses, statuses
+    best = report["best"]
+    assert best["peft.layers"] == "all" and 0 < best["meta_val_accuracy"] <= 1
+    assert set(best["meta_test"]) == {"meta", "finetune", "proto", "logreg"}
+    summary = tmp_path / "t-tune" / "summary"
+    assert {"best.yaml", "report.md", "report.json", "accuracy_vs_params.png"} <= {
+        p.name for p in summary.iterdir()
+    }
+    assert load_config(summary / "best.yaml").peft.layers == "all"
+    PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_backbone), str(summary / "best" / "adapter"))
+
+
+@pytest.mark.ray
+def test_an_interrupted_search_resumes(
+    ray_cluster: dict[str, str], tiny_backbone: str, tiny_dataset: str, tmp_path: Path
+) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "search:\n  meta.inner_lr: {choice: [0.01, 0.05]}\n"
+        "tune: {num_samples: 2, searcher: random, scheduler: none, trial_cpus: 1}\n"
+    )
+    over = tiny_overrides(
+        tiny_backbone,
+        tiny_dataset,
+        **{"meta.meta_steps": 6, "meta.val_every": 1, "run.output_dir": str(tmp_path), "run.name": "r"},
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "metapeft_ray.cli",
+        "tune",
+        "--config",
+        "quickstart",
+        "--space",
+        str(space),
+        "--address",
+        ray_cluster["address"],
+        "--quiet",
+        *over,
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    exp = tmp_path / "r-tune"
+    deadline = time.monotonic() + 240
+    while not list(exp.glob("*/checkpoint_*")) and time.monotonic() < deadline:
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(1)
+    first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and exits
+    first.wait(timeout=120)
+    assert not (exp / "summary" / "report.json").exists()
+
+    done = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((exp / "summary" / "report.json").read_text())
+    assert [t["status"] for t in report["trials"]] == ["ok", "ok"]
+    assert all(t["meta_step"] == 6 for t in report["trials"])
