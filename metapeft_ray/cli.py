@@ -71,15 +71,22 @@ def _cmd_adapt(args: argparse.Namespace) -> None:
         print(json.dumps(pred), flush=True)
 
 
-def _cmd_tune(args: argparse.Namespace) -> None:
-    from metapeft_ray.tune import run_search
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from metapeft_ray.tune import SearchInterrupted, run_search
 
     cfg = load_config(args.config, args.overrides)
-    report = run_search(cfg, args.space, address=args.address, resume=args.resume, progress=not args.quiet)
+    try:
+        report = run_search(
+            cfg, args.space, address=args.address, resume=args.resume, progress=not args.quiet
+        )
+    except SearchInterrupted as err:
+        print(f"metapeft tune: {err}", file=sys.stderr)
+        return 130
     if "best" in report:
         best = report["best"]
         print(f"best trial {best['trial']}: meta-val accuracy {best['meta_val_accuracy']:.3f}")
         _print_report({"results": best["meta_test"], "splits": {"dataset": cfg.data.dataset}})
+    return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> None:

@@ -29,6 +29,10 @@ from metapeft_ray.config import PACKAGED_CONFIGS, Config, ConfigError, validate_
 OBJECTIVE = "meta_val_accuracy"
 
 
+class SearchInterrupted(RuntimeError):
+    """The search stopped before every trial finished (Ctrl-C); `--resume` continues it."""
+
+
 class Distribution(BaseModel):
     """Exactly one of: ``choice: [..]``, ``uniform: [lo, hi]``, ``loguniform: [lo, hi]``,
     ``randint: [lo, hi]`` (hi exclusive)."""
@@ -289,6 +293,13 @@ def run_search(
             ),
         )  # fmt: skip
     grid = tuner.fit()
+    # After Ctrl-C Tune returns normally with trials left unfinished; write no summary then.
+    unfinished = [t for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        raise SearchInterrupted(
+            f"search interrupted with {len(unfinished)} unfinished trial(s); its state is saved in "
+            f"{root}: continue it with `metapeft tune ... --resume`"
+        )
 
     keys = list(space.search)
     rows = _rows(grid, base.meta.meta_steps, keys)
