@@ -13,6 +13,7 @@ exact agreement.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -193,7 +194,10 @@ class MetaLearner:
         while self.step < meta_steps:
             metrics = self.meta_step(rank=rank, world=world, reduce=reduce)
             if self.step % val_every == 0 or self.step == meta_steps:
+                t0 = time.perf_counter()
                 metrics["meta_val_accuracy"] = self.validate(rank=rank, world=world, reduce=reduce)
+                # wall time to adapt to and score one validation task (Tune's second objective)
+                metrics["adapt_ms"] = 1000 * (time.perf_counter() - t0) * world / len(self.val_specs())
             yield metrics
 
     def state_dict(self) -> dict[str, Any]:
