@@ -114,7 +114,9 @@ def test_prepare_submission_validates_and_names_the_config(tmp_path: Path) -> No
         "python", "-m", "metapeft_ray.cli", "train", "--config", "configs/mine.yaml",
     ]  # fmt: skip
     elsewhere = jobs.prepare_submission("tune", config=str(cfg))
-    assert shlex.split(elsewhere.entrypoint)[-1] == str(cfg.resolve())
+    assert shlex.split(elsewhere.entrypoint)[-4:] == ["--config", str(cfg.resolve()), "--space", "default"]
+    with pytest.raises(jobs.JobsError, match="--space is only for --command tune"):
+        jobs.prepare_submission("train", config="quickstart", space="default")
 
     with pytest.raises(ConfigError, match="meta.inner_step: unknown key"):
         jobs.prepare_submission("train", config="quickstart", overrides=["meta.inner_step=3"])
