@@ -28,7 +28,7 @@ def hybrid_cfg(backbone: str, dataset: str, output_dir: str) -> Config:
     overrides = {
         "run.name": "hybrid-bottleneck-metasgd", "run.output_dir": output_dir, "run.seed": 5,
         "model.backbone": backbone, "model.max_length": 16,
-        "data.dataset": dataset, "data.folds": 3, "data.val_fraction": 0.3,
+        "data.dataset": dataset, "data.folds": 3, "data.val_fraction": 0.4,
         "episode.n_way": 3, "episode.k_shot": 1, "episode.q_query": 2,
         "peft.method": "bottleneck", "peft.placement": "attn_ffn_out", "peft.bottleneck_dim": 4,
         "meta.algorithm": "metasgd", "meta.first_order": True, "meta.inner_steps": 1,

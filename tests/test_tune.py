@@ -99,7 +99,8 @@ def test_an_interrupted_search_resumes(
     over = tiny_overrides(
         tiny_backbone,
         tiny_dataset,
-        **{"meta.meta_steps": 6, "meta.val_every": 1, "run.output_dir": str(tmp_path), "run.name": "r"},
+        # long enough that Ctrl-C lands while the first trial is still running
+        **{"meta.meta_steps": 40, "meta.val_every": 1, "run.output_dir": str(tmp_path), "run.name": "r"},
     )
     cmd = [
         sys.executable,
@@ -125,11 +126,11 @@ def test_an_interrupted_search_resumes(
         assert first.poll() is None, first.stdout.read()
         time.sleep(1)
     first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and exits
-    first.wait(timeout=120)
+    assert first.wait(timeout=120) == 130, first.stdout.read()
     assert not (exp / "summary" / "report.json").exists()
 
     done = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((exp / "summary" / "report.json").read_text())
     assert [t["status"] for t in report["trials"]] == ["ok", "ok"]
-    assert all(t["meta_step"] == 6 for t in report["trials"])
+    assert all(t["meta_step"] == 40 for t in report["trials"])
