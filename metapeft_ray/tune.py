@@ -292,8 +292,10 @@ def run_search(
             ),
         )  # fmt: skip
     grid = tuner.fit()
-    # After Ctrl-C Tune returns normally with trials left unfinished; write no summary then.
-    unfinished = [t for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    # After Ctrl-C Tune returns normally, having saved the experiment state before stopping the
+    # live trials: in that saved state an interrupted search still has unfinished trials.
+    saved = tune.ExperimentAnalysis(exp_path, storage_filesystem=fs)
+    unfinished = [t for t in saved.trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished:
         raise SearchInterrupted(
             f"search interrupted with {len(unfinished)} unfinished trial(s); its state is saved in "
