@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -143,15 +144,16 @@ def tags_for(cfg: Any, worker: str | int) -> dict[str, str]:
 # -- backends -----------------------------------------------------------------------------------
 
 
-class _Backend:
+class _Backend(ABC):
     """One metric object per name, created on first use."""
 
     def __init__(self) -> None:
         self._objects: dict[str, Any] = {}
         self._lock = threading.Lock()
 
+    @abstractmethod
     def _create(self, spec: MetricSpec) -> Any:
-        raise NotImplementedError
+        """Backend-specific."""
 
     def get(self, name: str) -> Any:
         obj = self._objects.get(name)
@@ -162,14 +164,17 @@ class _Backend:
                     obj = self._objects[name] = self._create(_BY_NAME[name])
         return obj
 
+    @abstractmethod
     def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
-        raise NotImplementedError
+        """Backend-specific."""
 
+    @abstractmethod
     def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
-        raise NotImplementedError
+        """Backend-specific."""
 
+    @abstractmethod
     def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
-        raise NotImplementedError
+        """Backend-specific."""
 
 
 class _RayBackend(_Backend):

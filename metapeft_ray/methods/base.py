@@ -3,6 +3,7 @@ adapter tensors, and how the encoder reads the backbone's hidden states with and
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -28,23 +29,23 @@ class AdapterSpec:
     max_length: int = 64
 
 
-class PeftMethod:
+class PeftMethod(ABC):
     """Base of the registered methods (``metapeft_ray.methods.METHODS``)."""
 
     name: ClassVar[str]
     prompt_learning: ClassVar[bool] = False
     """Virtual tokens instead of modules: no placement, no layer selection."""
 
+    @abstractmethod
     def wrap(self, backbone: nn.Module, spec: AdapterSpec, base_model_name: str) -> nn.Module:
         """The backbone with this adapter in its *default* init (what plain fine-tuning starts
         from). Only the adapter's tensors require grad."""
-        raise NotImplementedError
 
     def set_modes(self, model: nn.Module, spec: AdapterSpec) -> None:
         """Train/eval modes after wrapping: everything in eval (the backbone is frozen)."""
         model.eval()
 
-    def meta_init(self, params: Mapping[str, Tensor], spec: AdapterSpec, seed: int) -> None:
+    def meta_init(self, params: Mapping[str, Tensor], spec: AdapterSpec, seed: int) -> None:  # noqa: B027
         """Turn the default init into the starting point of meta-learning, in place. The default
         keeps it: right for methods whose default init already has non-zero gradients."""
 
