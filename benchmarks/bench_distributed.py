@@ -26,17 +26,18 @@ from typing import Any
 
 import torch
 
-from metapeft_ray.config import Config, load_config
+from metapeft_ray.config import Config
 from metapeft_ray.train import MetaLearner, prepare_sampler
 
+from common import workload, write_result
 
-def workload(args: argparse.Namespace) -> Config:
-    return load_config(None, [
+
+def bench_config(args: argparse.Namespace) -> Config:
+    return workload(
         f"model.backbone={args.backbone}", f"data.dataset={args.dataset}",
-        "episode.n_way=5", "episode.k_shot=1", "episode.q_query=5",
-        "meta.first_order=true", "meta.inner_steps=1", f"meta.meta_batch_size={args.meta_batch}",
-        "meta.val_every=100000", "run.seed=0",
-    ])  # fmt: skip
+        "episode.n_way=5", "episode.k_shot=1", "episode.q_query=5", "meta.first_order=true",
+        f"meta.meta_batch_size={args.meta_batch}", "meta.val_every=100000",
+    )  # fmt: skip
 
 
 def timed_steps(learner: MetaLearner, warmup: int, steps: int, rank: int = 0, world: int = 1,
@@ -121,7 +122,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (= Ray CPUs) per process")
     p.add_argument("--storage", default="/tmp/metapeft-bench")
     args = p.parse_args()
-    cfg = workload(args)
+    cfg = bench_config(args)
     load_before = os.getloadavg()[0]
 
     torch.set_num_threads(args.threads)
@@ -144,24 +145,25 @@ def main() -> None:
     learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=torch.device("cpu"))
     rows["single process, again"] = timed_steps(learner, args.warmup, args.steps)
     base = (rows["single process"]["wall_per_step"] + rows["single process, again"]["wall_per_step"]) / 2
-    print(f"\nworkload: {cfg.model.backbone} on {cfg.data.dataset}, 5-way 1-shot, 5 queries/class, "
+    md = [f"Workload: {cfg.model.backbone} on {cfg.data.dataset}, 5-way 1-shot, 5 queries/class, "
           f"first-order, 1 inner step, meta-batch {cfg.meta.meta_batch_size}; {args.warmup} warm-up "
-          f"+ {args.steps} timed meta-steps; {args.threads} thread(s) per process "
-          f"(machine: {os.cpu_count()} cores, "
-          f"1-min load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after: other "
-          f"processes skew the ratios), torch {torch.__version__}\n")  # fmt: skip
-    print("| mode | meta-steps/s | vs single (mean) | s/step | inner loops s/step | outside inner loops "
-          "s/step | worker start s |")
-    print("|---|---|---|---|---|---|---|")
+          f"+ {args.steps} timed meta-steps; {args.threads} thread(s) per process; 1-min load average "
+          f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (other processes skew the ratios).",
+          "",
+          "| mode | meta-steps/s | vs single (mean) | s/step | inner loops s/step | outside inner loops "
+          "s/step | worker start s |",
+          "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
         wall, inner = r["wall_per_step"], r["inner_per_step"]
+        r["speedup"] = base / wall
         start = f"{r['worker_start_s']:.1f}" if "worker_start_s" in r else "-"
-        print(f"| {name} | {1 / wall:.3f} | {base / wall:.2f}x | {wall:.2f} | {inner:.2f} | "
-              f"{wall - inner:.3f} ({100 * (wall - inner) / wall:.1f} %) | {start} |")  # fmt: skip
+        md.append(f"| {name} | {1 / wall:.3f} | {base / wall:.2f}x | {wall:.2f} | {inner:.2f} | "
+                  f"{wall - inner:.3f} ({100 * (wall - inner) / wall:.1f} %) | {start} |")  # fmt: skip
+    md.append("")
     for name, r in rows.items():
         if "inner_per_rank" in r:
-            print(f"{name}: inner-loop s/step per rank {r['inner_per_rank']}, fit() {r['fit_s']:.1f} s")
-
+            md.append(f"{name}: inner-loop s/step per rank {r['inner_per_rank']}, fit() {r['fit_s']:.1f} s.")
+    write_result("distributed", {"rows": rows, "workload": vars(args)}, "\n".join(md))
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from metapeft_ray import storage
 from metapeft_ray.config import PACKAGED_CONFIGS, Config, ConfigError, validate_config
+from metapeft_ray.evaluate import markdown_table
 
 OBJECTIVE = "meta_val_accuracy"
 
@@ -52,6 +53,14 @@ class Distribution(BaseModel):
         if self.choice is not None and not self.choice:
             raise ValueError("choice needs at least one value")
         return self
+
+    def contains(self, value: Any) -> bool:
+        if self.choice is not None:
+            return value in self.choice
+        if self.randint is not None:
+            return isinstance(value, int) and self.randint[0] <= value < self.randint[1]
+        lo, hi = self.uniform or self.loguniform  # type: ignore[misc]
+        return isinstance(value, int | float) and lo <= value <= hi
 
     def sample_value(self) -> Any:
         """A value of the right type, to check the dotted path against the config tree."""
@@ -82,6 +91,10 @@ class TuneSettings(BaseModel):
     max_concurrent: int | None = Field(None, ge=1)
     trial_cpus: float = Field(1.0, gt=0)
     second_objective: Literal["trainable_params", "adapt_ms"] | None = "trainable_params"
+    compare_base: bool = True
+    """Run the base config's own values as the first trial and meta-test it next to the best one,
+    so the report says what the search gained over where it started (same budget, same
+    episodes). Skipped when a base value lies outside the space."""
     seed: int = 0
 
 
@@ -113,6 +126,19 @@ def load_space(path: str | Path, base: Config) -> SearchSpace:
     if problems:
         raise ConfigError(f"{file}: search keys that do not fit the config tree:\n" + "\n".join(problems))
     return space
+
+
+def base_point(base: Config, space: SearchSpace) -> dict[str, Any] | None:
+    """The base config's value of every searched key, or None if one lies outside the space."""
+    point = {}
+    for key, dist in space.search.items():
+        node: Any = base.to_dict()
+        for part in key.split("."):
+            node = node[part]
+        if not dist.contains(node):
+            return None
+        point[key] = node
+    return point
 
 
 def precheck(cfg: Config) -> None:
@@ -222,19 +248,36 @@ def _rows(result_grid: Any, meta_steps: int, keys: list[str]) -> list[dict[str, 
     return rows
 
 
-def _markdown(rows: list[dict[str, Any]], keys: list[str], best: dict[str, Any] | None) -> str:
+def _markdown(
+    rows: list[dict[str, Any]], keys: list[str], best: dict[str, Any] | None, base_row: dict[str, Any] | None
+) -> str:
     head = ["trial", *keys, "meta-val acc", "params", "adapt ms", "steps", "status"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: -(r[OBJECTIVE] if r[OBJECTIVE] == r[OBJECTIVE] else -1)):
         status = r["status"] + (f": {r['reason'][:80]}" if r["reason"] else "")
         out.append("| " + " | ".join([
-            r["trial"], *[str(r[k]) for k in keys], f"{100 * r[OBJECTIVE]:.1f}",
+            r["trial"] + (" (base config)" if r is base_row else ""), *[str(r[k]) for k in keys],
+            f"{100 * r[OBJECTIVE]:.1f}",
             f"{r['trainable_params']:,.0f}" if r["trainable_params"] == r["trainable_params"] else "-",
             f"{r['adapt_ms']:.0f}" if r["adapt_ms"] == r["adapt_ms"] else "-", str(r["meta_step"]), status,
         ]) + " |")  # fmt: skip
     if best:
         out += ["", f"Best trial: {best['trial']} ({100 * best[OBJECTIVE]:.1f} % meta-val accuracy)"]
     return "\n".join(out) + "\n"
+
+
+def _comparison(report: dict[str, Any]) -> str:
+    """Meta-test of the best trial next to the base config's trial (same episodes)."""
+    if "best" not in report or "base_trial" not in report:
+        return ""
+    best, base = report["best"], report["base_trial"]
+    if base.get("is_best"):
+        return "\nThe base config's own trial was the best: the search found nothing better.\n"
+    results = {
+        f"best ({best['trial']})": best["meta_test"]["meta"],
+        f"base config ({base['trial']})": base["meta_test"]["meta"],
+    }
+    return "\n## Meta-test: best trial against the base config\n\n" + markdown_table(results)
 
 
 def run_search(
@@ -250,6 +293,7 @@ def run_search(
 
     space = load_space(space_path, base)
     s = space.tune
+    start = base_point(base, space) if s.compare_base else None
     prepare_sampler(base)  # data and episode shapes, before any cluster resource
     name = f"{base.run.name}-tune"
     root = storage.join(base.run.output_dir, name)
@@ -265,10 +309,15 @@ def run_search(
         tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
     else:
         search_alg = None
+        first = [start] if start else None  # a grid holds the base point already, if it is in it
         if s.searcher == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 
-            search_alg = OptunaSearch(metric=OBJECTIVE, mode="max", seed=s.seed)
+            search_alg = OptunaSearch(metric=OBJECTIVE, mode="max", seed=s.seed, points_to_evaluate=first)
+        elif s.searcher == "random":
+            from ray.tune.search import BasicVariantGenerator
+
+            search_alg = BasicVariantGenerator(points_to_evaluate=first, random_state=s.seed)
         max_t = max(1, base.meta.meta_steps // base.meta.val_every)
         grace = min(s.grace_period, max_t)
         scheduler = (
@@ -306,26 +355,38 @@ def run_search(
     rows = _rows(grid, base.meta.meta_steps, keys)
     finished = [r for r in rows if r["status"] in ("ok", "stopped early")]
     best = max(finished, key=lambda r: r[OBJECTIVE], default=None)
+    base_row = next((r for r in finished if start and all(r[k] == start[k] for k in keys)), None)
     report: dict[str, Any] = {"space": space.model_dump(mode="json"), "base": base.to_dict()}
+
+    def export(row: dict[str, Any], name: str, out: Path) -> dict[str, Any]:
+        """Meta-test a trial's last checkpoint and export it as ``out/name``."""
+        cfg = base.with_overrides({k: row[k] for k in keys}).with_overrides({"run.name": name})
+        learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
+        with row["_result"].checkpoint.as_directory() as d:
+            learner.load_state_dict(torch.load(Path(d) / "state.pt", weights_only=False))
+        results = finish(cfg, learner, out / name, progress=progress)["results"]
+        return {"trial": row["trial"], **{k: row[k] for k in keys}, OBJECTIVE: row[OBJECTIVE],
+                "meta_step": row["meta_step"], "meta_test": results}  # fmt: skip
+
     with staged(storage.join(root, "summary")) as out:
         if best is not None:
-            best_cfg = base.with_overrides({k: best[k] for k in keys}).with_overrides({"run.name": "best"})
+            best_cfg = base.with_overrides({**{k: best[k] for k in keys}, "run.name": "best"})
             (out / "best.yaml").write_text(
                 "# metapeft train --config best.yaml   (best configuration of the search)\n"
                 + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False)
             )
-            learner = MetaLearner.from_config(best_cfg, prepare_sampler(best_cfg))
-            with best["_result"].checkpoint.as_directory() as d:
-                learner.load_state_dict(torch.load(Path(d) / "state.pt", weights_only=False))
-            report["best"] = {
-                "trial": best["trial"], **{k: best[k] for k in keys}, OBJECTIVE: best[OBJECTIVE],
-                "meta_test": finish(best_cfg, learner, out / "best", progress=progress)["results"],
-            }  # fmt: skip
+            report["best"] = export(best, "best", out)
+        if base_row is not None:
+            report["base_trial"] = (
+                {**report["best"], "is_best": True} if base_row is best else export(base_row, "base", out)
+            )
         report["trials"] = [{k: v for k, v in r.items() if k != "_result"} for r in rows]
         if s.second_objective:
             report["pareto_front"] = [r["trial"] for r in pareto_front(rows, s.second_objective)]
             if any(r["status"] == "ok" for r in rows):
                 _plot(rows, s.second_objective, out / "accuracy_vs_params.png")
         (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        (out / "report.md").write_text(f"# Tune search {name}\n\n" + _markdown(rows, keys, best))
+        (out / "report.md").write_text(
+            f"# Tune search {name}\n\n" + _markdown(rows, keys, best, base_row) + _comparison(report)
+        )
     return report

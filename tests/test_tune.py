@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from metapeft_ray.config import ConfigError, load_config
-from metapeft_ray.tune import load_space, pareto_front
+from metapeft_ray.tune import base_point, load_space, pareto_front
 from tests.tiny import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPACE = """
 search:
   peft.layers: {choice: ["all", "5-6"]}
-  meta.inner_lr: {choice: [0.05, 20.0]}
+  meta.inner_lr: {choice: [0.1, 20.0]}
 tune: {searcher: grid, scheduler: asha, grace_period: 1, reduction_factor: 2, max_concurrent: 1,
        trial_cpus: 1}
 """
@@ -47,6 +47,15 @@ def test_space_files_are_checked_against_the_config_tree(tmp_path: Path) -> None
         load_space(bad, load_config("quickstart"))
     assert "search.peft.rnk" in str(err.value) and "search.meta.inner_steps" in str(err.value)
     assert load_space("default", load_config("quickstart")).tune.searcher == "optuna"
+
+
+def test_the_base_config_starts_the_search_only_if_it_lies_in_the_space(tmp_path: Path) -> None:
+    base = load_config("quickstart", ["peft.rank=8", "meta.inner_lr=0.05"])
+    space = tmp_path / "space.yaml"
+    space.write_text("search:\n  peft.rank: {choice: [4, 8]}\n  meta.inner_lr: {loguniform: [0.01, 0.1]}\n")
+    assert base_point(base, load_space(space, base)) == {"peft.rank": 8, "meta.inner_lr": 0.05}
+    space.write_text("search:\n  peft.rank: {choice: [4, 8]}\n  meta.inner_lr: {uniform: [0.1, 0.3]}\n")
+    assert base_point(base, load_space(space, base)) is None
 
 
 def test_pareto_front_keeps_only_undominated_trials() -> None:
@@ -78,6 +87,8 @@ def test_search_rejects_stops_early_and_exports_the_best(
     assert "stopped early" in statuses, statuses
     best = report["best"]
     assert best["peft.layers"] == "all" and 0 < best["meta_val_accuracy"] <= 1
+    # the base config (all layers, inner lr 0.1) is a grid point: its trial is the base trial
+    assert report["base_trial"]["trial"] == best["trial"] and report["base_trial"]["is_best"]
     assert set(best["meta_test"]) == {"meta", "finetune", "proto", "logreg"}
     summary = tmp_path / "t-tune" / "summary"
     assert {"best.yaml", "report.md", "report.json", "accuracy_vs_params.png"} <= {

@@ -1,0 +1,137 @@
+"""What every benchmark script shares: the workload, fixed episodes, peak memory, result files.
+
+Each script measures things side by side in one run (the machines are noisy: a ratio measured in
+one process holds, an absolute CPU time does not) and writes ``results/<name>.json`` (for
+`report.py`'s plots) and ``results/<name>.md`` (for the report and the README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metapeft_ray.config import Config, load_config
+from metapeft_ray.episodes import Episode
+from metapeft_ray.methods import METHODS
+from metapeft_ray.model import Encoder, encoder_from_config
+from metapeft_ray.train import prepare_sampler
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def workload(*overrides: str) -> Config:
+    """The benchmark workload: packaged MiniLM, Banking77 fold 0, 5-way 1-shot, 1 inner step."""
+    return load_config(None, ["data.dataset=banking77", "run.seed=0", "meta.inner_steps=1", *overrides])
+
+
+def meta_encoder(
+    cfg: Config, *, device: torch.device | None = None
+) -> tuple[Encoder, dict[str, torch.Tensor]]:
+    """The encoder of ``cfg`` and its adapter tensors in the meta-init the learner starts from."""
+    torch.manual_seed(cfg.run.seed)
+    encoder = encoder_from_config(cfg, device=device)
+    params = encoder.adapter_params()
+    METHODS[cfg.peft.method].meta_init(params, encoder.spec, cfg.run.seed)
+    return encoder, params
+
+
+def fixed_episodes(
+    cfg: Config, count: int, *, split: str = "test", k_shot: int | None = None
+) -> list[Episode]:
+    """``count`` episodes of ``cfg``'s shape (``k_shot`` overrides ``episode.k_shot``), the same in
+    every run and every process."""
+    sampler = prepare_sampler(cfg)
+    e = cfg.episode
+    specs = sampler.specs(
+        split, count, seed=cfg.run.seed, step=0, n_way=e.n_way, k_shot=k_shot or e.k_shot, q_query=e.q_query
+    )
+    return [sampler.build(s) for s in specs]
+
+
+def set_threads(threads: int) -> None:
+    # One thread per process keeps CPU timings sane on a shared machine (no OpenMP spinning).
+    torch.set_num_threads(threads)
+
+
+def median_seconds(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+@dataclass
+class Peak:
+    mib: float = float("nan")
+    """Peak memory above what was resident when the block started, in MiB."""
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[Peak]:
+    """Peak memory a block adds: CUDA ``max_memory_allocated``, or on CPU the process's resident
+    high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident size
+    at the start. CPU numbers include the allocator's slack; compare them within one process
+    kind, run each contender in a fresh process for a clean high-water mark."""
+    peak = Peak()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield peak
+        torch.cuda.synchronize(device)
+        peak.mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    base = _status_kib("VmRSS")
+    yield peak
+    peak.mib = (_status_kib("VmHWM") - base) / 1024
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "command": shlex.join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_result(
+    name: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS
+) -> dict[str, Any]:
+    """``results/<name>.json`` (payload + environment) and ``results/<name>.md``; prints the Markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"environment": environment(), **payload}
+    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    env = record["environment"]
+    footer = f"\n`{env['command']}` — {env['date']}, {env['machine']}, torch {env['torch']}"
+    footer += f", {env['threads']} thread(s)"
+    footer += f", GPU {env['gpu']}\n" if env["gpu"] else "\n"
+    (out_dir / f"{name}.md").write_text(markdown.rstrip() + "\n" + footer)
+    print(markdown.rstrip() + footer)
+    return record
