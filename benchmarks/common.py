@@ -7,6 +7,7 @@ one process holds, an absolute CPU time does not) and writes ``results/<name>.js
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -93,8 +94,8 @@ class Peak:
 def peak_memory(device: torch.device) -> Iterator[Peak]:
     """Peak memory a block adds: CUDA ``max_memory_allocated``, or on CPU the process's resident
     high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident size
-    at the start. CPU numbers include the allocator's slack; compare them within one process
-    kind, run each contender in a fresh process for a clean high-water mark."""
+    at the start (Linux). CPU numbers include the allocator's slack: compare contenders measured
+    the same way, each in a fresh process for a clean high-water mark."""
     peak = Peak()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -104,6 +105,9 @@ def peak_memory(device: torch.device) -> Iterator[Peak]:
         torch.cuda.synchronize(device)
         peak.mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         return
+    # Hand glibc's freed heap back first: otherwise a warmed-up process reuses the freed pages and
+    # its high-water mark does not rise during the block.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     base = _status_kib("VmRSS")
     yield peak
