@@ -93,8 +93,13 @@ def run_ray(cfg: Config, workers: int, args: argparse.Namespace) -> dict[str, An
     cpus = args.threads
     trainer = TorchTrainer(
         ray_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "threads": args.threads, "warmup": args.warmup,
-                           "steps": args.steps, "fit_called_at": time.time()},  # fmt: skip
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "threads": args.threads,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "fit_called_at": time.time(),
+        },  # fmt: skip
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=f"bench-{workers}w-{os.getpid()}", storage_path=args.storage),
     )
@@ -164,6 +169,7 @@ def main() -> None:
         if "inner_per_rank" in r:
             md.append(f"{name}: inner-loop s/step per rank {r['inner_per_rank']}, fit() {r['fit_s']:.1f} s.")
     write_result("distributed", {"rows": rows, "workload": vars(args)}, "\n".join(md))
+
 
 if __name__ == "__main__":
     main()

@@ -36,6 +36,29 @@ def workload(*overrides: str) -> Config:
     return load_config(None, ["data.dataset=banking77", "run.seed=0", "meta.inner_steps=1", *overrides])
 
 
+RANDOM_BACKBONES = {"bert-base-random": {}}  # BertConfig() defaults: BERT-base, 110 M parameters
+
+
+def backbone_path(name: str) -> str:
+    """``name`` itself, or for ``bert-base-random`` a randomly initialised BERT-base saved once
+    under the temp dir with the packaged MiniLM's tokenizer (the same uncased WordPiece vocabulary):
+    for measurements that depend on a backbone's shape, not its weights (memory, time)."""
+    if name not in RANDOM_BACKBONES:
+        return name
+    import tempfile
+
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from metapeft_ray.model import resolve_backbone
+
+    path = Path(tempfile.gettempdir()) / f"metapeft-{name}"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        BertModel(BertConfig(**RANDOM_BACKBONES[name])).save_pretrained(path)
+        AutoTokenizer.from_pretrained(resolve_backbone("all-MiniLM-L6-v2")).save_pretrained(path)
+    return str(path)
+
+
 def meta_encoder(
     cfg: Config, *, device: torch.device | None = None
 ) -> tuple[Encoder, dict[str, torch.Tensor]]:

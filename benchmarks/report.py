@@ -125,7 +125,7 @@ def plot_time_memory(results: dict[str, dict[str, Any] | None], path: Path) -> b
             ax.legend(fontsize=8)
         elif name == "memory":
             rows = r["rows"]
-            labels = [f"{x['params']} K={x['inner_steps']}" for x in rows]
+            labels = [f"{x['backbone'].split('-')[0]} {x['params']} K={x['inner_steps']}" for x in rows]
             colors = ["tab:green" if x["params"] == "lora" else "tab:gray" for x in rows]
             ax.bar(labels, [x["peak_mib"] for x in rows], color=colors)
             ax.set(ylabel="peak MiB above the loaded model", title="Second-order MAML memory")

@@ -77,18 +77,29 @@ def adapt(
     ``param_lrs`` (Meta-SGD) gives each adapter tensor its own learning rate, a scalar or an
     elementwise tensor; the result stays differentiable w.r.t. them in either case.
     """
-    weight, bias = proto_head(encoder.embed(params, support), support_labels, n_way)
-    # A fresh node per tensor, so the inner gradient is the partial derivative w.r.t. the adapter
-    # with the head held fixed (not the total one through the prototype init of the head).
-    fast = {name: p.view_as(p) for name, p in params.items()}
+    embedded = encoder.embed(params, support)
+    weight, bias = proto_head(embedded, support_labels, n_way)
+    fast = dict(params)
     losses: list[float] = []
-    for _ in range(steps):
-        logits = head_logits(encoder.embed(fast, support), weight, bias, scale)
-        loss = F.cross_entropy(logits, support_labels)
+    for step in range(steps):
+        # The inner gradient is the partial derivative w.r.t. the adapter with the head held fixed
+        # (not the total one through the prototype init of the head). At step 0 the support
+        # embedding is the one the prototypes came from: no second forward; its gradient, taken at
+        # a fresh node, goes back through the encoder as a vector-Jacobian product.
+        emb = embedded.view_as(embedded) if step == 0 else encoder.embed(fast, support)
+        loss = F.cross_entropy(head_logits(emb, weight, bias, scale), support_labels)
         losses.append(loss.item())
-        tensors = [*fast.values(), weight, bias]
-        grads = torch.autograd.grad(loss, tensors, create_graph=not first_order)
-        *g_params, g_weight, g_bias = grads
+        if step == 0:
+            g_emb, g_weight, g_bias = torch.autograd.grad(
+                loss, [emb, weight, bias], create_graph=not first_order
+            )
+            # the encoder's graph stays: the head, hence the query loss, depends on `embedded`
+            g_params = torch.autograd.grad(
+                embedded, list(fast.values()), g_emb, create_graph=not first_order, retain_graph=True
+            )
+        else:
+            grads = torch.autograd.grad(loss, [*fast.values(), weight, bias], create_graph=not first_order)
+            *g_params, g_weight, g_bias = grads
         if param_lrs is None:
             fast = {name: p - lr * g for (name, p), g in zip(fast.items(), g_params, strict=True)}
         else:

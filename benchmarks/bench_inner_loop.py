@@ -1,0 +1,213 @@
+"""Inner-loop efficiency: s/episode of MAML-LoRA's meta-gradient vs the bare passes it needs.
+
+    python benchmarks/bench_inner_loop.py                        # 5w1s + 5w5s, K = 1 and 5, FO + SO
+    python benchmarks/bench_inner_loop.py --shots 5 --inner-steps 1 --orders first --episodes 4
+
+Issue 7, item 1. "Ours" is `run_episode(..., meta_gradient=True)` exactly as meta-training calls
+it (`MetaAlgorithm.episode`: the default ``track_support_after=True``). The floor does the
+passes the algorithm cannot avoid, written out bare on the same episode, the same adapter
+tensors and the same encoder: K support forwards (the first one also gives the prototype head)
+and K support backwards to the adapter and head (with ``create_graph`` for second order), then
+one query forward and one backward to the init (through the prototypes, and for second order
+back through the inner steps). Both tokenise their episode inside the timed call
+(`run_episode` cannot be handed tokens); the tokenisation time is reported beside them. The
+floor returns the same meta-gradient as ours (checked, ``max |diff|`` column), so it is the
+same maths and not a cheaper approximation.
+
+A third contender, ours with ``track_support_after=False``, shows what the one extra pass of
+ours costs (a no-grad support forward that scores the adapted parameters for the training log).
+The contenders alternate episode by episode, so load drifting on a shared machine hits all
+alike; the ratio (ours / floor) is the number to read, the absolute seconds are this machine's.
+First order runs on the SDPA backbone, second order on eager attention (as meta-training loads
+them: SDPA has no double backward); each ratio compares passes on the same backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from metapeft_ray.config import Config
+from metapeft_ray.episodes import Episode
+from metapeft_ray.meta import head_logits, proto_head, run_episode
+from metapeft_ray.model import Encoder
+
+from common import fixed_episodes, meta_encoder, set_threads, workload, write_result
+
+TARGET_FIRST_ORDER = 1.10
+ORDERS = ("first", "second")
+
+
+def floor_episode(
+    encoder: Encoder, params: Mapping[str, Tensor], episode: Episode, *, steps: int, lr: float, scale: float,
+    second_order: bool,
+) -> dict[str, Tensor]:  # fmt: skip
+    """The meta-gradient ``d L_query / d params`` by the bare passes (see the module docstring)."""
+    dev = encoder.device
+    support, query = encoder.tokenize(episode.support_texts), encoder.tokenize(episode.query_texts)
+    s_labels = torch.tensor(episode.support_labels, device=dev)
+    q_labels = torch.tensor(episode.query_labels, device=dev)
+    names, init = list(params), list(params.values())
+    embedded = encoder.embed(params, support)
+    weight, bias = proto_head(embedded, s_labels, len(episode.class_names))
+    fast = init
+    for step in range(steps):
+        # Step 0 reuses the prototypes' support forward; the inner gradient is the partial one
+        # w.r.t. the adapter with the head held fixed (taken at a fresh node of the embedding).
+        emb = (
+            embedded.view_as(embedded)
+            if step == 0
+            else encoder.embed(dict(zip(names, fast, strict=True)), support)
+        )
+        loss = F.cross_entropy(head_logits(emb, weight, bias, scale), s_labels)
+        if step == 0:
+            g_emb, g_w, g_b = torch.autograd.grad(loss, [emb, weight, bias], create_graph=second_order)
+            g = torch.autograd.grad(embedded, fast, g_emb, create_graph=second_order, retain_graph=True)
+        else:
+            *g, g_w, g_b = torch.autograd.grad(loss, [*fast, weight, bias], create_graph=second_order)
+        fast = [p - lr * gp for p, gp in zip(fast, g, strict=True)]
+        weight, bias = weight - lr * g_w, bias - lr * g_b
+    logits = head_logits(encoder.embed(dict(zip(names, fast, strict=True)), query), weight, bias, scale)
+    return dict(zip(names, torch.autograd.grad(F.cross_entropy(logits, q_labels), init), strict=True))
+
+
+def ours_episode(
+    encoder: Encoder, params: Mapping[str, Tensor], episode: Episode, *, steps: int, lr: float, scale: float,
+    second_order: bool, track_support_after: bool = True,
+) -> dict[str, Tensor]:  # fmt: skip
+    result = run_episode(
+        encoder, params, episode, steps=steps, lr=lr, scale=scale, first_order=not second_order,
+        meta_gradient=True, track_support_after=track_support_after,
+    )  # fmt: skip
+    assert result.grads is not None
+    return result.grads
+
+
+def tokenize_episode(encoder: Encoder, episode: Episode) -> None:
+    encoder.tokenize(episode.support_texts)
+    encoder.tokenize(episode.query_texts)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+@dataclass
+class Row:
+    order: str
+    shots: int
+    inner_steps: int
+    episode_s: float
+    floor_s: float
+    ratio: float
+    no_after_s: float
+    ratio_no_after: float
+    tokenize_s: float
+    grad_max_abs_diff: float
+
+
+def measure(
+    cfg: Config, encoder: Encoder, params: Mapping[str, Tensor], episodes: list[Episode], *, order: str,
+    shots: int, steps: int, repeats: int,
+) -> Row:  # fmt: skip
+    """Seconds per episode of each contender, alternating contenders episode by episode."""
+    ours = partial(ours_episode, encoder, params, steps=steps, lr=cfg.meta.inner_lr,
+                   scale=cfg.model.head_scale, second_order=order == "second")  # fmt: skip
+    floor = partial(floor_episode, encoder, params, steps=steps, lr=cfg.meta.inner_lr,
+                    scale=cfg.model.head_scale, second_order=order == "second")  # fmt: skip
+    contenders: dict[str, Callable[[Episode], object]] = {
+        "ours": ours,
+        "no_after": partial(ours, track_support_after=False),
+        "floor": floor,
+        "tokenize": partial(tokenize_episode, encoder),
+    }
+    # The check that the floor computes the same meta-gradient doubles as this row's warm-up.
+    g_ours, g_floor = ours(episodes[0]), floor(episodes[0])
+    diff = max((g_ours[k] - g_floor[k]).abs().max().item() for k in g_ours)
+    total = dict.fromkeys(contenders, 0.0)
+    names = list(contenders)
+    for r in range(repeats):
+        for i, ep in enumerate(episodes):
+            shift = (r * len(episodes) + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                total[name] += timed(partial(contenders[name], ep), encoder.device)
+    per = {k: v / (repeats * len(episodes)) for k, v in total.items()}
+    return Row(
+        order, shots, steps, per["ours"], per["floor"], per["ours"] / per["floor"], per["no_after"],
+        per["no_after"] / per["floor"], per["tokenize"], diff,
+    )  # fmt: skip
+
+
+def markdown(rows: list[Row], args: argparse.Namespace, cfg: Config) -> str:
+    lines = [
+        "# Inner loop vs its floor (MAML-LoRA meta-gradient per episode)",
+        "",
+        f"{cfg.model.backbone}, LoRA r={cfg.peft.rank} ({cfg.peft.placement}), {cfg.data.dataset} test "
+        f"classes, 5-way, {cfg.episode.q_query} queries/class, inner lr {cfg.meta.inner_lr}; {args.episodes} "
+        f"fixed episodes x {args.repeats} repeat(s) per row after a warm-up episode (the gradient check), "
+        "contenders alternating. "
+        "ours = `run_episode(meta_gradient=True)` as meta-training calls it; floor = the bare passes "
+        "(K support forwards, the first shared with the prototype head, K support grads, query "
+        "forward + backward to the init), "
+        "tokenisation inside both; no-after = ours without the extra no-grad support forward that "
+        "logs `support_loss_after`. Target: first order <= "
+        f"{TARGET_FIRST_ORDER:.2f}x its floor.",
+        "",
+        "| order | shots | K | ours s/episode | floor s/episode | ratio | ours, no-after s | ratio no-after "
+        "| tokenise ms | max abs grad diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.order} | {r.shots} | {r.inner_steps} | {r.episode_s:.3f} | {r.floor_s:.3f} | "
+            f"**{r.ratio:.3f}** | {r.no_after_s:.3f} | {r.ratio_no_after:.3f} | {1000 * r.tokenize_s:.1f} | "
+            f"{r.grad_max_abs_diff:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--orders", nargs="+", choices=ORDERS, default=list(ORDERS))
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--inner-steps", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--episodes", type=int, default=3, help="fixed episodes per row")
+    p.add_argument("--repeats", type=int, default=1, help="passes over the episodes per row")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = p.parse_args()
+    set_threads(args.threads)
+    t0 = time.perf_counter()
+    rows: list[Row] = []
+    for order in args.orders:
+        cfg = workload(
+            f"meta.first_order={'true' if order == 'first' else 'false'}", f"model.device={args.device}"
+        )
+        encoder, params = meta_encoder(cfg)
+        for shots in args.shots:
+            episodes = fixed_episodes(cfg, args.episodes, k_shot=shots)
+            for steps in args.inner_steps:
+                row = measure(cfg, encoder, params, episodes, order=order, shots=shots, steps=steps,
+                              repeats=args.repeats)  # fmt: skip
+                print(row, flush=True)
+                rows.append(row)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    payload = {"rows": [asdict(r) for r in rows], "target_first_order": TARGET_FIRST_ORDER}
+    write_result("inner_loop", payload, markdown(rows, args, cfg))
+
+
+if __name__ == "__main__":
+    main()
