@@ -3,8 +3,8 @@
     python benchmarks/bench_inner_loop.py                        # 5w1s + 5w5s, K = 1 and 5, FO + SO
     python benchmarks/bench_inner_loop.py --shots 5 --inner-steps 1 --orders first --episodes 4
 
-Issue 7, item 1. "Ours" is `run_episode(..., meta_gradient=True)` exactly as meta-training calls
-it (`MetaAlgorithm.episode`: the default ``track_support_after=True``). The floor does the
+Issue 7, item 1. "Ours" is an episode's meta-gradient exactly as meta-training gets it
+(`MetaAlgorithm.episode` -> `run_episode(..., meta_gradient=True)`). The floor does the
 passes the algorithm cannot avoid, written out bare on the same episode, the same adapter
 tensors and the same encoder: K support forwards (the first one also gives the prototype head)
 and K support backwards to the adapter and head (with ``create_graph`` for second order), then
@@ -14,8 +14,6 @@ back through the inner steps). Both tokenise their episode inside the timed call
 floor returns the same meta-gradient as ours (checked, ``max |diff|`` column), so it is the
 same maths and not a cheaper approximation.
 
-A third contender, ours with ``track_support_after=False``, shows what the one extra pass of
-ours costs (a no-grad support forward that scores the adapted parameters for the training log).
 The contenders alternate episode by episode, so load drifting on a shared machine hits all
 alike; the ratio (ours / floor) is the number to read, the absolute seconds are this machine's.
 First order runs on the SDPA backbone, second order on eager attention (as meta-training loads
@@ -34,9 +32,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from metapeft_ray.algorithms import InnerLoop
+from metapeft_ray.algorithms.maml import MAML
 from metapeft_ray.config import Config
 from metapeft_ray.episodes import Episode
-from metapeft_ray.meta import head_logits, proto_head, run_episode
+from metapeft_ray.meta import head_logits, proto_head
 from metapeft_ray.model import Encoder
 
 from common import fixed_episodes, meta_encoder, set_threads, workload, write_result
@@ -80,12 +80,11 @@ def floor_episode(
 
 def ours_episode(
     encoder: Encoder, params: Mapping[str, Tensor], episode: Episode, *, steps: int, lr: float, scale: float,
-    second_order: bool, track_support_after: bool = True,
+    second_order: bool,
 ) -> dict[str, Tensor]:  # fmt: skip
-    result = run_episode(
-        encoder, params, episode, steps=steps, lr=lr, scale=scale, first_order=not second_order,
-        meta_gradient=True, track_support_after=track_support_after,
-    )  # fmt: skip
+    """One episode's contribution exactly as `MetaLearner.meta_step` gets it."""
+    inner = InnerLoop(steps, lr, scale, first_order=not second_order)
+    result = MAML().episode(encoder, params, {}, episode, inner, meta_gradient=True)
     assert result.grads is not None
     return result.grads
 
@@ -113,8 +112,6 @@ class Row:
     episode_s: float
     floor_s: float
     ratio: float
-    no_after_s: float
-    ratio_no_after: float
     tokenize_s: float
     grad_max_abs_diff: float
 
@@ -130,7 +127,6 @@ def measure(
                     scale=cfg.model.head_scale, second_order=order == "second")  # fmt: skip
     contenders: dict[str, Callable[[Episode], object]] = {
         "ours": ours,
-        "no_after": partial(ours, track_support_after=False),
         "floor": floor,
         "tokenize": partial(tokenize_episode, encoder),
     }
@@ -146,8 +142,7 @@ def measure(
                 total[name] += timed(partial(contenders[name], ep), encoder.device)
     per = {k: v / (repeats * len(episodes)) for k, v in total.items()}
     return Row(
-        order, shots, steps, per["ours"], per["floor"], per["ours"] / per["floor"], per["no_after"],
-        per["no_after"] / per["floor"], per["tokenize"], diff,
+        order, shots, steps, per["ours"], per["floor"], per["ours"] / per["floor"], per["tokenize"], diff,
     )  # fmt: skip
 
 
@@ -159,21 +154,18 @@ def markdown(rows: list[Row], args: argparse.Namespace, cfg: Config) -> str:
         f"classes, 5-way, {cfg.episode.q_query} queries/class, inner lr {cfg.meta.inner_lr}; {args.episodes} "
         f"fixed episodes x {args.repeats} repeat(s) per row after a warm-up episode (the gradient check), "
         "contenders alternating. "
-        "ours = `run_episode(meta_gradient=True)` as meta-training calls it; floor = the bare passes "
+        "ours = an episode's meta-gradient as `MetaLearner.meta_step` gets it; floor = the bare passes "
         "(K support forwards, the first shared with the prototype head, K support grads, query "
-        "forward + backward to the init), "
-        "tokenisation inside both; no-after = ours without the extra no-grad support forward that "
-        "logs `support_loss_after`. Target: first order <= "
+        "forward + backward to the init); tokenisation inside both. Target: first order <= "
         f"{TARGET_FIRST_ORDER:.2f}x its floor.",
         "",
-        "| order | shots | K | ours s/episode | floor s/episode | ratio | ours, no-after s | ratio no-after "
-        "| tokenise ms | max abs grad diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| order | shots | K | ours s/episode | floor s/episode | ratio | tokenise ms | max abs grad diff |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.order} | {r.shots} | {r.inner_steps} | {r.episode_s:.3f} | {r.floor_s:.3f} | "
-            f"**{r.ratio:.3f}** | {r.no_after_s:.3f} | {r.ratio_no_after:.3f} | {1000 * r.tokenize_s:.1f} | "
+            f"**{r.ratio:.3f}** | {1000 * r.tokenize_s:.1f} | "
             f"{r.grad_max_abs_diff:.1e} |"
         )
     return "\n".join(lines)

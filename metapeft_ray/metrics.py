@@ -88,9 +88,9 @@ _GAUGE_HELP = {
     "meta_step": "outer (meta) updates applied to the adapter init so far",
     "meta_loss": "query loss after adaptation, mean over the meta-batch (the meta-objective)",
     "query_accuracy": "query accuracy after adaptation, mean over the meta-batch",
-    "support_loss_before": "support loss at the adapter init, before the inner loop",
-    "support_loss_after": "support loss after the inner loop",
-    "adaptation_gain": "support_loss_before - support_loss_after (what the inner loop achieved)",
+    "support_loss_before": "meta-validation support loss at the adapter init, before the inner loop",
+    "support_loss_after": "meta-validation support loss after the inner loop",
+    "adaptation_gain": "meta-validation support loss before - after (what the inner loop achieved)",
     "meta_val_accuracy": "query accuracy after adaptation on the meta-validation classes",
 }
 METRICS: tuple[MetricSpec, ...] = (

@@ -105,9 +105,7 @@ def _local_path(uri: str) -> str:
     if scheme == "file":
         uri = uri[len("file://") :] if uri.startswith("file://") else uri[len("file:") :]
     elif scheme is not None:
-        raise StorageError(
-            f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix"
-        )
+        raise StorageError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
     return os.path.abspath(os.path.expanduser(uri))
 
 

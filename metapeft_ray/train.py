@@ -30,7 +30,10 @@ from metapeft_ray.methods import METHODS
 from metapeft_ray.model import Encoder, encoder_from_config
 
 Reduce = Callable[[Tensor], Tensor]
-_STATS = ("query_loss", "query_accuracy", "support_loss_before", "support_loss_after")
+_STATS = ("query_loss", "query_accuracy")
+# Measured at validation, on the meta-val classes: a training episode would pay one more support
+# forward for `support_loss_after`.
+_VAL_STATS = ("query_accuracy", "support_loss_before", "support_loss_after")
 
 
 def _no_reduce(t: Tensor) -> Tensor:
@@ -172,20 +175,24 @@ class MetaLearner:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         metrics = dict(zip(_STATS, stats.tolist(), strict=True))
-        metrics["adaptation_gain"] = metrics["support_loss_before"] - metrics["support_loss_after"]
         return {"meta_step": self.step, "meta_loss": metrics.pop("query_loss"), **metrics}
 
-    def validate(self, *, rank: int = 0, world: int = 1, reduce: Reduce = _no_reduce) -> float:
-        """Mean query accuracy after adaptation on the meta-validation classes."""
-        correct = torch.zeros(2, dtype=torch.float64, device=next(iter(self.params.values())).device)
+    def validate(self, *, rank: int = 0, world: int = 1, reduce: Reduce = _no_reduce) -> dict[str, float]:
+        """On the meta-validation classes, means over the episodes: ``meta_val_accuracy`` (query
+        accuracy after adaptation) and what the inner loop achieved on the support sets,
+        ``support_loss_before`` / ``support_loss_after`` / ``adaptation_gain``."""
+        sums = torch.zeros(
+            len(_VAL_STATS) + 1, dtype=torch.float64, device=next(iter(self.params.values())).device
+        )
         for spec in self.val_specs()[rank::world]:
-            correct += torch.tensor(
-                [self._episode(spec, meta_gradient=False).query_accuracy, 1.0],
-                dtype=torch.float64,
-                device=correct.device,
+            r = self._episode(spec, meta_gradient=False)
+            sums += torch.tensor(
+                [*(getattr(r, s) for s in _VAL_STATS), 1.0], dtype=torch.float64, device=sums.device
             )
-        total = reduce(correct)
-        return float(total[0] / total[1])
+        total = reduce(sums)
+        means = dict(zip(_VAL_STATS, (total[:-1] / total[-1]).tolist(), strict=True))
+        means["adaptation_gain"] = means["support_loss_before"] - means["support_loss_after"]
+        return {"meta_val_accuracy": means.pop("query_accuracy"), **means}
 
     def iterate(
         self, meta_steps: int, *, val_every: int, rank: int = 0, world: int = 1, reduce: Reduce = _no_reduce
@@ -195,7 +202,7 @@ class MetaLearner:
             metrics = self.meta_step(rank=rank, world=world, reduce=reduce)
             if self.step % val_every == 0 or self.step == meta_steps:
                 t0 = time.perf_counter()
-                metrics["meta_val_accuracy"] = self.validate(rank=rank, world=world, reduce=reduce)
+                metrics |= self.validate(rank=rank, world=world, reduce=reduce)
                 # wall time to adapt to and score one validation task (Tune's second objective)
                 metrics["adapt_ms"] = 1000 * (time.perf_counter() - t0) * world / len(self.val_specs())
             yield metrics

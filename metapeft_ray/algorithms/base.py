@@ -70,4 +70,5 @@ class MetaAlgorithm:
             scale=inner.scale,
             first_order=inner.first_order,
             meta_gradient=meta_gradient,
+            track_support_after=not meta_gradient,  # validation measures the adaptation
         )

@@ -72,6 +72,7 @@ class MetaSGD(MetaAlgorithm):
             scale=inner.scale,
             first_order=inner.first_order,
             meta_gradient=meta_gradient,
+            track_support_after=not meta_gradient,  # validation measures the adaptation
             param_lrs=lrs,
             grad_wrt={**params, **extra},
         )

@@ -47,7 +47,7 @@ class Reptile(MetaAlgorithm):
             scale=inner.scale,
             first_order=True,
             meta_gradient=False,
-            track_support_after=True,
+            track_support_after=not meta_gradient,  # validation measures the adaptation
             keep_adapted=meta_gradient,
         )
         if meta_gradient:
