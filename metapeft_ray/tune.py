@@ -267,17 +267,22 @@ def _markdown(
 
 
 def _comparison(report: dict[str, Any]) -> str:
-    """Meta-test of the best trial next to the base config's trial (same episodes)."""
+    """Meta-test of the best trial next to the base config's trial (same budget, same episodes)."""
     if "best" not in report or "base_trial" not in report:
         return ""
-    best, base = report["best"], report["base_trial"]
-    if base.get("is_best"):
+    if report["base_trial"].get("is_best"):
         return "\nThe base config's own trial was the best: the search found nothing better.\n"
-    results = {
-        f"best ({best['trial']})": best["meta_test"]["meta"],
-        f"base config ({base['trial']})": base["meta_test"]["meta"],
+
+    def label(name: str, t: dict[str, Any]) -> str:
+        stop = t["stopped_early_at"]
+        note = f", stopped by ASHA at step {stop} and trained on" if stop is not None else ""
+        return f"{name} ({t['trial']}{note}; {t['meta_step']} meta-steps)"
+
+    rows = {
+        label(n, report[k]): report[k]["meta_test"]["meta"]
+        for n, k in (("best", "best"), ("base config", "base_trial"))
     }
-    return "\n## Meta-test: best trial against the base config\n\n" + markdown_table(results)
+    return "\n## Meta-test: best trial against the base config\n\n" + markdown_table(rows)
 
 
 def run_search(
@@ -359,14 +364,21 @@ def run_search(
     report: dict[str, Any] = {"space": space.model_dump(mode="json"), "base": base.to_dict()}
 
     def export(row: dict[str, Any], name: str, out: Path) -> dict[str, Any]:
-        """Meta-test a trial's last checkpoint and export it as ``out/name``."""
-        cfg = base.with_overrides({k: row[k] for k in keys}).with_overrides({"run.name": name})
+        """Export a trial's init as ``out/name`` and meta-test it, at the full budget: a trial that
+        ASHA stopped early is first trained on from its checkpoint to ``meta.meta_steps`` (the same
+        episodes it would have seen), so best and base compare like for like."""
+        cfg = base.with_overrides({**{k: row[k] for k in keys}, "run.name": name})
         learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
         with row["_result"].checkpoint.as_directory() as d:
             learner.load_state_dict(torch.load(Path(d) / "state.pt", weights_only=False))
-        results = finish(cfg, learner, out / name, progress=progress)["results"]
-        return {"trial": row["trial"], **{k: row[k] for k in keys}, OBJECTIVE: row[OBJECTIVE],
-                "meta_step": row["meta_step"], "meta_test": results}  # fmt: skip
+        stopped_at = learner.step
+        history = list(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every))
+        val = history[-1][OBJECTIVE] if history else row[OBJECTIVE]
+        return {
+            "trial": row["trial"], **{k: row[k] for k in keys}, OBJECTIVE: val, "meta_step": learner.step,
+            "stopped_early_at": stopped_at if history else None,
+            "meta_test": finish(cfg, learner, out / name, history, progress=progress)["results"],
+        }  # fmt: skip
 
     with staged(storage.join(root, "summary")) as out:
         if best is not None:

@@ -79,7 +79,10 @@ def test_search_rejects_stops_early_and_exports_the_best(
 
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    report = run_search(_base(tiny_backbone, tiny_dataset, tmp_path), str(space), progress=False)
+    # The base config is the diverging grid point (inner lr 20): ASHA stops it, the summary trains
+    # it on to the full budget and meta-tests it beside the best.
+    base = _base(tiny_backbone, tiny_dataset, tmp_path, **{"meta.inner_lr": 20.0})
+    report = run_search(base, str(space), progress=False)
     statuses = [t["status"] for t in report["trials"]]
     assert len(statuses) == 4
     rejected = [t for t in report["trials"] if t["status"] == "rejected"]
@@ -87,11 +90,14 @@ def test_search_rejects_stops_early_and_exports_the_best(
     assert "stopped early" in statuses, statuses
     best = report["best"]
     assert best["peft.layers"] == "all" and 0 < best["meta_val_accuracy"] <= 1
-    # the base config (all layers, inner lr 0.1) is a grid point: its trial is the base trial
-    assert report["base_trial"]["trial"] == best["trial"] and report["base_trial"]["is_best"]
+    base_trial = report["base_trial"]
+    assert base_trial["meta.inner_lr"] == 20.0 and base_trial["peft.layers"] == "all"
+    assert base_trial["stopped_early_at"] < base_trial["meta_step"] == 4
+    assert set(base_trial["meta_test"]) == {"meta", "finetune", "proto", "logreg"}
     assert set(best["meta_test"]) == {"meta", "finetune", "proto", "logreg"}
     summary = tmp_path / "t-tune" / "summary"
-    assert {"best.yaml", "report.md", "report.json", "accuracy_vs_params.png"} <= {
+    assert "best trial against the base config" in (summary / "report.md").read_text()
+    assert {"best.yaml", "report.md", "report.json", "accuracy_vs_params.png", "base"} <= {
         p.name for p in summary.iterdir()
     }
     assert load_config(summary / "best.yaml").peft.layers == "all"
