@@ -139,7 +139,7 @@ def peak_memory(device: torch.device) -> Iterator[Peak]:
 
 def environment() -> dict[str, Any]:
     return {
-        "command": shlex.join(["python", *sys.argv]),
+        "command": shlex.join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -42,7 +42,13 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 def run(names: list[str], runs_dir: Path) -> None:
     for name in names:
         script = HERE / BENCHMARKS[name][0]
-        extra = ["--runs-dir", str(runs_dir)] if name == "shots" else []
+        extra = {
+            "shots": ["--runs-dir", str(runs_dir)],
+            # the meta-learned init of fold 0 when it is there (latency does not depend on values)
+            "latency": ["--adapter", str(fold0)]
+            if (fold0 := runs_dir / "banking77_fold0" / "adapter").is_dir()
+            else [],
+        }.get(name, [])
         print(f"== {script.name}", flush=True)
         subprocess.run([sys.executable, str(script), *extra], check=True)
 
@@ -118,14 +124,17 @@ def plot_time_memory(results: dict[str, dict[str, Any] | None], path: Path) -> b
     for ax, (name, r) in zip(axes[0], panels, strict=True):
         if name == "inner_loop":
             rows = r["rows"]
-            labels = [f"{x['order'][:2].upper()} {x['shots']}s K={x['inner_steps']}" for x in rows]
+            labels = [f"{x['order'][0].upper()}O {x['shots']}s K={x['inner_steps']}" for x in rows]
             ax.bar(labels, [x["ratio"] for x in rows], color="tab:blue")
             ax.axhline(r.get("target_first_order", 1.1), color="tab:red", ls="--", label="FO target")
             ax.set(ylabel="episode time / bare passes", title="Inner loop vs its floor")
             ax.legend(fontsize=8)
         elif name == "memory":
             rows = r["rows"]
-            labels = [f"{x['backbone'].split('-')[0]} {x['params']} K={x['inner_steps']}" for x in rows]
+            short = {"all-MiniLM-L6-v2": "MiniLM", "bert-base-random": "BERT-base"}
+            labels = [
+                f"{short.get(x['backbone'], x['backbone'])} {x['params']} K={x['inner_steps']}" for x in rows
+            ]
             colors = ["tab:green" if x["params"] == "lora" else "tab:gray" for x in rows]
             ax.bar(labels, [x["peak_mib"] for x in rows], color=colors)
             ax.set(ylabel="peak MiB above the loaded model", title="Second-order MAML memory")
