@@ -235,7 +235,7 @@ def _rows(result_grid: Any, meta_steps: int, keys: list[str]) -> list[dict[str, 
         elif status == "ok" and m.get("meta_step", meta_steps) < meta_steps:
             status = "stopped early"
         rows.append({
-            "trial": Path(r.path).name if r.path else "?",
+            "trial": "_".join(Path(r.path).name.split("_")[:2]) if r.path else "?",  # trial_<id>
             **{k: r.config.get(k) for k in keys},
             OBJECTIVE: m.get(OBJECTIVE, float("nan")),
             "meta_step": m.get("meta_step", 0),
