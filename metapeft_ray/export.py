@@ -38,7 +38,9 @@ def export_adapter(
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    encoder.model.save_pretrained(str(path))
+    # No adapter touches the embedding layer: saying so keeps peft from asking the hub whether the
+    # base model's vocabulary changed (a network call on every export).
+    encoder.model.save_pretrained(str(path), save_embedding_layers=False)
     if inner_lrs:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in inner_lrs.items()}, str(path / INNER_LRS_FILE)

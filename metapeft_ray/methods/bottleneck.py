@@ -106,7 +106,8 @@ class BottleneckModel(nn.Module):
             if f".{CHILD}." in n
         }
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, save_embedding_layers: bool = False) -> None:
+        """peft's signature; a bottleneck adapter has no embedding layers to save."""
         from safetensors.torch import save_file
 
         path = Path(path)
