@@ -61,14 +61,24 @@ class MetaAlgorithm:
     ) -> EpisodeResult:
         """Adapt to ``episode`` and score its query set. With ``meta_gradient``, ``grads`` holds
         the episode's contribution for every meta-parameter: ``params`` names, then ``extra``."""
-        return run_episode(
-            encoder,
-            params,
-            episode,
-            steps=inner.steps,
-            lr=inner.lr,
-            scale=inner.scale,
-            first_order=inner.first_order,
-            meta_gradient=meta_gradient,
-            track_support_after=not meta_gradient,  # validation measures the adaptation
-        )
+        return self.run(encoder, params, episode, inner, meta_gradient=meta_gradient)
+
+    @staticmethod
+    def run(
+        encoder: Encoder,
+        params: Mapping[str, Tensor],
+        episode: Episode,
+        inner: InnerLoop,
+        *,
+        meta_gradient: bool,
+        **options: Any,
+    ) -> EpisodeResult:
+        """`run_episode` with the inner loop's settings, the one call every algorithm makes. An
+        episode without a meta-gradient is a validation one: it also measures the support loss
+        after adaptation (a training episode would pay a forward for it). ``options``: further
+        `run_episode` keywords, overriding these (Meta-SGD's rates, Reptile's adapted tensors)."""
+        settings = {
+            "steps": inner.steps, "lr": inner.lr, "scale": inner.scale, "first_order": inner.first_order,
+            "meta_gradient": meta_gradient, "track_support_after": not meta_gradient,
+        }  # fmt: skip
+        return run_episode(encoder, params, episode, **(settings | options))

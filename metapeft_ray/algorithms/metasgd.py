@@ -20,7 +20,7 @@ from torch import Tensor
 
 from metapeft_ray.algorithms.base import InnerLoop, MetaAlgorithm, Params
 from metapeft_ray.episodes import Episode
-from metapeft_ray.meta import EpisodeResult, run_episode
+from metapeft_ray.meta import EpisodeResult
 from metapeft_ray.model import Encoder
 
 LOG_LR_PREFIX = "log_lr/"
@@ -63,16 +63,7 @@ class MetaSGD(MetaAlgorithm):
     ) -> EpisodeResult:
         with torch.set_grad_enabled(meta_gradient):
             lrs = self.inner_lrs(extra)
-        return run_episode(
-            encoder,
-            params,
-            episode,
-            steps=inner.steps,
-            lr=inner.lr,
-            scale=inner.scale,
-            first_order=inner.first_order,
-            meta_gradient=meta_gradient,
-            track_support_after=not meta_gradient,  # validation measures the adaptation
-            param_lrs=lrs,
+        return self.run(
+            encoder, params, episode, inner, meta_gradient=meta_gradient, param_lrs=lrs,
             grad_wrt={**params, **extra},
-        )
+        )  # fmt: skip

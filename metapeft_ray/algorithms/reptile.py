@@ -21,7 +21,7 @@ from torch import Tensor
 
 from metapeft_ray.algorithms.base import InnerLoop, MetaAlgorithm
 from metapeft_ray.episodes import Episode
-from metapeft_ray.meta import EpisodeResult, run_episode
+from metapeft_ray.meta import EpisodeResult
 from metapeft_ray.model import Encoder
 
 
@@ -38,18 +38,11 @@ class Reptile(MetaAlgorithm):
         *,
         meta_gradient: bool,
     ) -> EpisodeResult:
-        result = run_episode(
-            encoder,
-            params,
-            episode,
-            steps=inner.steps,
-            lr=inner.lr,
-            scale=inner.scale,
-            first_order=True,
-            meta_gradient=False,
-            track_support_after=not meta_gradient,  # validation measures the adaptation
-            keep_adapted=meta_gradient,
-        )
+        # Adapt without a query gradient; keep the adapted tensors for the pseudo-gradient.
+        result = self.run(
+            encoder, params, episode, inner, meta_gradient=False,
+            track_support_after=not meta_gradient, keep_adapted=meta_gradient,
+        )  # fmt: skip
         if meta_gradient:
             adapted = result.adapted or {}
             result.grads = {k: v.detach() - adapted[k] for k, v in params.items()}
