@@ -61,6 +61,7 @@ _RESUMABLE_KEYS = (
 # Test hook only (never a secret): workers write their PIDs there and may hold at a step so a
 # test can kill one by PID at a known point. Forwarded to workers through the runtime env.
 TEST_PID_DIR_ENV = "METAPEFT_TEST_PID_DIR"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state and job clients find the dashboard
 
 
 class RayConnectionError(ValueError):
@@ -218,9 +219,10 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # -- Ray connection and capacity ----------------------------------------------------------------
 
 
-def connect(cfg: Config, address: str | None) -> bool:
+def connect(cfg: Config, address: str | None, dashboard: bool = False) -> bool:
     """Connect to ``address`` (checked first, so a wrong one fails in seconds) or start an
-    embedded local Ray. Returns True when this call started Ray (and must shut it down)."""
+    embedded local Ray, with the dashboard (and so the state API) if ``dashboard``. Returns True
+    when this call started Ray (and must shut it down)."""
     import ray
 
     if address is not None:
@@ -233,10 +235,10 @@ def connect(cfg: Config, address: str | None) -> bool:
         local = {"CPU": float(d.local_num_cpus or os.cpu_count() or 1)}
         local["GPU"] = float(torch.cuda.device_count())
         _check_capacity(d.workers, _worker_resources(cfg, local)[1], nodes=[local])
-        ray.init(
+        init_local(  # for a dashboard otherwise: `ray start --head`, then --address
+            dashboard,
             num_cpus=int(local["CPU"]),
             object_store_memory=d.local_object_store_mb << 20,
-            include_dashboard=False,  # for a dashboard: `ray start --head`, then --address
             log_to_driver=True,
         )
         return True
@@ -247,6 +249,64 @@ def connect(cfg: Config, address: str | None) -> bool:
             f"cannot connect to the Ray cluster at {address!r}: {_first_line(err)}"
         ) from None
     return True
+
+
+def init_local(dashboard: bool, **init_kwargs: Any) -> Any:
+    """``ray.init`` of a new local Ray, with or without its dashboard (and so the state API).
+
+    The dashboard gets a free loopback port, and ``RAY_API_SERVER_ADDRESS`` names it in the
+    environment the Ray processes start with (this process's own is restored after): a
+    state-API call inside the cluster (Ray Train's placement-group cleaner) then finds this
+    dashboard even when other Ray instances run on the machine, where auto-detection fails with
+    "Found multiple active Ray instances"."""
+    import ray
+
+    if not dashboard:
+        return ray.init(include_dashboard=False, **init_kwargs)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    saved = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        return ray.init(
+            include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **init_kwargs
+        )
+    finally:
+        if saved is None:
+            os.environ.pop(API_SERVER_ENV)
+        else:
+            os.environ[API_SERVER_ENV] = saved
+
+
+def check_state_api(field: str) -> None:
+    """Fail unless the cluster's state API answers where Ray Train asks it: on the head node.
+
+    Ray Train removes the placement group of a run whose controller died (a Tune trial that
+    ASHA or the end of the search stopped) only after the state API says the controller is
+    dead. Without it the workers' resources stay reserved for the driver's lifetime and the
+    next trial waits for them for ever."""
+    import ray
+
+    head = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(_state_api_error)
+    if (err := ray.get(head.remote(), timeout=60)) is not None:
+        raise ConfigError(
+            f"{field} needs the Ray state API, which the cluster does not serve ({err[:160]}): "
+            "Ray Train frees the workers of a stopped trial only through it. Start the head "
+            "with the dashboard (`ray start --head`, with ray[default] installed) or lower the "
+            "setting to 1"
+        )
+
+
+def _state_api_error() -> str | None:
+    """Why the state API does not answer this process (None: it does)."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=10, raise_on_missing_output=False)
+    except Exception as err:  # ServerUnavailable, RayStateApiException, ValueError ...
+        return _first_line(err)
+    return None
 
 
 def _first_line(err: BaseException) -> str:
@@ -292,9 +352,13 @@ def _fits(node: Mapping[str, float], per_worker: Mapping[str, float]) -> float:
 
 
 def _check_capacity(
-    workers: int, per_worker: Mapping[str, float], nodes: list[Mapping[str, float]] | None = None
-) -> None:
-    """Fail before the trainer starts when ``workers`` can never be placed.
+    workers: int,
+    per_worker: Mapping[str, float],
+    nodes: list[Mapping[str, float]] | None = None,
+    field: str = "distributed.workers, --workers",
+) -> float:
+    """Fail before the trainer starts when ``workers`` can never be placed (``field`` names the
+    setting to lower); else return how many such workers the cluster can hold (inf: unbounded).
 
     Compared with the cluster's *total* resources (not what is free now: busy resources free up,
     and Ray queues the worker group until they do), node by node, since a worker cannot span
@@ -321,7 +385,7 @@ def _check_capacity(
         )
         bound, source = max(now, grown), "the cluster's nodes and the autoscaler's node types"
     if bound >= workers:
-        return
+        return bound
     total = {k: sum(n.get(k, 0.0) for n in nodes) for k in per_worker}
     have = ", ".join(f"{k}={total.get(k, 0):g}" for k in per_worker)
     need = ", ".join(f"{k}={v:g}" for k, v in per_worker.items())
@@ -331,7 +395,7 @@ def _check_capacity(
             "distributed.resources_per_worker or add such nodes"
         )
         if bound == 0
-        else (f"use at most --workers {int(bound)} (distributed.workers), or smaller workers")
+        else (f"use at most {int(bound)} workers ({field}), or smaller workers")
     )
     raise ClusterCapacityError(
         f"{workers} workers of {{{need}}} cannot be placed: {source} hold at most {int(bound)} "
@@ -357,7 +421,13 @@ def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
 # -- the trainer --------------------------------------------------------------------------------
 
 
-def _fit(cfg: Config, use_gpu: bool, per_worker: dict[str, float], progress: bool) -> tuple[Any, int]:
+def _fit(
+    cfg: Config,
+    use_gpu: bool,
+    per_worker: dict[str, float],
+    progress: bool,
+    callbacks: list[Any] | None = None,
+) -> tuple[Any, int]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -379,6 +449,7 @@ def _fit(cfg: Config, use_gpu: bool, per_worker: dict[str, float], progress: boo
                 failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 worker_runtime_env={"env_vars": env} if env else None,
+                callbacks=callbacks,
             ),
         )
         try:
@@ -468,7 +539,7 @@ def _report(learner: MetaLearner, history: list[dict[str, float]], rank: int) ->
     """Every rank calls report (a barrier); only rank 0 hands over a checkpoint."""
     import ray.train
 
-    metrics = history[-1]
+    metrics = {**history[-1], "trainable_params": sum(p.numel() for p in learner.params.values())}
     if rank != 0:
         ray.train.report(metrics)
         return

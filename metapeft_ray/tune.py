@@ -4,7 +4,8 @@ The search space addresses the same config tree by dotted paths (``peft.rank``,
 ``peft.placement``, ``meta.inner_lr``, ...). Each trial re-validates its config (and its placement
 against the backbone's module names, on the meta device, without loading weights) before it loads
 anything; an invalid combination is recorded as *rejected* with its reason and the search goes on.
-A trial meta-trains in one process and reports the meta-validation accuracy (never the meta-test
+A trial meta-trains in one process, or is itself a distributed run (``tune.trial_workers``: a
+`TorchTrainer` inside the trial), and reports the meta-validation accuracy (never the meta-test
 classes) every ``meta.val_every`` steps with a checkpoint, so ASHA can stop weak trials early.
 At the end the best config is written as YAML, the best trial's init is exported in PEFT format
 and meta-tested with confidence intervals, and all trials are reported (Markdown, JSON, PNG).
@@ -27,6 +28,7 @@ from metapeft_ray.config import PACKAGED_CONFIGS, Config, ConfigError, validate_
 from metapeft_ray.evaluate import markdown_table
 
 OBJECTIVE = "meta_val_accuracy"
+DRIVER_MEMORY = 512 << 20  # bytes: a distributed trial's own process (torch, tokenizer, episodes)
 
 
 class SearchInterrupted(RuntimeError):
@@ -90,6 +92,14 @@ class TuneSettings(BaseModel):
     reduction_factor: float = Field(2.0, gt=1)
     max_concurrent: int | None = Field(None, ge=1)
     trial_cpus: float = Field(1.0, gt=0)
+    """CPUs of a single-process trial (``trial_workers: 1``)."""
+    trial_workers: int = Field(1, ge=1)
+    """Ray Train workers per trial. 1: a trial meta-trains in its own process (cheap, many in
+    parallel). More: each trial runs a `TorchTrainer` with that many workers (resources from
+    ``distributed.*``), Tune receives its reports through `TuneReportCallback`, the trial's own
+    process only waits (no CPU, ``DRIVER_MEMORY``), and as many trials run at once as the
+    cluster holds workers for. Needs the cluster's state API (the dashboard), checked before
+    the search starts."""
     second_objective: Literal["trainable_params", "adapt_ms"] | None = "trainable_params"
     compare_base: bool = True
     """Run the base config's own values as the first trial and meta-test it next to the best one,
@@ -155,7 +165,7 @@ def precheck(cfg: Config) -> None:
         METHODS[cfg.peft.method].wrap(skeleton, adapter_spec(cfg), "")
 
 
-def trial(params: dict[str, Any], base: dict[str, Any]) -> None:
+def trial(params: dict[str, Any], base: dict[str, Any], workers: int = 1) -> None:
     """One Tune trial: validate, meta-train, report meta-val accuracy with a checkpoint."""
     from ray import tune
 
@@ -168,6 +178,9 @@ def trial(params: dict[str, Any], base: dict[str, Any]) -> None:
         sampler = prepare_sampler(cfg)
     except ValueError as err:  # ConfigError, PlacementError, DataError
         tune.report({OBJECTIVE: 0.0, "status": "rejected", "reason": str(err).replace("\n", " ")})
+        return
+    if workers > 1:
+        _distributed_trial(cfg, workers)
         return
     torch.set_num_threads(
         max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
@@ -189,6 +202,41 @@ def trial(params: dict[str, Any], base: dict[str, Any]) -> None:
                 {**metrics, "trainable_params": n_params, "status": "ok"},
                 checkpoint=tune.Checkpoint.from_directory(d),
             )
+
+
+def _distributed_trial(cfg: Config, workers: int) -> None:
+    """A trial that is itself a distributed run: the same worker loop as `metapeft train`,
+    reporting (with a checkpoint) at every validation step, relayed to Tune."""
+    import ray
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from metapeft_ray import distributed
+
+    # the trainer's storage: beside the trial's in the experiment (local or s3://, as the search)
+    trial_dir = storage.join(cfg.run.output_dir, f"{cfg.run.name}-tune", tune.get_context().get_trial_name())
+    cfg = cfg.with_overrides({
+        "distributed.workers": workers, "meta.checkpoint_every": cfg.meta.val_every,
+        "run.output_dir": trial_dir, "run.name": "train",
+    })  # fmt: skip
+    use_gpu, per_worker = distributed._worker_resources(cfg, ray.cluster_resources())
+    distributed._fit(cfg, use_gpu, per_worker, progress=False, callbacks=[TuneReportCallback()])
+
+
+def _distributed_concurrency(base: Config, s: TuneSettings) -> int | None:
+    """Checks for trials that are distributed runs, before any trial starts: each trial's workers
+    fit the cluster, and the state API answers (see `distributed.check_state_api`). Returns
+    how many trials may run at once: as many as the cluster holds worker groups for, so no
+    trial waits while holding part of the cluster (``tune.max_concurrent`` lowers it)."""
+    import ray
+
+    from metapeft_ray import distributed
+
+    _, per_worker = distributed._worker_resources(base, ray.cluster_resources())
+    slots = distributed._check_capacity(s.trial_workers, per_worker, field="tune.trial_workers")
+    distributed.check_state_api("tune.trial_workers")
+    fit = None if math.isinf(slots) else int(slots // s.trial_workers)
+    return min((x for x in (fit, s.max_concurrent) if x is not None), default=None)
 
 
 def pareto_front(rows: list[dict[str, Any]], second: str) -> list[dict[str, Any]]:
@@ -229,13 +277,13 @@ def _rows(result_grid: Any, meta_steps: int, keys: list[str]) -> list[dict[str, 
     rows = []
     for r in result_grid:
         m = r.metrics or {}
-        status = m.get("status", "error")
+        status = m.get("status", "ok" if OBJECTIVE in m else "error")  # distributed trials: no status
         if r.error is not None:
             status = "error"
         elif status == "ok" and m.get("meta_step", meta_steps) < meta_steps:
             status = "stopped early"
         rows.append({
-            "trial": "_".join(Path(r.path).name.split("_")[:2]) if r.path else "?",  # trial_<id>
+            "trial": f"trial_{m['trial_id']}" if "trial_id" in m else Path(r.path or "?").name,
             **{k: r.config.get(k) for k in keys},
             OBJECTIVE: m.get(OBJECTIVE, float("nan")),
             "meta_step": m.get("meta_step", 0),
@@ -243,6 +291,7 @@ def _rows(result_grid: Any, meta_steps: int, keys: list[str]) -> list[dict[str, 
             "adapt_ms": m.get("adapt_ms", math.nan),
             "status": status,
             "reason": m.get("reason") or (str(r.error).splitlines()[0] if r.error else ""),
+            "checkpoint_path": m.get("checkpoint_path"),  # a distributed trial's Train checkpoint
             "_result": r,
         })  # fmt: skip
     return rows
@@ -303,11 +352,19 @@ def run_search(
     name = f"{base.run.name}-tune"
     root = storage.join(base.run.output_dir, name)
     storage.check_writable(base.run.output_dir)
-    connect(base, address)
+    connect(base, address, dashboard=s.trial_workers > 1)
+    max_concurrent = s.max_concurrent
+    if s.trial_workers > 1:
+        max_concurrent = _distributed_concurrency(base, s)
 
     fs, path = storage.pyarrow_filesystem(base.run.output_dir)
     exp_path = storage.join(path, name)
-    trainable = tune.with_resources(tune.with_parameters(trial, base=base.to_dict()), {"cpu": s.trial_cpus})
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, base=base.to_dict(), workers=s.trial_workers),
+        # A distributed trial's own process only waits for its trainer: no CPU, and the memory
+        # it holds (Tune refuses an empty request).
+        {"cpu": s.trial_cpus} if s.trial_workers == 1 else {"cpu": 0, "memory": DRIVER_MEMORY},
+    )
     if resume:
         if not tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
             raise ConfigError(f"--resume: no Tune experiment to resume at {root}")
@@ -336,8 +393,9 @@ def run_search(
             tune_config=tune.TuneConfig(
                 metric=OBJECTIVE, mode="max", search_alg=search_alg, scheduler=scheduler,
                 num_samples=1 if s.searcher == "grid" else s.num_samples,
-                max_concurrent_trials=s.max_concurrent,
-                reuse_actors=True,  # a trial process keeps torch/transformers imported
+                max_concurrent_trials=max_concurrent,
+                # a single-process trial's actor keeps torch/transformers imported
+                reuse_actors=s.trial_workers == 1,
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=path, storage_filesystem=fs,
@@ -369,7 +427,12 @@ def run_search(
         episodes it would have seen), so best and base compare like for like."""
         cfg = base.with_overrides({**{k: row[k] for k in keys}, "run.name": name})
         learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
-        with row["_result"].checkpoint.as_directory() as d:
+        ckpt = row["_result"].checkpoint
+        if ckpt is None and row["checkpoint_path"]:
+            from ray.train import Checkpoint
+
+            ckpt = Checkpoint(row["checkpoint_path"], filesystem=fs)
+        with ckpt.as_directory() as d:
             learner.load_state_dict(torch.load(Path(d) / "state.pt", weights_only=False))
         stopped_at = learner.step
         history = list(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every))

@@ -55,6 +55,8 @@ def ray_cluster(s3_server_session: S3Server) -> Iterator[dict[str, str]]:
     the test process itself only sees them in the tests that ask for them (``s3_env``)."""
     import ray
 
+    from metapeft_ray.distributed import init_local
+
     if ray.is_initialized():
         pytest.skip("Ray is already initialised in this process")
     home = tempfile.mkdtemp(prefix="metapeft-home-")
@@ -63,10 +65,11 @@ def ray_cluster(s3_server_session: S3Server) -> Iterator[dict[str, str]]:
     os.environ.update({"RAY_AUTH_MODE": "disabled", "HOME": home, "RAY_TRAIN_V2_ENABLED": "1"})
     os.environ.update(s3_server_session.env())
     try:
-        ctx = ray.init(
-            num_cpus=4, object_store_memory=200 << 20, include_dashboard=False,
-            _temp_dir=temp_dir, log_to_driver=True,
-        )  # fmt: skip
+        # With the dashboard, as `ray start --head` has it: Ray Train frees a stopped Tune
+        # trial's workers through its state API (tests/test_tune.py, distributed trials).
+        ctx = init_local(
+            True, num_cpus=4, object_store_memory=200 << 20, _temp_dir=temp_dir, log_to_driver=True
+        )
     finally:
         # The Ray processes keep HOME and AWS_*; this process gets its own back, so later test
         # files see an unchanged HOME. RAY_AUTH_MODE stays: Ray caches it per process.
@@ -96,4 +99,3 @@ def s3_env(s3_server_session: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Se
     for key, value in s3_server_session.env().items():
         monkeypatch.setenv(key, value)
     return s3_server_session
-

@@ -151,3 +151,54 @@ def test_an_interrupted_search_resumes(
     report = json.loads((exp / "summary" / "report.json").read_text())
     assert [t["status"] for t in report["trials"]] == ["ok", "ok"]
     assert all(t["meta_step"] == 40 for t in report["trials"])
+
+
+@pytest.mark.ray
+def test_a_trial_can_itself_be_a_distributed_run(
+    ray_cluster: dict[str, str], tiny_backbone: str, tiny_dataset: str, tmp_path: Path
+) -> None:
+    from metapeft_ray.tune import run_search
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE.replace("trial_cpus: 1", "trial_cpus: 1, trial_workers: 2"))
+    report = run_search(_base(tiny_backbone, tiny_dataset, tmp_path), str(space), progress=False)
+    statuses = sorted(t["status"] for t in report["trials"])
+    assert statuses == ["ok", "rejected", "rejected", "stopped early"], statuses
+    assert len({t["trial"] for t in report["trials"]}) == 4  # grid trial ids: <exp>_0000<i>
+    ok = next(t for t in report["trials"] if t["status"] == "ok")
+    assert ok["meta_step"] == 4 and ok["trainable_params"] > 0
+    # a 2-worker TorchTrainer ran inside each trial and checkpointed beside it
+    assert list((tmp_path / "t-tune").glob("trial_*/train/checkpoint_*"))
+    assert report["best"]["meta_step"] == 4 and report["best"]["meta.inner_lr"] == 0.1
+    assert set(report["best"]["meta_test"]) == {"meta", "finetune", "proto", "logreg"}
+    # Tune stopped every trainer (ASHA, or the trial reaching max_t): their controllers died
+    # and Ray Train's cleaner freed the workers' placement groups through the state API. The
+    # diverging trial ran after the good one, so its workers found CPUs; none stay reserved.
+    from ray.util import placement_group_table
+
+    deadline = time.monotonic() + 30
+    while held := [g for g in placement_group_table().values() if g["state"] != "REMOVED"]:
+        assert time.monotonic() < deadline, held
+        time.sleep(1)
+
+
+@pytest.mark.ray
+def test_distributed_trials_are_checked_and_sized_to_the_cluster(
+    ray_cluster: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metapeft_ray import distributed
+    from metapeft_ray.tune import TuneSettings, _distributed_concurrency
+
+    base = load_config("quickstart")  # distributed.cpus_per_worker: 1; the session Ray has 4 CPUs
+    assert _distributed_concurrency(base, TuneSettings(trial_workers=2)) == 2
+    assert _distributed_concurrency(base, TuneSettings(trial_workers=2, max_concurrent=1)) == 1
+    with pytest.raises(distributed.ClusterCapacityError, match=r"at most 4 workers \(tune.trial_workers\)"):
+        _distributed_concurrency(base, TuneSettings(trial_workers=5))
+    # The cluster's processes know their dashboard (`init_local`), this process does not.
+    import ray
+
+    env = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get(distributed.API_SERVER_ENV)).remote())
+    assert env and env.startswith("http://127.0.0.1:") and distributed.API_SERVER_ENV not in os.environ
+    # Without a state API (a cluster started without the dashboard) the probe says why.
+    monkeypatch.setenv(distributed.API_SERVER_ENV, "http://127.0.0.1:9")
+    assert "Failed to connect" in (distributed._state_api_error() or "")
