@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 
 from metapeft_ray.config import ConfigError, load_config
 from metapeft_ray.tune import base_point, load_space, pareto_front
+from tests.conftest import S3_BUCKET
+from tests.s3server import S3Server
 from tests.tiny import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,21 +157,29 @@ def test_an_interrupted_search_resumes(
 
 
 @pytest.mark.ray
-def test_a_trial_can_itself_be_a_distributed_run(
-    ray_cluster: dict[str, str], tiny_backbone: str, tiny_dataset: str, tmp_path: Path
+def test_a_trial_can_itself_be_a_distributed_run_on_s3(
+    ray_cluster: dict[str, str], tiny_backbone: str, tiny_dataset: str, tmp_path: Path, s3_env: S3Server
 ) -> None:
+    """Trials that are 2-worker TorchTrainers, the experiment and the summary all on S3."""
     from metapeft_ray.tune import run_search
 
     space = tmp_path / "space.yaml"
     space.write_text(SPACE.replace("trial_cpus: 1", "trial_cpus: 1, trial_workers: 2"))
-    report = run_search(_base(tiny_backbone, tiny_dataset, tmp_path), str(space), progress=False)
+    base = _base(tiny_backbone, tiny_dataset, tmp_path, **{"run.output_dir": f"s3://{S3_BUCKET}/tune"})
+    report = run_search(base, str(space), progress=False)
     statuses = sorted(t["status"] for t in report["trials"])
     assert statuses == ["ok", "rejected", "rejected", "stopped early"], statuses
     assert len({t["trial"] for t in report["trials"]}) == 4  # grid trial ids: <exp>_0000<i>
     ok = next(t for t in report["trials"] if t["status"] == "ok")
     assert ok["meta_step"] == 4 and ok["trainable_params"] > 0
-    # a 2-worker TorchTrainer ran inside each trial and checkpointed beside it
-    assert list((tmp_path / "t-tune").glob("trial_*/train/checkpoint_*"))
+    # a 2-worker TorchTrainer ran inside each trial and checkpointed beside it; the summary
+    # (its best adapter trained from the reported checkpoint path) is on S3 too
+    pages = s3_env.client().get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix="tune/t-tune/")
+    keys = [o["Key"].removeprefix("tune/t-tune/") for page in pages for o in page.get("Contents", [])]
+    assert any(re.fullmatch(r"trial_\w+/train/checkpoint_\d+/state\.pt", k) for k in keys), keys
+    assert any(k.startswith("experiment_state") for k in keys), keys
+    for key in ("summary/report.json", "summary/best.yaml", "summary/best/adapter/adapter_model.safetensors"):
+        assert key in keys, keys
     assert report["best"]["meta_step"] == 4 and report["best"]["meta.inner_lr"] == 0.1
     assert set(report["best"]["meta_test"]) == {"meta", "finetune", "proto", "logreg"}
     # Tune stopped every trainer (ASHA, or the trial reaching max_t): their controllers died
