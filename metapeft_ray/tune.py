@@ -380,10 +380,16 @@ def run_search(
             from ray.tune.search import BasicVariantGenerator
 
             search_alg = BasicVariantGenerator(points_to_evaluate=first, random_state=s.seed)
-        max_t = max(1, base.meta.meta_steps // base.meta.val_every)
-        grace = min(s.grace_period, max_t)
+        # Rungs in meta-steps, not in Tune iterations: a resumed distributed trial restarts its
+        # iteration count while its Train run goes on from its checkpoint's step.
+        grace = min(s.grace_period * base.meta.val_every, base.meta.meta_steps)
         scheduler = (
-            ASHAScheduler(max_t=max_t, grace_period=grace, reduction_factor=s.reduction_factor)
+            ASHAScheduler(
+                time_attr="meta_step",
+                max_t=base.meta.meta_steps,
+                grace_period=grace,
+                reduction_factor=s.reduction_factor,
+            )  # fmt: skip
             if s.scheduler == "asha"
             else None
         )
