@@ -108,19 +108,35 @@ def test_search_rejects_stops_early_and_exports_the_best(
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize(
+    ("workers", "steps", "val_every"), [(1, 40, 1), (2, 12, 3)], ids=["single-process", "distributed"]
+)
 def test_an_interrupted_search_resumes(
-    ray_cluster: dict[str, str], tiny_backbone: str, tiny_dataset: str, tmp_path: Path
+    ray_cluster: dict[str, str],
+    tiny_backbone: str,
+    tiny_dataset: str,
+    tmp_path: Path,
+    workers: int,
+    steps: int,
+    val_every: int,
 ) -> None:
+    """Ctrl-C, then --resume: a single-process trial restarts from its Tune checkpoint, a
+    distributed one's Train run from its own checkpoints beside the trial."""
     space = tmp_path / "space.yaml"
     space.write_text(
         "search:\n  meta.inner_lr: {loguniform: [0.01, 0.1]}\n"
-        "tune: {num_samples: 2, searcher: optuna, scheduler: none, trial_cpus: 1}\n"
+        f"tune: {{num_samples: 2, searcher: optuna, scheduler: none, trial_workers: {workers}}}\n"
     )
     over = tiny_overrides(
         tiny_backbone,
         tiny_dataset,
         # long enough that Ctrl-C lands while the first trial is still running
-        **{"meta.meta_steps": 40, "meta.val_every": 1, "run.output_dir": str(tmp_path), "run.name": "r"},
+        **{
+            "meta.meta_steps": steps,
+            "meta.val_every": val_every,
+            "run.output_dir": str(tmp_path),
+            "run.name": "r",
+        },
     )
     cmd = [
         sys.executable,
@@ -142,7 +158,7 @@ def test_an_interrupted_search_resumes(
     )
     exp = tmp_path / "r-tune"
     deadline = time.monotonic() + 240
-    while not list(exp.glob("*/checkpoint_*")) and time.monotonic() < deadline:
+    while not list(exp.glob("**/checkpoint_0*")) and time.monotonic() < deadline:
         assert first.poll() is None, first.stdout.read()
         time.sleep(1)
     first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and exits
@@ -153,7 +169,7 @@ def test_an_interrupted_search_resumes(
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((exp / "summary" / "report.json").read_text())
     assert [t["status"] for t in report["trials"]] == ["ok", "ok"]
-    assert all(t["meta_step"] == 40 for t in report["trials"])
+    assert all(t["meta_step"] == steps for t in report["trials"])
 
 
 @pytest.mark.ray
