@@ -293,8 +293,7 @@ def check_state_api(field: str) -> None:
         raise ConfigError(
             f"{field} needs the Ray state API, which the cluster does not serve ({err[:160]}): "
             "Ray Train frees the workers of a stopped trial only through it. Start the head "
-            "with the dashboard (`ray start --head`, with ray[default] installed) or lower the "
-            "setting to 1"
+            f"with the dashboard (`ray start --head`, with ray[default] installed) or set {field}: 1"
         )
 
 
