@@ -204,6 +204,11 @@ def trial(params: dict[str, Any], base: dict[str, Any], workers: int = 1) -> Non
             )
 
 
+def experiment_uri(cfg: Config) -> str:
+    """Where a search of this base config keeps its experiment, trials and summary."""
+    return storage.join(cfg.run.output_dir, f"{cfg.run.name}-tune")
+
+
 def _distributed_trial(cfg: Config, workers: int) -> None:
     """A trial that is itself a distributed run: the same worker loop as `metapeft train`,
     reporting (with a checkpoint) at every validation step, relayed to Tune."""
@@ -214,7 +219,7 @@ def _distributed_trial(cfg: Config, workers: int) -> None:
     from metapeft_ray import distributed
 
     # the trainer's storage: beside the trial's in the experiment (local or s3://, as the search)
-    trial_dir = storage.join(cfg.run.output_dir, f"{cfg.run.name}-tune", tune.get_context().get_trial_name())
+    trial_dir = storage.join(experiment_uri(cfg), tune.get_context().get_trial_name())
     cfg = cfg.with_overrides({
         "distributed.workers": workers, "meta.checkpoint_every": cfg.meta.val_every,
         "run.output_dir": trial_dir, "run.name": "train",
@@ -349,13 +354,12 @@ def run_search(
     s = space.tune
     start = base_point(base, space) if s.compare_base else None
     prepare_sampler(base)  # data and episode shapes, before any cluster resource
-    name = f"{base.run.name}-tune"
-    root = storage.join(base.run.output_dir, name)
+    root = experiment_uri(base)
+    name = Path(root).name  # <run.name>-tune
     storage.check_writable(base.run.output_dir)
-    connect(base, address, dashboard=s.trial_workers > 1)
-    max_concurrent = s.max_concurrent
-    if s.trial_workers > 1:
-        max_concurrent = _distributed_concurrency(base, s)
+    distributed_trials = s.trial_workers > 1
+    connect(base, address, dashboard=distributed_trials)
+    max_concurrent = _distributed_concurrency(base, s) if distributed_trials else s.max_concurrent
 
     fs, path = storage.pyarrow_filesystem(base.run.output_dir)
     exp_path = storage.join(path, name)
@@ -363,7 +367,7 @@ def run_search(
         tune.with_parameters(trial, base=base.to_dict(), workers=s.trial_workers),
         # A distributed trial's own process only waits for its trainer: no CPU, and the memory
         # it holds (Tune refuses an empty request).
-        {"cpu": s.trial_cpus} if s.trial_workers == 1 else {"cpu": 0, "memory": DRIVER_MEMORY},
+        {"cpu": 0, "memory": DRIVER_MEMORY} if distributed_trials else {"cpu": s.trial_cpus},
     )
     if resume:
         if not tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
@@ -389,7 +393,7 @@ def run_search(
                 max_t=base.meta.meta_steps,
                 grace_period=grace,
                 reduction_factor=s.reduction_factor,
-            )  # fmt: skip
+            )
             if s.scheduler == "asha"
             else None
         )
@@ -401,7 +405,7 @@ def run_search(
                 num_samples=1 if s.searcher == "grid" else s.num_samples,
                 max_concurrent_trials=max_concurrent,
                 # a single-process trial's actor keeps torch/transformers imported
-                reuse_actors=s.trial_workers == 1,
+                reuse_actors=not distributed_trials,
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=path, storage_filesystem=fs,
