@@ -30,6 +30,7 @@ import torch
 
 from metapeft_ray.config import Config, load_config
 from metapeft_ray.evaluate import meta_test
+from metapeft_ray.recipes import build_scorers
 from metapeft_ray.train import MetaLearner, prepare_sampler
 
 METHODS = ["lora", "dora", "ia3", "prompt", "prefix", "bottleneck"]
@@ -121,23 +122,20 @@ def make_cfg(args: argparse.Namespace, dataset: str, method: str, algorithm: str
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in o.items()] + list(args.set))
 
 
-def _test(
-    cfg: Config, learner: MetaLearner, inits: dict[str, Any], methods: list[str], steps: int, **kw: Any
-):  # noqa: ANN202
+def _test(cfg: Config, learner: MetaLearner, methods: list[str], steps: int):  # noqa: ANN202
+    """Meta-test ``methods`` (the same episodes for every call) with ``steps`` adaptation steps."""
+    cfg = cfg.with_overrides({"eval.methods": methods, "eval.inner_steps": steps})
+    scorers = build_scorers(cfg, learner.encoder, learner.params, learner.default_init, learner.inner_lrs())
+    ev = cfg.eval
     return meta_test(
-        learner.encoder,
-        inits,
+        scorers,
         learner.sampler,
-        methods=methods,
+        cells=ev.cells,
+        q_query=ev.q_query,
+        episodes=ev.episodes,
+        costly_episodes=ev.costly_episodes,
         seed=cfg.run.seed,
-        n_way=cfg.eval.n_way,
-        shots=cfg.eval.shots,
-        q_query=cfg.eval.q_query,
-        episodes=cfg.eval.episodes,
-        steps=steps,
-        lr=cfg.meta.inner_lr,
-        scale=cfg.model.head_scale,
-        **kw,
+        reference=None,
     )
 
 
@@ -158,14 +156,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             n_adapter = sum(p.numel() for p in learner.params.values())
             n_extra = sum(p.numel() for p in learner.extra.values())
             if dataset not in row("proto", label="(a) frozen backbone + prototypes", params=0)["cells"]:
-                frozen = _test(cfg, learner, {}, ["proto", "logreg"], 0)
+                frozen = _test(cfg, learner, ["proto", "logreg"], 0)
                 rows["proto"]["cells"][dataset] = frozen["proto"]
                 row("logreg", label="(a') frozen backbone + logistic regression", params=0)["cells"][
                     dataset
                 ] = frozen["logreg"]
             wanted = args.finetune is None or method in args.finetune
             if wanted and method not in done_methods:  # the method's plain fine-tune, once per method
-                ft = _test(cfg, learner, {"finetune": learner.default_init}, ["finetune"], args.inner_steps)
+                ft = _test(cfg, learner, ["finetune"], args.inner_steps)
                 row(
                     f"{method}/finetune",
                     method=method,
@@ -178,14 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             history = list(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every))
             train_s = time.perf_counter() - t0
             steps = args.protonet_eval_steps if algorithm == "protonet" else args.inner_steps
-            res = _test(
-                cfg,
-                learner,
-                {"meta": learner.params},
-                ["meta"],
-                steps,
-                inner_lrs={"meta": learner.inner_lrs()},
-            )
+            res = _test(cfg, learner, ["meta"], steps)
             r = row(
                 f"{method}/{algorithm}", method=method, algorithm=algorithm, params=n_adapter, extra=n_extra
             )

@@ -95,10 +95,16 @@ def _cmd_check(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     s = prepare_sampler(cfg).splits
-    print(
-        f"ok: {cfg.data.dataset} fold {s.fold}/{s.folds}: {len(s.train)} train, {len(s.val)} val, "
-        f"{len(s.test)} test classes"
-    )
+    if s.source:
+        where = f"splits from {s.source}"
+    else:
+        where = f"fold {s.fold}/{s.folds}" if cfg.eval.dataset is None else "all classes (no fold held out)"
+    line = f"ok: {cfg.data.dataset} {where}: {len(s.train)} train, {len(s.val)} val"
+    if cfg.eval.dataset is None:
+        line += f", {len(s.test)} test classes; {len(s.excluded)} excluded"
+    else:
+        line += f" classes; {len(s.excluded)} excluded; test classes from eval.dataset={cfg.eval.dataset}"
+    print(line)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:

@@ -44,6 +44,14 @@ class DataSection(_Section):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     """Share of the non-test classes held out as meta-validation classes."""
     split_seed: int = 0
+    splits: str | None = None
+    """The meta-train / meta-val / meta-test classes, as a published benchmark fixes them (local
+    or ``s3://``): a .yaml/.yml/.json file ``{train: [...], val: [...], test: [...]}`` (``valid``
+    = ``val``), or a folder of ``labels.train.txt``, ``labels.valid.txt``, ``labels.test.txt``
+    (one class per line). When set, data.folds, data.fold and data.val_fraction are not used."""
+    exclude_classes: list[str] = Field(default_factory=list)
+    """Class names or glob patterns (case-sensitive) removed from meta-train and meta-val; never
+    from meta-test, so a fold's test classes stay the same. A pattern that matches nothing fails."""
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> DataSection:
@@ -229,24 +237,87 @@ class MetaSection(_Section):
         return self.algorithm in ("maml", "metasgd") and not self.first_order
 
 
+EvalMethod = Literal["meta", "meta_init", "proto", "logreg", "finetune", "full_finetune", "setfit"]
+FROZEN_METHODS = ("proto", "logreg")
+COSTLY_METHODS = ("finetune", "full_finetune", "setfit")
+"""Baselines that train per episode; they run on the first ``eval.costly_episodes`` of a cell."""
+
+
+class FinetuneSettings(_Section):
+    """A per-episode fine-tuning baseline: Adam on the support loss for ``steps`` full-batch steps,
+    head initialised from the support prototypes."""
+
+    steps: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class SetFitSettings(_Section):
+    """SetFit (Tunstall et al. 2022) on the frozen backbone's sentence-transformers body:
+    contrastive fine-tuning on support pairs, then logistic regression (PyPI ``setfit``)."""
+
+    iterations: int = Field(20, ge=1)
+    """Pairs drawn per support example (SetFit's ``num_iterations``; its documented default)."""
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-5, gt=0)
+
+
 class EvalSection(_Section):
     episodes: int = Field(100, ge=1)
-    n_way: int = Field(5, ge=2)
+    n_way: int | list[int] = 5
+    """Ways of the meta-test cells (one value or a list); every way is run at every shot."""
     shots: list[int] = Field(default_factory=lambda: [1, 5], min_length=1)
     q_query: int = Field(5, ge=1)
+    dataset: str | None = None
+    """Meta-test on another dataset (packaged name, local file, ``s3://``, ``hf://``) instead of
+    the held-out test classes of ``data.dataset``; the training data then keeps all its classes
+    for meta-train and meta-val (cross-dataset protocol)."""
+    classes: list[str] | None = None
+    """With ``eval.dataset``: the classes to meta-test on (names or glob patterns); unset = all."""
     inner_steps: int | None = Field(None, ge=0)
     """Adaptation steps at meta-test; defaults to meta.inner_steps."""
     inner_lr: float | None = Field(None, gt=0)
-    methods: list[Literal["meta", "proto", "logreg", "finetune"]] = Field(
-        default_factory=lambda: ["meta", "proto", "logreg", "finetune"], min_length=1
+    methods: list[EvalMethod] = Field(
+        default_factory=lambda: ["meta", "meta_init", "proto", "logreg", "finetune"], min_length=1
     )
+    """meta (the meta-learned init + adaptation), meta_init (the same init, no adaptation),
+    proto / logreg (frozen backbone + prototypes / logistic regression), finetune (the PEFT
+    method from peft's default init, fine-tuned with Adam), full_finetune (every backbone weight,
+    Adam), setfit (needs ``pip install metapeft_ray[baselines]``)."""
+    reference: Literal["proto", "logreg"] = "logreg"
+    """The frozen baseline every other row is compared with, paired on the same episodes (when
+    it is one of ``eval.methods``)."""
+    costly_episodes: int = Field(100, ge=1)
+    """finetune, full_finetune and setfit run on the first N episodes of each cell (paired
+    statistics against the reference use the same prefix)."""
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    full_finetune: FinetuneSettings = Field(default_factory=lambda: FinetuneSettings(lr=3e-5))
+    setfit: SetFitSettings = Field(default_factory=SetFitSettings)
 
     @model_validator(mode="after")
-    def _shots_positive(self) -> EvalSection:
-        bad = [k for k in self.shots if k < 1]
-        if bad:
-            raise ValueError(f"eval.shots must be >= 1, got {bad}")
+    def _cells_valid(self) -> EvalSection:
+        problems = []
+        if bad := [k for k in self.shots if k < 1]:
+            problems.append(f"eval.shots must be >= 1, got {bad}")
+        if bad := [n for n in self.ways if n < 2]:
+            problems.append(f"eval.n_way must be >= 2, got {bad}")
+        if self.classes is not None and self.dataset is None:
+            problems.append(
+                "eval.classes picks classes of eval.dataset, which is not set; set eval.dataset "
+                "(cross-dataset), or name the test classes of data.dataset with data.splits"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def ways(self) -> list[int]:
+        return [self.n_way] if isinstance(self.n_way, int) else list(self.n_way)
+
+    @property
+    def cells(self) -> list[tuple[int, int]]:
+        """(n_way, k_shot) of every meta-test cell, in report order."""
+        return [(n, k) for n in self.ways for k in self.shots]
 
 
 class DistributedSection(_Section):

@@ -1,38 +1,47 @@
-"""Meta-test on held-out classes: the meta-learned init and the baselines on the same episodes.
+"""Meta-test on held-out classes: the meta-learned init and the baselines on the same episodes,
+each compared with a frozen reference (logistic regression by default) by paired statistics.
 
-Methods (all scored on identical episode specs, so the comparison is paired):
-- ``meta``     the meta-learned adapter init, adapted with the shared inner loop (`adapt`) —
-               with Meta-SGD's learned per-tensor learning rates when there are some;
-- ``finetune`` (b) the same PEFT method from its default init (LoRA/DoRA B = 0, IA3 ones,
-               bottleneck up-projection 0 — all the identity; prompt/prefix peft's random init),
-               same steps, learning rate and head;
-- ``proto``    (a) the frozen backbone with a prototype classifier, no training;
-- ``logreg``   (a') the frozen backbone with logistic regression fit on the support embeddings.
-Each cell is the mean query accuracy with a 95 % confidence interval, 1.96 * sd / sqrt(n), and
-for the adapted methods the mean wall time of adapting to one task and scoring its queries.
+A method is a scorer, ``episode -> query accuracy`` (`metapeft_ray.baselines`); every scorer
+sees the identical episodes, rebuilt from their specs, so per-episode differences are paired.
+The costly baselines (``eval.costly_episodes``) score a fixed prefix of each cell's episodes and
+are compared with the reference on that same prefix.
+
+For a cell with per-episode accuracies ``a_i`` (method) and ``r_i`` (reference), ``i = 1..n``:
+``mean ± 1.96 sd(a) / sqrt(n)``; paired difference ``d_i = a_i - r_i``, ``mean(d) ± 1.96 sd(d) /
+sqrt(n)``; error reduction ``1 - (1 - mean a) / (1 - mean r)`` (how accuracy goals are stated).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from metapeft_ray.episodes import Episode, EpisodeSampler
-from metapeft_ray.meta import episode_tensors, head_logits, proto_head, run_episode
-from metapeft_ray.model import Encoder
+from metapeft_ray.baselines import Scorer
+from metapeft_ray.config import COSTLY_METHODS
+from metapeft_ray.episodes import EpisodeSampler
 
 METHOD_LABELS = {
-    "meta": "meta-learned adapter init + adaptation",
-    "finetune": "(b) adapter fine-tune from peft default init",
-    "proto": "(a) frozen backbone + prototypes",
-    "logreg": "(a') frozen backbone + logistic regression",
+    "meta": "meta-learned init + adaptation",
+    "meta_init": "meta-learned init, no adaptation",
+    "proto": "frozen backbone + prototypes",
+    "logreg": "frozen backbone + logistic regression",
+    "finetune": "adapter fine-tune from peft default init (Adam)",
+    "full_finetune": "full fine-tune of the backbone (Adam)",
+    "setfit": "SetFit (contrastive fine-tune + logistic regression)",
 }
+_TIMED = ("meta", "finetune", "full_finetune", "setfit")
+"""Methods whose wall time per task is reported (the frozen ones read a cache)."""
+
+Results = dict[str, dict[str, dict[str, Any]]]
+"""``{method: {"5w1s": {mean, ci95, episodes, per_episode[, ms_per_task][, paired]}}}``."""
+
+
+def cell_name(n_way: int, k_shot: int) -> str:
+    return f"{n_way}w{k_shot}s"
 
 
 def mean_ci95(values: Sequence[float]) -> dict[str, float]:
@@ -41,94 +50,96 @@ def mean_ci95(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "ci95": 1.96 * sd / math.sqrt(a.size), "episodes": int(a.size)}
 
 
-def _frozen_scores(encoder: Encoder, episode: Episode, scale: float) -> dict[str, float]:
-    """(a) and (a') from one pass of the frozen backbone over support and query."""
-    from sklearn.linear_model import LogisticRegression
-
-    support, s_labels, query, q_labels = episode_tensors(encoder, episode)
-    with torch.no_grad():
-        e_s, e_q = encoder.embed(None, support), encoder.embed(None, query)
-    weight, bias = proto_head(e_s, s_labels, len(episode.class_names))
-    proto = (head_logits(e_q, weight, bias, scale).argmax(-1) == q_labels).float().mean().item()
-    # C=10: the embeddings are unit-norm, so sklearn's default C=1 regularises them into mush.
-    clf = LogisticRegression(C=10.0, max_iter=1000).fit(e_s.cpu().numpy(), s_labels.cpu().numpy())
-    logreg = float((clf.predict(e_q.cpu().numpy()) == q_labels.cpu().numpy()).mean())
-    return {"proto": proto, "logreg": logreg}
+def paired(values: Sequence[float], reference: Sequence[float]) -> dict[str, float]:
+    """The method against the reference on the episodes both scored (a costly row's prefix):
+    ``diff`` ± ``ci95`` of the per-episode differences, and the error reduction."""
+    n = min(len(values), len(reference))
+    a, r = np.asarray(values[:n], dtype=np.float64), np.asarray(reference[:n], dtype=np.float64)
+    diff = mean_ci95(a - r)
+    err, ref_err = 1.0 - a.mean(), 1.0 - r.mean()
+    return {
+        "diff": diff["mean"],
+        "ci95": diff["ci95"],
+        "episodes": n,
+        "reference_mean": float(r.mean()),
+        "error_reduction": float(1.0 - err / ref_err) if ref_err > 0 else float("nan"),
+    }
 
 
 def meta_test(
-    encoder: Encoder,
-    inits: Mapping[str, Mapping[str, Tensor]],
+    scorers: Mapping[str, Scorer],
     sampler: EpisodeSampler,
     *,
-    methods: Iterable[str],
-    seed: int,
-    n_way: int,
-    shots: Sequence[int],
+    cells: Sequence[tuple[int, int]],
     q_query: int,
     episodes: int,
-    steps: int,
-    lr: float,
-    scale: float,
+    costly_episodes: int,
+    seed: int,
+    reference: str | None = "logreg",
     progress: bool = False,
-    inner_lrs: Mapping[str, Mapping[str, Tensor] | None] | None = None,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Accuracy per method and shot: ``{method: {"5w1s": {mean, ci95, episodes[, ms_per_task]}}}``.
-
-    ``inits`` maps the adapted methods (``meta``, ``finetune``) to their adapter init;
-    ``inner_lrs`` optionally maps them to per-tensor learning rates (Meta-SGD's learned ones).
-    """
-    methods = list(methods)
-    scores: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
-    seconds: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
-    inner_lrs = inner_lrs or {}
+) -> Results:
+    """Score every method on the same ``episodes`` test episodes of each (n_way, k_shot) cell
+    (the costly baselines on the first ``costly_episodes``), then pair each row with
+    ``reference`` (skipped when it is not among the scorers)."""
     from tqdm.auto import tqdm
 
-    for k in shots:
-        key = f"{n_way}w{k}s"
-        specs = sampler.specs("test", episodes, seed=seed, step=0, n_way=n_way, k_shot=k, q_query=q_query)
-        for spec in tqdm(specs, desc=f"meta-test {key}", disable=not progress, leave=False):
+    results: Results = {m: {} for m in scorers}
+    for n_way, k_shot in cells:
+        key = cell_name(n_way, k_shot)
+        specs = sampler.specs(
+            "test", episodes, seed=seed, step=0, n_way=n_way, k_shot=k_shot, q_query=q_query
+        )
+        scores: dict[str, list[float]] = {m: [] for m in scorers}
+        seconds: dict[str, list[float]] = {m: [] for m in scorers}
+        for i, spec in enumerate(tqdm(specs, desc=f"meta-test {key}", disable=not progress, leave=False)):
             episode = sampler.build(spec)
-            acc: dict[str, float] = {}
-            if {"proto", "logreg"} & set(methods):
-                acc |= _frozen_scores(encoder, episode, scale)
-            for m in methods:
-                if m in inits:
-                    t0 = time.perf_counter()
-                    acc[m] = run_episode(
-                        encoder,
-                        inits[m],
-                        episode,
-                        steps=steps,
-                        lr=lr,
-                        scale=scale,
-                        first_order=True,
-                        meta_gradient=False,
-                        track_support_after=False,
-                        param_lrs=inner_lrs.get(m),
-                    ).query_accuracy
-                    seconds[m].setdefault(key, []).append(time.perf_counter() - t0)
-                scores[m].setdefault(key, []).append(acc[m])
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for m, per in scores.items():
-        results[m] = {}
-        for key, v in per.items():
-            results[m][key] = mean_ci95(v)
-            if seconds[m].get(key):
-                results[m][key]["ms_per_task"] = 1000 * float(np.mean(seconds[m][key]))
+            for m, score in scorers.items():
+                if m in COSTLY_METHODS and i >= costly_episodes:
+                    continue
+                t0 = time.perf_counter()
+                scores[m].append(score(episode))
+                seconds[m].append(time.perf_counter() - t0)
+        for m, values in scores.items():
+            results[m][key] = {**mean_ci95(values), "per_episode": values}
+            if m in _TIMED:
+                results[m][key]["ms_per_task"] = 1000 * float(np.mean(seconds[m]))
+            if reference in scorers and m != reference:
+                results[m][key]["paired"] = {"vs": reference, **paired(values, scores[reference])}
     return results
 
 
-def markdown_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], title: str = "") -> str:
-    """Rows = methods, columns = settings, cells = ``mean ± ci95`` in percent."""
-    settings = list(next(iter(results.values())))
-    n = next(iter(next(iter(results.values())).values()))["episodes"]
-    lines = [f"{title} ({n} episodes per cell, mean ± 95 % CI)" if title else f"{n} episodes per cell"]
+def markdown_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str = "") -> str:
+    """Rows = methods (or any labels), columns = cells, ``mean ± ci95`` in percent; then, when the
+    rows were paired with a reference, the paired differences and error reductions."""
+    first = next(iter(results.values()))
+    settings = list(first)
+    n = first[settings[0]]["episodes"]
+    lines = [f"{title} ({n} episodes per cell unless marked, mean ± 95 % CI)" if title else ""]
     lines += ["", "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     for m, per in results.items():
+        mark = (
+            f" (first {per[settings[0]]['episodes']} episodes)" if per[settings[0]]["episodes"] != n else ""
+        )
         cells = [f"{100 * per[s]['mean']:.1f} ± {100 * per[s]['ci95']:.1f}" for s in settings]
-        lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {METHOD_LABELS.get(m, m)}{mark} | " + " | ".join(cells) + " |")
+    pairs = {m: per for m, per in results.items() if "paired" in per[settings[0]]}
+    if pairs:
+        vs = next(iter(pairs.values()))[settings[0]]["paired"]["vs"]
+        lines += [
+            "",
+            f"Paired against {METHOD_LABELS.get(vs, vs)} on the same episodes: accuracy difference in "
+            "points ± 95 % CI, and the error reduction 1 − err/err_ref.",
+            "",
+            "| method | " + " | ".join(settings) + " |",
+            "|---|" + "---|" * len(settings),
+        ]
+        for m, per in pairs.items():
+            cells = [
+                f"{100 * p['diff']:+.1f} ± {100 * p['ci95']:.1f} ({100 * p['error_reduction']:+.0f} %)"
+                for p in (per[s]["paired"] for s in settings)
+            ]
+            lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def summary(results: Mapping[str, Any]) -> dict[str, float]:

@@ -72,6 +72,13 @@ def local_adapter(uri: str) -> Path:
     return storage.fetch_to_local(uri, Path(tempfile.gettempdir()) / "metapeft-adapters")
 
 
+def adapter_config(path: Path, overrides: dict[str, Any] | None = None) -> tuple[Config, dict[str, Any]]:
+    """The config an exported init was trained with (``overrides`` applied) and its metadata."""
+    metadata = read_metadata(path)
+    cfg = validate_config(metadata["config"])
+    return (cfg.with_overrides(overrides) if overrides else cfg), metadata
+
+
 def load_adapter(
     uri: str, overrides: dict[str, Any] | None = None, device: torch.device | None = None
 ) -> tuple[Encoder, dict[str, torch.Tensor], Config, dict[str, Any]]:
@@ -80,10 +87,7 @@ def load_adapter(
     from safetensors.torch import load_file
 
     path = local_adapter(uri)
-    metadata = read_metadata(path)
-    cfg = validate_config(metadata["config"])
-    if overrides:
-        cfg = cfg.with_overrides(overrides)
+    cfg, metadata = adapter_config(path, overrides)
     torch.manual_seed(cfg.run.seed)  # the same peft default init the training run compared with
     encoder = encoder_from_config(cfg, device=device)
     default_init = {k: v.detach().clone() for k, v in encoder.adapter_params().items()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -69,18 +70,23 @@ def adapt(
     scale: float,
     first_order: bool,
     param_lrs: Mapping[str, Tensor] | None = None,
+    optimizer: Literal["sgd", "adam"] = "sgd",
 ) -> Adapted:
-    """The one inner loop: ``steps`` SGD steps on the support loss over adapter params + head.
+    """The one inner loop: ``steps`` gradient steps on the support loss over ``params`` + head.
 
     With ``first_order=False`` the returned tensors stay differentiable w.r.t. ``params``
     (second-order MAML); with ``first_order=True`` the inner gradients are constants.
     ``param_lrs`` (Meta-SGD) gives each adapter tensor its own learning rate, a scalar or an
     elementwise tensor; the result stays differentiable w.r.t. them in either case.
+    ``optimizer="adam"`` replaces the SGD step ``-lr g`` by Adam's ``-lr m_hat / (sqrt(v_hat) + eps)``
+    (the fine-tuning baselines: plain fine-tuning uses Adam, and its step size does not depend
+    on the scale of a nearly-zero 1-shot support loss).
     """
     embedded = encoder.embed(params, support)
     weight, bias = proto_head(embedded, support_labels, n_way)
     fast = dict(params)
     losses: list[float] = []
+    adam = _Adam() if optimizer == "adam" else None
     for step in range(steps):
         # The inner gradient is the partial derivative w.r.t. the adapter with the head held fixed
         # (not the total one through the prototype init of the head). At step 0 the support
@@ -100,14 +106,38 @@ def adapt(
         else:
             grads = torch.autograd.grad(loss, [*fast.values(), weight, bias], create_graph=not first_order)
             *g_params, g_weight, g_bias = grads
-        if param_lrs is None:
-            fast = {name: p - lr * g for (name, p), g in zip(fast.items(), g_params, strict=True)}
-        else:
-            fast = {
-                name: p - param_lrs[name] * g for (name, p), g in zip(fast.items(), g_params, strict=True)
-            }
+        grads = [*g_params, g_weight, g_bias]
+        if adam is not None:
+            grads = adam.directions(grads, step + 1)
+        *g_params, g_weight, g_bias = grads
+        fast = {
+            name: p - (lr if param_lrs is None else param_lrs[name]) * g
+            for (name, p), g in zip(fast.items(), g_params, strict=True)
+        }
         weight, bias = weight - lr * g_weight, bias - lr * g_bias
     return Adapted(fast, weight, bias, losses)
+
+
+class _Adam:
+    """Adam's update direction ``m_hat / (sqrt(v_hat) + eps)`` (Kingma & Ba 2015) for a fixed list
+    of tensors, written out so the inner loop stays functional."""
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.betas, self.eps = betas, eps
+        self.m: list[Tensor] = []
+        self.v: list[Tensor] = []
+
+    def directions(self, grads: list[Tensor], t: int) -> list[Tensor]:
+        b1, b2 = self.betas
+        if not self.m:
+            self.m = [torch.zeros_like(g) for g in grads]
+            self.v = [torch.zeros_like(g) for g in grads]
+        self.m = [b1 * m + (1 - b1) * g for m, g in zip(self.m, grads, strict=True)]
+        self.v = [b2 * v + (1 - b2) * g * g for v, g in zip(self.v, grads, strict=True)]
+        return [
+            (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + self.eps)
+            for m, v in zip(self.m, self.v, strict=True)
+        ]
 
 
 def episode_tensors(
@@ -150,13 +180,15 @@ def run_episode(
     param_lrs: Mapping[str, Tensor] | None = None,
     grad_wrt: Mapping[str, Tensor] | None = None,
     keep_adapted: bool = False,
+    optimizer: Literal["sgd", "adam"] = "sgd",
 ) -> EpisodeResult:
     """Adapt on the support set, score the query set; with ``meta_gradient`` also return
     ``d L_query / d params`` (the episode's contribution to the outer update).
 
     ``param_lrs``: per-tensor inner learning rates (Meta-SGD). ``grad_wrt``: the tensors to
     differentiate the query loss w.r.t. when they are more than ``params`` (Meta-SGD adds its
-    log learning rates); the gradients come back under the same names.
+    log learning rates); the gradients come back under the same names. ``optimizer``: the inner
+    loop's update (`adapt`).
     """
     support, s_labels, query, q_labels = episode_tensors(encoder, episode)
     n_way = len(episode.class_names)
@@ -178,6 +210,7 @@ def run_episode(
                 scale=scale,
                 first_order=first_order or not meta_gradient,
                 param_lrs=param_lrs,
+                optimizer=optimizer,
             )
         with torch.set_grad_enabled(meta_gradient):
             logits = head_logits(encoder.embed(adapted.params, query), adapted.weight, adapted.bias, scale)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +91,26 @@ class Encoder:
     bf16: bool = False
     spec: AdapterSpec = field(default_factory=AdapterSpec)
     """What adapter the model carries (``spec.method`` names the registered method)."""
+    tune_backbone: bool = False
+    """``embed(params, ...)`` takes ``params`` as backbone weights and runs with the adapter off
+    (the full fine-tuning baseline; `backbone_view`)."""
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def backbone_params(self) -> dict[str, Tensor]:
+        """The frozen backbone's weights by name (no adapter tensors), without the pooler's: the
+        sentence embedding mean-pools the last hidden state and never reaches them."""
+        return {
+            n: p
+            for n, p in self.model.named_parameters()
+            if not p.requires_grad and ".pooler." not in f".{n}"
+        }
+
+    def backbone_view(self) -> Encoder:
+        """This encoder with ``embed(params, ...)`` substituting backbone weights, adapter off:
+        the same inner loop then fine-tunes the whole backbone."""
+        return replace(self, tune_backbone=True)
 
     def tokenize(self, texts: tuple[str, ...] | list[str]) -> dict[str, Tensor]:
         batch = self.tokenizer(
@@ -117,6 +134,9 @@ class Encoder:
         with autocast:
             if params is None:
                 hidden = method.backbone_hidden(self.model, batch)
+            elif self.tune_backbone:
+                weights = {f"model.{k}": v for k, v in params.items()}
+                hidden = functional_call(_BackboneForward(self.model, method), weights, (batch,))
             else:
                 hidden = functional_call(
                     self.model, dict(params), args=(), kwargs=dict(batch)
@@ -125,6 +145,18 @@ class Encoder:
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).float()
         return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+
+
+class _BackboneForward(nn.Module):
+    """``last_hidden_state`` of the backbone with the adapter off, as a module, so that
+    `functional_call` can substitute the backbone's own weights."""
+
+    def __init__(self, model: nn.Module, method: Any) -> None:
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return self.method.backbone_hidden(self.model, batch)
 
 
 def pick_device(choice: str) -> torch.device:

@@ -10,19 +10,22 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import Tensor
 
+from metapeft_ray import baselines, storage
 from metapeft_ray import metrics as live_metrics
-from metapeft_ray import storage
 from metapeft_ray.config import Config
+from metapeft_ray.episodes import EpisodeSampler
 from metapeft_ray.evaluate import markdown_table, meta_test
-from metapeft_ray.export import export_adapter, load_adapter, load_inner_lrs
-from metapeft_ray.train import MetaLearner, prepare_sampler
+from metapeft_ray.export import adapter_config, export_adapter, load_adapter, load_inner_lrs, local_adapter
+from metapeft_ray.model import Encoder, resolve_backbone
+from metapeft_ray.train import MetaLearner, prepare_sampler, prepare_test_sampler
 
 
 def run_uri(cfg: Config) -> str:
@@ -60,39 +63,78 @@ def append_metrics(out: Path, metrics: Mapping[str, float]) -> None:
         f.write(json.dumps(dict(metrics)) + "\n")
 
 
+def build_scorers(
+    cfg: Config,
+    encoder: Encoder,
+    meta_init: Mapping[str, Tensor],
+    default_init: Mapping[str, Tensor],
+    inner_lrs: Mapping[str, Tensor] | None = None,
+) -> dict[str, baselines.Scorer]:
+    """One scorer per method of ``eval.methods``, from the config's flat values. ``meta_init``:
+    the meta-learned adapter init; ``default_init``: the method's default init (the ``finetune``
+    baseline starts there); ``inner_lrs``: Meta-SGD's learned rates for ``meta``."""
+    ev, scale = cfg.eval, cfg.model.head_scale
+    steps = cfg.meta.inner_steps if ev.inner_steps is None else ev.inner_steps
+    lr = ev.inner_lr or cfg.meta.inner_lr
+    cache = baselines.EmbeddingCache(encoder)
+    factories: dict[str, Callable[[], baselines.Scorer]] = {
+        "meta": lambda: baselines.adapted_scorer(
+            encoder, meta_init, steps=steps, lr=lr, scale=scale, param_lrs=inner_lrs
+        ),
+        "meta_init": lambda: baselines.adapted_scorer(encoder, meta_init, steps=0, lr=lr, scale=scale),
+        "proto": lambda: baselines.prototype_scorer(cache),
+        "logreg": lambda: baselines.logreg_scorer(cache),
+        "finetune": lambda: baselines.adapted_scorer(
+            encoder, default_init, steps=ev.finetune.steps, lr=ev.finetune.lr, scale=scale, optimizer="adam"
+        ),
+        "full_finetune": lambda: baselines.full_finetune_scorer(
+            encoder, steps=ev.full_finetune.steps, lr=ev.full_finetune.lr, scale=scale
+        ),
+        "setfit": lambda: baselines.setfit_scorer(
+            resolve_backbone(cfg.model.backbone),
+            max_length=cfg.model.max_length,
+            seed=cfg.run.seed,
+            **ev.setfit.model_dump(),
+        ),
+    }
+    return {m: factories[m]() for m in ev.methods}
+
+
 def evaluate_and_report(
     cfg: Config,
-    encoder: Any,
-    inits: Mapping[str, Any],
-    sampler: Any,
+    encoder: Encoder,
+    meta_init: Mapping[str, Tensor],
+    default_init: Mapping[str, Tensor],
+    sampler: EpisodeSampler,
     out: Path,
     extra: Mapping[str, Any] | None = None,
     progress: bool = False,
-    inner_lrs: Mapping[str, Any] | None = None,
+    inner_lrs: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Meta-test every method of ``eval.methods`` and write report.json + report.md.
-    ``inner_lrs``: per-method per-tensor learning rates (Meta-SGD's learned ones for ``meta``)."""
+    """Meta-test every method of ``eval.methods`` on the same episodes of the test classes (of
+    ``data.dataset``, or of ``eval.dataset``) and write report.json + report.md."""
     ev = cfg.eval
+    test_sampler = prepare_test_sampler(cfg, sampler)
     results = meta_test(
-        encoder,
-        inits,
-        sampler,
-        methods=ev.methods,
-        seed=cfg.run.seed,
-        n_way=ev.n_way,
-        shots=ev.shots,
+        build_scorers(cfg, encoder, meta_init, default_init, inner_lrs),
+        test_sampler,
+        cells=ev.cells,
         q_query=ev.q_query,
         episodes=ev.episodes,
-        steps=cfg.meta.inner_steps if ev.inner_steps is None else ev.inner_steps,
-        lr=ev.inner_lr or cfg.meta.inner_lr,
-        scale=cfg.model.head_scale,
+        costly_episodes=ev.costly_episodes,
+        seed=cfg.run.seed,
+        reference=ev.reference,
         progress=progress,
-        inner_lrs=inner_lrs,
     )
-    title = (
-        f"Meta-test on {cfg.data.dataset}, fold {cfg.data.fold} ({len(sampler.splits.test)} held-out classes)"
+    protocol = "cross-dataset" if ev.dataset else "in-domain"
+    test_name = ev.dataset or cfg.data.dataset
+    title = f"Meta-test ({protocol}) on {test_name}, {len(test_sampler.splits.test)} held-out classes" + (
+        "" if ev.dataset else f", fold {cfg.data.fold}"
     )
     report = {
+        "protocol": protocol,
+        "test_dataset": test_name,
+        "test_classes": list(test_sampler.splits.test),
         "results": results,
         "splits": splits_record(cfg, sampler),
         "config": cfg.to_dict(),
@@ -120,16 +162,16 @@ def finish(
     }
     lrs = learner.inner_lrs()  # Meta-SGD's learned rates; None for the other algorithms
     export_adapter(learner.encoder, out / "adapter", metadata, inner_lrs=lrs)
-    inits = {"meta": learner.params, "finetune": learner.default_init}
     return evaluate_and_report(
         cfg,
         learner.encoder,
-        inits,
+        learner.params,
+        learner.default_init,
         learner.sampler,
         out,
         {"meta_step": learner.step},
         progress,
-        inner_lrs={"meta": lrs},
+        inner_lrs=lrs,
     )
 
 
@@ -164,19 +206,20 @@ def train_local(cfg: Config, progress: bool = True) -> dict[str, Any]:
 def evaluate_adapter(
     adapter: str, overrides: Mapping[str, Any], out_uri: str | None, progress: bool = True
 ) -> dict[str, Any]:
-    """Meta-test an exported init (local or s3://) on the test classes of its own split."""
+    """Meta-test an exported init (local or s3://) on the test classes of its own split, or with
+    ``eval.dataset`` on another dataset's classes. Data and episode shapes are checked first."""
+    sampler = prepare_sampler(adapter_config(local_adapter(adapter), dict(overrides))[0])
     encoder, default_init, cfg, metadata = load_adapter(adapter, dict(overrides))
     lrs = load_inner_lrs(adapter, encoder.device)
-    sampler = prepare_sampler(cfg)
     with staged(out_uri or storage.join(adapter.rstrip("/").rsplit("/", 1)[0], "eval")) as out:
-        params = encoder.adapter_params()
         return evaluate_and_report(
             cfg,
             encoder,
-            {"meta": params, "finetune": default_init},
+            encoder.adapter_params(),
+            default_init,
             sampler,
             out,
             {"adapter": adapter, "meta_step": metadata.get("meta_step")},
             progress,
-            inner_lrs={"meta": lrs},
+            inner_lrs=lrs,
         )

@@ -28,6 +28,7 @@ from metapeft_ray.episodes import ClassSplits, EpisodeSampler, EpisodeSpec, chec
 from metapeft_ray.meta import EpisodeResult
 from metapeft_ray.methods import METHODS
 from metapeft_ray.model import Encoder, encoder_from_config
+from metapeft_ray.splits import match_patterns
 
 Reduce = Callable[[Tensor], Tensor]
 _STATS = ("query_loss", "query_accuracy")
@@ -43,22 +44,59 @@ def _no_reduce(t: Tensor) -> Tensor:
 def prepare_sampler(cfg: Config) -> EpisodeSampler:
     """Load the data, cut the class splits and check every episode shape the run will draw —
     all before any model is loaded or any cluster resource is taken."""
-    d = cfg.data
+    d, e, ev = cfg.data, cfg.episode, cfg.eval
     data = load_dataset(d.dataset, d.text_column, d.label_column)
     check_labels(data)
-    splits = ClassSplits.make(
-        data.labels, folds=d.folds, fold=d.fold, split_seed=d.split_seed, val_fraction=d.val_fraction
-    )
+    # With eval.dataset the test classes come from that dataset (checked by the evaluation):
+    # no fold of the training data is held out, and its own test split is not drawn from.
+    own_test = ev.dataset is None
+    if d.splits:
+        splits = ClassSplits.from_file(d.splits, data.labels, exclude=d.exclude_classes, need_test=own_test)
+    else:
+        splits = ClassSplits.make(
+            data.labels,
+            folds=d.folds,
+            fold=d.fold,
+            split_seed=d.split_seed,
+            val_fraction=d.val_fraction,
+            hold_out_test=own_test,
+            exclude=d.exclude_classes,
+        )
     sampler = EpisodeSampler(data, splits)
-    e, ev = cfg.episode, cfg.eval
     problems = [
         *sampler.check_shape("train", e.n_way, [e.k_shot], e.q_query),
         *sampler.check_shape("val", e.n_way, [e.k_shot], e.q_query),
-        *sampler.check_shape("test", ev.n_way, ev.shots, ev.q_query),
+        *(sampler.check_shape("test", max(ev.ways), ev.shots, ev.q_query) if own_test else []),
     ]
     if problems:
         raise ConfigError(f"episodes cannot be drawn from {d.dataset!r}:\n  " + "\n  ".join(problems))
+    if not own_test:
+        prepare_test_sampler(cfg, sampler)  # the other dataset's classes and shapes, just as early
     return sampler
+
+
+def prepare_test_sampler(cfg: Config, sampler: EpisodeSampler) -> EpisodeSampler:
+    """The sampler of the meta-test episodes: ``sampler`` itself (its held-out test classes), or
+    with ``eval.dataset`` one over that dataset's ``eval.classes`` (all by default), every meta-test
+    shape checked."""
+    d, ev = cfg.data, cfg.eval
+    if ev.dataset is None:
+        return sampler
+    data = load_dataset(ev.dataset, d.text_column, d.label_column)
+    check_labels(data)
+    classes = sorted(set(data.labels))
+    if ev.classes is not None:
+        chosen, problems = match_patterns(ev.classes, classes, setting="eval.classes")
+        if problems:
+            raise ConfigError(f"eval.classes does not fit {ev.dataset!r}:\n  " + "\n  ".join(problems))
+        classes = list(chosen)
+    test = EpisodeSampler(data, ClassSplits.test_only(classes, source=ev.dataset))
+    problems = test.check_shape("test", max(ev.ways), ev.shots, ev.q_query)
+    if problems:
+        raise ConfigError(
+            f"meta-test episodes cannot be drawn from {ev.dataset!r}:\n  " + "\n  ".join(problems)
+        )
+    return test
 
 
 class MetaLearner:

@@ -96,8 +96,8 @@ def test_search_rejects_stops_early_and_exports_the_best(
     base_trial = report["base_trial"]
     assert base_trial["meta.inner_lr"] == 20.0 and base_trial["peft.layers"] == "all"
     assert base_trial["stopped_early_at"] < base_trial["meta_step"] == 4
-    assert set(base_trial["meta_test"]) == {"meta", "finetune", "proto", "logreg"}
-    assert set(best["meta_test"]) == {"meta", "finetune", "proto", "logreg"}
+    assert set(base_trial["meta_test"]) == {"meta", "meta_init", "proto", "logreg", "finetune"}
+    assert set(best["meta_test"]) == {"meta", "meta_init", "proto", "logreg", "finetune"}
     summary = tmp_path / "t-tune" / "summary"
     assert "best trial against the base config" in (summary / "report.md").read_text()
     assert {"best.yaml", "report.md", "report.json", "accuracy_vs_params.png", "base"} <= {
@@ -197,7 +197,7 @@ def test_a_trial_can_itself_be_a_distributed_run_on_s3(
     for key in ("summary/report.json", "summary/best.yaml", "summary/best/adapter/adapter_model.safetensors"):
         assert key in keys, keys
     assert report["best"]["meta_step"] == 4 and report["best"]["meta.inner_lr"] == 0.1
-    assert set(report["best"]["meta_test"]) == {"meta", "finetune", "proto", "logreg"}
+    assert set(report["best"]["meta_test"]) == {"meta", "meta_init", "proto", "logreg", "finetune"}
     # Tune stopped every trainer (ASHA, or the trial reaching max_t): their controllers died
     # and Ray Train's cleaner freed the workers' placement groups through the state API. The
     # diverging trial ran after the good one, so its workers found CPUs; none stay reserved.

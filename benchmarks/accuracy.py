@@ -1,0 +1,154 @@
+"""Pool meta-test reports into ``results/accuracy.{json,md}``: one object per (protocol, test
+dataset, cell, method), folds pooled episode by episode, every row paired with logistic
+regression on the frozen backbone.
+
+    python benchmarks/accuracy.py runs/b77_f0/report.json runs/b77_f1/report.json ... \\
+        runs/clinc_x/eval_banking77/report.json [PATH:ALIAS ...]
+
+Reports of the same protocol, test data and fold are merged by method (they must share
+``run.seed``, ``eval.q_query`` and the test classes, so their episodes are the same); ``PATH:ALIAS``
+renames that report's ``meta`` and ``meta_init`` rows to ``ALIAS`` and ``ALIAS_init`` (to keep an
+earlier recipe beside the shipped one). Cells of several folds pool the per-episode values; the
+paired difference of a row uses, in each fold, the reference's values on the episodes the row
+scored (a costly baseline's prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from metapeft_ray.evaluate import METHOD_LABELS, mean_ci95, paired
+
+from common import RESULTS, provenance
+
+REFERENCE = "logreg"
+
+
+def load(arg: str) -> tuple[tuple[str, str, str], dict[str, Any]]:
+    path, _, alias = arg.partition(":")
+    report = json.loads(Path(path).read_text())
+    results = dict(report["results"])
+    if alias:
+        results = {
+            {"meta": alias, "meta_init": f"{alias}_init"}.get(m, m): v
+            for m, v in results.items()
+            if m in ("meta", "meta_init")
+        }
+    protocol = report.get("protocol", "in-domain")
+    fold = "all" if protocol == "cross-dataset" else str(report["splits"].get("fold", 0))
+    key = (protocol, report.get("test_dataset", report["splits"]["dataset"]), fold)
+    cfg = report["config"]
+    identity = {
+        "seed": cfg["run"]["seed"],
+        "q_query": cfg["eval"]["q_query"],
+        "classes": report.get("test_classes"),
+    }
+    return key, {"results": results, "identity": identity, "path": path}
+
+
+def pool(reports: list[str]) -> list[dict[str, Any]]:
+    folds: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for arg in reports:
+        key, rep = load(arg)
+        merged = folds.setdefault(key, {"results": {}, "identity": rep["identity"], "paths": []})
+        if merged["identity"] != rep["identity"]:
+            raise SystemExit(
+                f"{rep['path']}: other episodes than {merged['paths']} (seed, q_query or classes)"
+            )
+        clash = set(merged["results"]) & set(rep["results"])
+        if clash:
+            raise SystemExit(f"{rep['path']}: rows {sorted(clash)} already come from {merged['paths']}")
+        merged["results"].update(rep["results"])
+        merged["paths"].append(rep["path"])
+    # (protocol, dataset, cell, method) -> per-fold lists of (values, reference values)
+    cells: dict[tuple[str, str, str, str], list[tuple[list[float], list[float]]]] = defaultdict(list)
+    for (protocol, dataset, _fold), merged in sorted(folds.items()):
+        results = merged["results"]
+        for method, per_cell in results.items():
+            for cell, stats in per_cell.items():
+                ref = results.get(REFERENCE, {}).get(cell, {}).get("per_episode", [])
+                cells[(protocol, dataset, cell, method)].append((stats["per_episode"], ref))
+    rows = []
+    for (protocol, dataset, cell, method), per_fold in cells.items():
+        n_way, k_shot = (int(x) for x in cell.rstrip("s").split("w"))
+        values = [v for vals, _ in per_fold for v in vals]
+        row = {
+            "protocol": protocol, "dataset": dataset, "n_way": n_way, "k_shot": k_shot, "method": method,
+            **mean_ci95(values), "folds": len(per_fold),
+        }  # fmt: skip
+        if method != REFERENCE and all(ref for _, ref in per_fold):
+            mine = [v for vals, _ in per_fold for v in vals]
+            theirs = [r for vals, ref in per_fold for r in ref[: len(vals)]]
+            p = paired(mine, theirs)
+            row |= {
+                "paired_diff_vs_logreg": p["diff"],
+                "paired_ci95": p["ci95"],
+                "error_reduction_vs_logreg": p["error_reduction"],
+                "logreg_mean_on_these_episodes": p["reference_mean"],
+            }
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    out = [
+        "# Accuracy: the meta-learned init against what a user would do instead",
+        "",
+        f"`{command}`",
+        "",
+        "Accuracy % ± 95 % CI over the pooled test episodes; Δ = paired difference from logistic",
+        "regression on the frozen backbone on the same episodes (points ± 95 % CI); err↓ = error",
+        "reduction 1 − err/err_logreg. Rows with fewer episodes ran on a prefix of each fold's episodes.",
+    ]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["protocol"], r["dataset"])].append(r)
+    for (protocol, dataset), group in groups.items():
+        cells = sorted({(r["n_way"], r["k_shot"]) for r in group}, key=lambda c: (c[1], c[0]))
+        folds = max(r["folds"] for r in group)
+        out += ["", f"## {protocol}: {dataset} ({folds} fold{'s' * (folds > 1)})", ""]
+        out += [
+            "| method | " + " | ".join(f"{n}w{k}s" for n, k in cells) + " |",
+            "|---|" + "---|" * len(cells),
+        ]
+        methods = list(dict.fromkeys(r["method"] for r in group))
+        for m in methods:
+            texts = []
+            for n, k in cells:
+                r = next((r for r in group if r["method"] == m and (r["n_way"], r["k_shot"]) == (n, k)), None)
+                if r is None:
+                    texts.append("—")
+                    continue
+                t = f"{100 * r['mean']:.1f} ± {100 * r['ci95']:.1f} (n={r['episodes']})"
+                if "paired_diff_vs_logreg" in r:
+                    t += (
+                        f"<br>Δ {100 * r['paired_diff_vs_logreg']:+.1f} ± {100 * r['paired_ci95']:.1f},"
+                        f" err↓ {100 * r['error_reduction_vs_logreg']:+.0f} %"
+                    )
+                texts.append(t)
+            out.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(texts) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("reports", nargs="+", help="report.json paths, PATH:ALIAS to rename its meta rows")
+    p.add_argument("--out", default=str(RESULTS / "accuracy"), help="output path without suffix")
+    args = p.parse_args()
+    rows = pool(args.reports)
+    command = "python benchmarks/accuracy.py " + " ".join(args.reports)
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(
+        json.dumps({**provenance(), "command": command, "cells": rows}, indent=2)
+    )
+    out.with_suffix(".md").write_text(markdown(rows, command))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

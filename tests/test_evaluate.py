@@ -1,0 +1,229 @@
+"""The ruler: paired statistics, the baselines that really train, cross-dataset meta-test (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from metapeft_ray import baselines
+from metapeft_ray.cli import main
+from metapeft_ray.config import load_config
+from metapeft_ray.data import load_dataset
+from metapeft_ray.episodes import ClassSplits, EpisodeSampler
+from metapeft_ray.evaluate import markdown_table, meta_test, paired
+from metapeft_ray.meta import run_episode
+from metapeft_ray.model import encoder_from_config
+from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return str(make_tiny_backbone(root / "bert")), str(make_tiny_dataset(root / "data.jsonl"))
+
+
+def _sampler(dataset: str) -> EpisodeSampler:
+    data = load_dataset(dataset)
+    return EpisodeSampler(
+        data, ClassSplits.make(data.labels, folds=3, fold=0, split_seed=0, val_fraction=0.2)
+    )
+
+
+# -- statistics -----------------------------------------------------------------------------
+
+
+def test_paired_statistics_match_a_hand_computation() -> None:
+    method, reference = [1.0, 0.8, 0.6, 1.0], [0.8, 0.8, 0.4, 0.6]
+    # d = [0.2, 0, 0.2, 0.4]: mean 0.2, sd (ddof 1) = sqrt(((0)^2 + 0.2^2 + 0 + 0.2^2) / 3)
+    sd = math.sqrt(0.08 / 3)
+    got = paired(method, reference)
+    assert got["diff"] == pytest.approx(0.2)
+    assert got["ci95"] == pytest.approx(1.96 * sd / 2)
+    assert got["episodes"] == 4
+    # errors: method 1 - 0.85 = 0.15, reference 1 - 0.65 = 0.35 -> 1 - 0.15 / 0.35
+    assert got["error_reduction"] == pytest.approx(1 - 0.15 / 0.35)
+    # a costly row scored on a prefix is compared on that prefix only
+    prefix = paired(method[:2], reference)
+    assert (prefix["episodes"], prefix["diff"], prefix["reference_mean"]) == (2, pytest.approx(0.1), 0.8)
+
+
+def test_meta_test_pairs_every_row_on_the_same_episodes_and_runs_costly_rows_on_a_prefix(
+    tiny: tuple[str, str],
+) -> None:
+    sampler = _sampler(tiny[1])
+    seen: dict[str, list[tuple]] = {"logreg": [], "finetune": [], "meta": []}
+
+    def scorer(name: str, value: float):  # noqa: ANN202
+        def score(episode) -> float:  # noqa: ANN001
+            seen[name].append((episode.spec, episode.support_texts))
+            return value if episode.spec.index % 2 else 1.0
+
+        return score
+
+    results = meta_test(
+        {"logreg": scorer("logreg", 0.5), "finetune": scorer("finetune", 0.0), "meta": scorer("meta", 0.75)},
+        sampler,
+        cells=[(3, 1), (2, 2)],
+        q_query=2,
+        episodes=6,
+        costly_episodes=2,
+        seed=0,
+    )
+    assert seen["meta"] == seen["logreg"] and seen["finetune"] == seen["logreg"][:2] + seen["logreg"][6:8]
+    assert [r["episodes"] for r in results["finetune"].values()] == [2, 2]
+    assert results["meta"]["3w1s"]["per_episode"] == [1.0, 0.75] * 3
+    assert results["meta"]["3w1s"]["paired"]["diff"] == pytest.approx(0.125)
+    got = dict(results["finetune"]["2w2s"]["paired"])
+    assert got.pop("vs") == "logreg" and got == pytest.approx(paired([1.0, 0.0], [1.0, 0.5]))
+    assert "paired" not in results["logreg"]["3w1s"]
+    md = markdown_table(results, "t")
+    assert "| adapter fine-tune from peft default init (Adam) (first 2 episodes) |" in md
+    assert "Paired against frozen backbone + logistic regression" in md
+    assert "| meta-learned init + adaptation | +12.5 ± " in md
+
+
+# -- baselines that train -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder_and_episode(tiny: tuple[str, str]):  # noqa: ANN201
+    cfg = load_config(None, tiny_overrides(*tiny))
+    torch.manual_seed(0)
+    encoder = encoder_from_config(cfg)
+    sampler = _sampler(tiny[1])
+    episode = sampler.build(sampler.spec("test", seed=0, step=0, index=0, n_way=3, k_shot=2, q_query=3))
+    return encoder, episode
+
+
+def test_adapter_finetune_lowers_the_support_loss_and_moves_the_adapter(encoder_and_episode) -> None:  # noqa: ANN001
+    encoder, episode = encoder_and_episode
+    default = {k: v.detach().clone() for k, v in encoder.adapter_params().items()}
+    assert all(v.abs().sum() == 0 for k, v in default.items() if "lora_B" in k)  # peft's B = 0
+    result = run_episode(
+        encoder, default, episode, steps=20, lr=1e-2, scale=10.0, first_order=True,
+        meta_gradient=False, optimizer="adam", keep_adapted=True,
+    )  # fmt: skip
+    assert result.support_loss_after < 0.5 * result.support_loss_before
+    moved = {k: (result.adapted[k] - v).abs().max().item() for k, v in default.items()}
+    assert all(m > 1e-3 for m in moved.values()), moved
+    # ...so its queries are not scored by the frozen prototypes any more
+    batch = encoder.tokenize(episode.query_texts)
+    with torch.no_grad():
+        assert not torch.allclose(encoder.embed(result.adapted, batch), encoder.embed(None, batch), atol=1e-4)
+    sgd = run_episode(
+        encoder, default, episode, steps=1, lr=1e-2, scale=10.0, first_order=True, meta_gradient=False,
+        keep_adapted=True,
+    )  # fmt: skip
+    b = next(k for k in default if "lora_B" in k)
+    assert (result.adapted[b] - default[b]).abs().max() > 10 * (sgd.adapted[b] - default[b]).abs().max()
+
+
+def test_full_finetune_moves_every_backbone_weight_and_leaves_the_module_untouched(
+    encoder_and_episode,  # noqa: ANN001
+) -> None:
+    encoder, episode = encoder_and_episode
+    view = encoder.backbone_view()
+    weights = view.backbone_params()
+    before = {k: v.detach().clone() for k, v in weights.items()}
+    assert not set(weights) & set(encoder.adapter_params())
+    result = run_episode(
+        view, weights, episode, steps=3, lr=1e-3, scale=10.0, first_order=True, meta_gradient=False,
+        optimizer="adam", keep_adapted=True,
+    )  # fmt: skip
+    assert result.support_loss_after < result.support_loss_before
+    moved = [k for k in weights if not torch.equal(result.adapted[k], before[k])]
+    assert len(moved) == len(weights)
+    assert all(torch.equal(v, before[k]) for k, v in view.backbone_params().items())
+
+
+def test_embedding_cache_returns_the_frozen_embeddings(encoder_and_episode) -> None:  # noqa: ANN001
+    encoder, episode = encoder_and_episode
+    cache = baselines.EmbeddingCache(encoder, batch_size=2)
+    texts = list(episode.query_texts)
+    first = cache(texts)
+    with torch.no_grad():
+        direct = encoder.embed(None, encoder.tokenize(texts))
+    torch.testing.assert_close(first, direct, atol=1e-5, rtol=1e-4)
+    assert cache(texts[::-1]).data_ptr() != first.data_ptr()
+    torch.testing.assert_close(cache(texts[::-1]), first.flip(0))
+
+
+# -- cross-dataset meta-test through the real CLI -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_dataset(tiny: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Another corpus: the tiny texts under new class names (other_00 ... other_11)."""
+    rows = [json.loads(line) for line in Path(tiny[1]).read_text().splitlines()]
+    path = tmp_path_factory.mktemp("other") / "other.jsonl"
+    path.write_text("".join(json.dumps({**r, "label": "other_" + r["label"][6:8]}) + "\n" for r in rows))
+    return str(path)
+
+
+def test_train_meta_tests_on_another_dataset_with_every_baseline(
+    tiny: tuple[str, str], other_dataset: str, tmp_path: Path
+) -> None:
+    methods = ["meta", "meta_init", "proto", "logreg", "finetune", "full_finetune", "setfit"]
+    argv = [
+        "train", "--local", "--quiet", "--config", "quickstart",
+        *tiny_overrides(*tiny, **{"run.output_dir": str(tmp_path), "run.name": "x", "meta.meta_steps": 2}),
+        f"eval.dataset={other_dataset}", f"eval.methods={json.dumps(methods)}", "eval.n_way=[3,4]",
+        "eval.episodes=4", "eval.costly_episodes=2", "eval.finetune.steps=3", "eval.full_finetune.steps=2",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "x" / "report.json").read_text())
+    assert report["protocol"] == "cross-dataset" and report["test_dataset"] == other_dataset
+    assert report["test_classes"] == [f"other_{i:02d}" for i in range(12)]
+    splits = json.loads((tmp_path / "x" / "splits.json").read_text())
+    assert splits["test"] == [] and len(splits["train"]) + len(splits["val"]) == 12  # nothing held out
+    results = report["results"]
+    assert list(results) == methods
+    for m in methods:
+        assert list(results[m]) == ["3w1s", "4w1s"]
+        episodes = 2 if m in ("finetune", "full_finetune", "setfit") else 4
+        assert [c["episodes"] for c in results[m].values()] == [episodes, episodes], m
+        assert all(0 <= v <= 1 for c in results[m].values() for v in c["per_episode"])
+        assert ("paired" in results[m]["3w1s"]) == (m != "logreg")
+    md = (tmp_path / "x" / "report.md").read_text()
+    assert (
+        "Meta-test (cross-dataset) on" in md
+        and "| SetFit (contrastive fine-tune + logistic regression) (first 2" in md
+    )
+
+
+def test_evaluate_an_exported_init_on_named_classes_of_another_dataset(
+    tiny: tuple[str, str], other_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "train", "--local", "--quiet", "--config", "quickstart",
+        *tiny_overrides(*tiny, **{"run.output_dir": str(tmp_path), "run.name": "a", "meta.meta_steps": 1}),
+        'eval.methods=["meta","logreg"]',
+    ]  # fmt: skip
+    assert main(argv) == 0
+    adapter = str(tmp_path / "a" / "adapter")
+    out = tmp_path / "eval"
+    evaluate = [
+        "evaluate",
+        "--quiet",
+        "--adapter",
+        adapter,
+        "--out",
+        str(out),
+        f"eval.dataset={other_dataset}",
+    ]
+    assert main([*evaluate, 'eval.classes=["other_0*", "other_10"]', "eval.episodes=3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["test_classes"] == [f"other_{i:02d}" for i in range(10)] + ["other_10"]
+    assert report["results"]["meta"]["3w1s"]["episodes"] == 3
+    # a pattern that matches nothing fails before any model loads, naming the nearest classes
+    capsys.readouterr()
+    assert main([*evaluate, 'eval.classes=["othr_01"]']) == 2
+    err = capsys.readouterr().err
+    assert "eval.classes: 'othr_01' matches no class of the data" in err and "other_01" in err
+    # a way the other dataset cannot hold is refused the same way
+    assert main([*evaluate, "eval.n_way=13"]) == 2
+    assert "fewer than n_way=13" in capsys.readouterr().err
