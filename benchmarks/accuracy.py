@@ -24,7 +24,7 @@ from typing import Any
 
 from metapeft_ray.evaluate import METHOD_LABELS, mean_ci95, paired
 
-from common import RESULTS, provenance
+from common import RESULTS, environment
 
 REFERENCE = "logreg"
 
@@ -141,11 +141,9 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "accuracy"), help="output path without suffix")
     args = p.parse_args()
     rows = pool(args.reports)
-    command = "python benchmarks/accuracy.py " + " ".join(args.reports)
+    command = environment()["command"]
     out = Path(args.out)
-    out.with_suffix(".json").write_text(
-        json.dumps({**provenance(), "command": command, "cells": rows}, indent=2)
-    )
+    out.with_suffix(".json").write_text(json.dumps({"environment": environment(), "cells": rows}, indent=2))
     out.with_suffix(".md").write_text(markdown(rows, command))
     print(out.with_suffix(".md").read_text())
 

@@ -122,9 +122,9 @@ def measure(
 ) -> Row:  # fmt: skip
     """Seconds per episode of each contender, alternating contenders episode by episode."""
     ours = partial(ours_episode, encoder, params, steps=steps, lr=cfg.meta.inner_lr,
-                   scale=cfg.model.head_scale, second_order=order == "second")  # fmt: skip
+                   scale=cfg.head.scale, second_order=order == "second")  # fmt: skip
     floor = partial(floor_episode, encoder, params, steps=steps, lr=cfg.meta.inner_lr,
-                    scale=cfg.model.head_scale, second_order=order == "second")  # fmt: skip
+                    scale=cfg.head.scale, second_order=order == "second")  # fmt: skip
     contenders: dict[str, Callable[[Episode], object]] = {
         "ours": ours,
         "floor": floor,

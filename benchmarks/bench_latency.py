@@ -102,7 +102,7 @@ def timed_task(model: Model, episode: Episode, steps: int) -> tuple[float, float
         preds = list(
             adapt_and_predict(
                 encoder, model.init, support, queries, steps=steps, lr=model.cfg.meta.inner_lr,
-                scale=model.cfg.model.head_scale, param_lrs=model.param_lrs,
+                scale=model.cfg.head.scale, param_lrs=model.param_lrs,
             )
         )  # fmt: skip
         end = time.perf_counter()

@@ -80,7 +80,7 @@ def contender_params(encoder: Encoder, lora: dict[str, Tensor], which: str) -> d
 def meta_gradient(cfg: Config, encoder: Encoder, params: dict[str, Tensor], episode: Episode) -> None:
     run_episode(
         encoder, params, episode, steps=cfg.meta.inner_steps, lr=cfg.meta.inner_lr,
-        scale=cfg.model.head_scale, first_order=False, meta_gradient=True,
+        scale=cfg.head.scale, first_order=False, meta_gradient=True,
     )  # fmt: skip
 
 

@@ -64,7 +64,7 @@ def ours(encoder: Encoder, params: Params, cfg: Config, order: str) -> EpisodeFn
     def episode_grads(episode: Episode) -> Params:
         m = cfg.meta
         result = run_episode(
-            encoder, params, episode, steps=m.inner_steps, lr=m.inner_lr, scale=cfg.model.head_scale,
+            encoder, params, episode, steps=m.inner_steps, lr=m.inner_lr, scale=cfg.head.scale,
             first_order=order == "first", meta_gradient=True, track_support_after=False,
         )  # fmt: skip
         assert result.grads is not None
@@ -88,7 +88,7 @@ def unrolled(
     """`metapeft_ray.meta.run_episode`'s objective with a library's optimizer doing the inner steps
     on ``[*adapter tensors, W, b]``; the meta-gradient w.r.t. the init (or, ``wrt_adapted``, w.r.t.
     the adapted adapter tensors: textbook first-order MAML)."""
-    names, scale = list(params), cfg.model.head_scale
+    names, scale = list(params), cfg.head.scale
 
     def loss(fast: list[Tensor], batch: dict[str, Tensor], labels: Tensor) -> Tensor:
         embeddings = encoder.embed(dict(zip(names, fast[:-2], strict=True)), batch)
@@ -144,7 +144,7 @@ def support_loss(encoder: Encoder, params: Params, episode: Episode, cfg: Config
     """The support loss of the module as it stands (``embed({})``: no substitution)."""
     support, s_labels, _, _ = episode_tensors(encoder, episode)
     weight, bias = proto_head(encoder.embed(params, support), s_labels, len(episode.class_names))
-    logits = head_logits(encoder.embed({}, support), weight, bias, cfg.model.head_scale)
+    logits = head_logits(encoder.embed({}, support), weight, bias, cfg.head.scale)
     return F.cross_entropy(logits, s_labels)
 
 

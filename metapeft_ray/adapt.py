@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from metapeft_ray.data import LabelledTexts
+from metapeft_ray.data import LabelledTexts, label_text
 from metapeft_ray.meta import adapt, head_logits
 from metapeft_ray.model import Encoder
 
@@ -24,10 +24,13 @@ def adapt_and_predict(
     scale: float,
     batch_size: int = 64,
     param_lrs: dict[str, torch.Tensor] | None = None,
+    inner_scale: float | None = None,
+    name_weight: float | None = None,
 ) -> Iterator[dict[str, Any]]:
     """``steps`` inner steps on the support set (the same `adapt` as training), then one
     prediction per query text: ``{"text", "label", "confidence"}``. ``param_lrs``: Meta-SGD's
-    learned per-tensor learning rates of the init (`export.load_inner_lrs`)."""
+    learned per-tensor learning rates of the init (`export.load_inner_lrs`); ``inner_scale`` and
+    ``name_weight`` (the support labels' names join the prototypes; None: not) as in training."""
     classes = sorted(set(support.labels))
     labels = torch.tensor([classes.index(y) for y in support.labels], device=encoder.device)
     params = {k: v.detach().requires_grad_() for k, v in init.items()}
@@ -42,6 +45,9 @@ def adapt_and_predict(
         scale=scale,
         first_order=True,
         param_lrs=param_lrs,
+        inner_scale=inner_scale,
+        names=None if name_weight is None else encoder.tokenize([label_text(c) for c in classes]),
+        name_weight=1.0 if name_weight is None else name_weight,
     )
     batch: list[str] = []
     for text in [*queries, None]:

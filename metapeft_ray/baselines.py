@@ -5,6 +5,8 @@ scored on the same episodes and compared paired (`metapeft_ray.evaluate`):
 
 - ``proto`` / ``logreg``: the frozen backbone's embeddings (cached by text: the backbone never
   changes) with a prototype classifier / logistic regression fit on the support embeddings;
+  ``proto_names`` / ``logreg_names``: the same with each class name's embedding as one more
+  support example (what label names alone give, next to a meta-init that uses them);
 - ``finetune``: the same PEFT method from peft's default init (LoRA B = 0, IA3 ones, ...),
   trained with Adam on the support loss, head initialised from the support prototypes;
 - ``full_finetune``: every backbone weight, Adam, the same head — through the same inner loop
@@ -60,24 +62,30 @@ def _frozen(cache: EmbeddingCache, episode: Episode) -> tuple[Tensor, Tensor, Te
     )
 
 
-def prototype_scorer(cache: EmbeddingCache) -> Scorer:
-    """Nearest prototype (mean support embedding) of the frozen backbone."""
+def prototype_scorer(cache: EmbeddingCache, *, label_names: bool = False) -> Scorer:
+    """Nearest prototype (mean support embedding) of the frozen backbone; with ``label_names`` each
+    class name's embedding counts as one more support example."""
 
     def score(episode: Episode) -> float:
         e_s, y_s, e_q, y_q = _frozen(cache, episode)
-        weight, bias = proto_head(e_s, y_s, len(episode.class_names))
+        names = cache(episode.name_texts) if label_names else None
+        weight, bias = proto_head(e_s, y_s, len(episode.class_names), names)
         return (head_logits(e_q, weight, bias, 1.0).argmax(-1) == y_q).float().mean().item()
 
     return score
 
 
-def logreg_scorer(cache: EmbeddingCache) -> Scorer:
-    """Logistic regression on the frozen support embeddings. C = 10: the embeddings are unit-norm,
-    so sklearn's default C = 1 regularises them into mush."""
+def logreg_scorer(cache: EmbeddingCache, *, label_names: bool = False) -> Scorer:
+    """Logistic regression on the frozen support embeddings (with ``label_names``, plus each class
+    name's embedding as one more example). C = 10: the embeddings are unit-norm, so sklearn's
+    default C = 1 regularises them into mush."""
     from sklearn.linear_model import LogisticRegression
 
     def score(episode: Episode) -> float:
         e_s, y_s, e_q, y_q = _frozen(cache, episode)
+        if label_names:
+            e_s = torch.cat([e_s, cache(episode.name_texts)])
+            y_s = torch.cat([y_s, torch.arange(len(episode.class_names))])
         clf = LogisticRegression(C=10.0, max_iter=1000).fit(e_s.numpy(), y_s.numpy())
         return float((clf.predict(e_q.numpy()) == y_q.numpy()).mean())
 
@@ -93,15 +101,19 @@ def adapted_scorer(
     scale: float,
     optimizer: Literal["sgd", "adam"] = "sgd",
     param_lrs: Mapping[str, Tensor] | None = None,
+    inner_scale: float | None = None,
+    name_weight: float | None = None,
 ) -> Scorer:
     """``steps`` steps of the one inner loop on the support set from ``init``, then the query
-    accuracy: the meta-learned init (SGD, Meta-SGD's rates if any; 0 steps = no adaptation) and
-    the fine-tuning baselines (Adam from the method's default init, or every backbone weight)."""
+    accuracy: the meta-learned init (SGD, Meta-SGD's rates if any, its head settings; 0 steps = no
+    adaptation) and the fine-tuning baselines (Adam from the method's default init, or every
+    backbone weight)."""
 
     def score(episode: Episode) -> float:
         result = run_episode(
             encoder, init, episode, steps=steps, lr=lr, scale=scale, first_order=True,
             meta_gradient=False, track_support_after=False, param_lrs=param_lrs, optimizer=optimizer,
+            inner_scale=inner_scale, name_weight=name_weight,
         )  # fmt: skip
         return result.query_accuracy
 

@@ -48,8 +48,10 @@ def _cmd_adapt(args: argparse.Namespace) -> None:
     from metapeft_ray.adapt import adapt_and_predict
     from metapeft_ray.data import load_dataset
     from metapeft_ray.export import load_adapter, load_inner_lrs
+    from metapeft_ray.train import inner_loop
 
     encoder, _, cfg, _ = load_adapter(args.adapter)
+    inner = inner_loop(cfg, args.steps, args.lr)
     support = load_dataset(args.support, args.text_column, args.label_column)
     if args.query and args.query.endswith((".jsonl", ".csv", ".tsv")):
         queries = iter(load_dataset(args.query, args.text_column, args.label_column).texts)
@@ -62,11 +64,13 @@ def _cmd_adapt(args: argparse.Namespace) -> None:
         encoder.adapter_params(),
         support,
         queries,
-        steps=cfg.meta.inner_steps if args.steps is None else args.steps,
-        lr=args.lr or cfg.meta.inner_lr,
-        scale=cfg.model.head_scale,
+        steps=inner.steps,
+        lr=inner.lr,
+        scale=inner.scale,
         # Meta-SGD's learned per-tensor rates, unless --lr asks for one scalar rate
         param_lrs=None if args.lr else load_inner_lrs(args.adapter, encoder.device),
+        inner_scale=inner.inner_scale,
+        name_weight=inner.name_weight,
     ):
         print(json.dumps(pred), flush=True)
 

@@ -74,11 +74,45 @@ class ModelSection(_Section):
     max_length: int = Field(64, ge=8, le=4096)
     normalize: bool = True
     """L2-normalise the mean-pooled sentence embedding (as sentence-transformers does)."""
-    head_scale: float = Field(10.0, gt=0)
-    """Temperature of the prototype-initialised head: logits = s * (2 c.x - |c|^2)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False
     """bf16 autocast for the backbone forward on GPU (ignored on CPU)."""
+
+
+HeadValue = Literal["scale", "inner_scale", "name_weight"]
+
+
+class HeadSection(_Section):
+    """Each episode's classifier (Proto-MAML): prototypes ``c_k`` of the support embeddings,
+    logits ``s (2 c_k.x - |c_k|^2)``, adapted with the encoder in the inner loop."""
+
+    scale: float = Field(10.0, gt=0)
+    """Temperature s of the query logits (and of the support loss unless ``inner_scale``)."""
+    inner_scale: float | None = Field(None, gt=0)
+    """Temperature of the support loss in the inner loop (unset: ``scale``). At 1 shot a support
+    example is its own prototype and the loss at s = 10 is ~1e-5, so the inner loop moves nothing;
+    a lower inner temperature keeps it informative."""
+    label_names: bool = False
+    """Class names are text: embed each name (``_`` and ``-`` read as spaces) with the encoder and
+    add it to its prototype as ``name_weight`` support examples, ``c_k = (sum_i x_ki + w n_k) /
+    (K + w)``. Needs meaningful class names (card_arrival, alarm_set, ...)."""
+    name_weight: float = Field(1.0, gt=0)
+    """w: how many support examples a class name counts as."""
+    learn: list[HeadValue] = Field(default_factory=list)
+    """Head values meta-learned with the adapter init (log-parametrised, so they stay positive),
+    exported with the adapter and used at meta-test and by ``metapeft adapt``."""
+    outer_lr: float = Field(0.01, gt=0)
+    """Adam learning rate of the learned head values (of their logarithms)."""
+
+    @model_validator(mode="after")
+    def _learned_values_exist(self) -> HeadSection:
+        if "name_weight" in self.learn and not self.label_names:
+            raise ValueError(
+                "head.learn has name_weight but head.label_names is false; set head.label_names=true"
+            )
+        if len(set(self.learn)) != len(self.learn):
+            raise ValueError(f"head.learn lists a value twice: {self.learn}")
+        return self
 
 
 # Which roles each placement key adapts (roles are expanded per architecture family in
@@ -237,8 +271,17 @@ class MetaSection(_Section):
         return self.algorithm in ("maml", "metasgd") and not self.first_order
 
 
-EvalMethod = Literal["meta", "meta_init", "proto", "logreg", "finetune", "full_finetune", "setfit"]
-FROZEN_METHODS = ("proto", "logreg")
+EvalMethod = Literal[
+    "meta",
+    "meta_init",
+    "proto",
+    "logreg",
+    "proto_names",
+    "logreg_names",
+    "finetune",
+    "full_finetune",
+    "setfit",
+]
 COSTLY_METHODS = ("finetune", "full_finetune", "setfit")
 """Baselines that train per episode; they run on the first ``eval.costly_episodes`` of a cell."""
 
@@ -281,7 +324,9 @@ class EvalSection(_Section):
         default_factory=lambda: ["meta", "meta_init", "proto", "logreg", "finetune"], min_length=1
     )
     """meta (the meta-learned init + adaptation), meta_init (the same init, no adaptation),
-    proto / logreg (frozen backbone + prototypes / logistic regression), finetune (the PEFT
+    proto / logreg (frozen backbone + prototypes / logistic regression), proto_names /
+    logreg_names (the same with each class name's embedding as one more support example: the
+    fair comparison for head.label_names), finetune (the PEFT
     method from peft's default init, fine-tuned with Adam), full_finetune (every backbone weight,
     Adam), setfit (needs ``pip install metapeft_ray[baselines]``)."""
     reference: Literal["proto", "logreg"] = "logreg"
@@ -342,9 +387,19 @@ class Config(_Section):
     episode: EpisodeSection = Field(default_factory=EpisodeSection)
     model: ModelSection = Field(default_factory=ModelSection)
     peft: PeftSection = Field(default_factory=PeftSection)
+    head: HeadSection = Field(default_factory=HeadSection)
     meta: MetaSection = Field(default_factory=MetaSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+
+    @model_validator(mode="after")
+    def _learned_head_needs_a_query_gradient(self) -> Config:
+        if self.head.learn and self.meta.algorithm == "reptile":
+            raise ValueError(
+                f"head.learn={self.head.learn} needs the query loss's gradient, which "
+                f"meta.algorithm=reptile never takes; use maml, metasgd or protonet, or set head.learn=[]"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -25,6 +25,11 @@ PACKAGED_DATASETS = {
 }
 
 
+def label_text(label: str) -> str:
+    """A class name as the text an encoder reads: ``card_arrival`` -> ``card arrival``."""
+    return " ".join(label.replace("_", " ").replace("-", " ").split())
+
+
 class DataError(ValueError):
     """Bad or unreadable data; the message names the source and the fix."""
 

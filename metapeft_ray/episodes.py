@@ -14,7 +14,7 @@ from typing import Literal, NoReturn
 
 import numpy as np
 
-from metapeft_ray.data import DataError, LabelledTexts
+from metapeft_ray.data import DataError, LabelledTexts, label_text
 from metapeft_ray.splits import EXPECTED_KEYS, SPLIT_NAMES, match_patterns, read_class_lists, unknown_hint
 
 Split = Literal["train", "val", "test"]
@@ -218,6 +218,11 @@ class Episode:
     support_labels: tuple[int, ...]
     query_texts: tuple[str, ...]
     query_labels: tuple[int, ...]
+
+    @property
+    def name_texts(self) -> list[str]:
+        """The class names as text, in label order (for a head with label names)."""
+        return [label_text(c) for c in self.class_names]
 
 
 class EpisodeSampler:

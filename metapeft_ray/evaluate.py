@@ -22,7 +22,7 @@ import numpy as np
 
 from metapeft_ray.baselines import Scorer
 from metapeft_ray.config import COSTLY_METHODS
-from metapeft_ray.episodes import EpisodeSampler
+from metapeft_ray.episodes import EpisodeSampler, Split
 
 METHOD_LABELS = {
     "meta": "meta-learned init + adaptation",
@@ -77,18 +77,18 @@ def meta_test(
     seed: int,
     reference: str | None = "logreg",
     progress: bool = False,
+    split: Split = "test",
 ) -> Results:
     """Score every method on the same ``episodes`` test episodes of each (n_way, k_shot) cell
     (the costly baselines on the first ``costly_episodes``), then pair each row with
-    ``reference`` (skipped when it is not among the scorers)."""
+    ``reference`` (skipped when it is not among the scorers). ``split="val"`` scores meta-val
+    episodes instead (to choose a baseline's settings without looking at the test classes)."""
     from tqdm.auto import tqdm
 
     results: Results = {m: {} for m in scorers}
     for n_way, k_shot in cells:
         key = cell_name(n_way, k_shot)
-        specs = sampler.specs(
-            "test", episodes, seed=seed, step=0, n_way=n_way, k_shot=k_shot, q_query=q_query
-        )
+        specs = sampler.specs(split, episodes, seed=seed, step=0, n_way=n_way, k_shot=k_shot, q_query=q_query)
         scores: dict[str, list[float]] = {m: [] for m in scorers}
         seconds: dict[str, list[float]] = {m: [] for m in scorers}
         for i, spec in enumerate(tqdm(specs, desc=f"meta-test {key}", disable=not progress, leave=False)):

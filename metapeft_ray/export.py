@@ -25,6 +25,8 @@ from metapeft_ray.model import Encoder, encoder_from_config
 
 METADATA_FILE = "metapeft.json"
 INNER_LRS_FILE = "metasgd_lrs.safetensors"
+LEARNED_HEAD = "learned_head"
+"""Metadata key of the meta-learned head values (``head.learn``), ``{"scale": 8.3, ...}``."""
 
 
 def export_adapter(
@@ -72,10 +74,17 @@ def local_adapter(uri: str) -> Path:
     return storage.fetch_to_local(uri, Path(tempfile.gettempdir()) / "metapeft-adapters")
 
 
+def with_learned_head(cfg: Config, learned: Mapping[str, float]) -> Config:
+    """``cfg`` with the meta-learned head values (``{"scale": 8.3}``) in place of the set ones: the
+    head an exported init is adapted and scored with."""
+    return cfg.with_overrides({f"head.{k}": v for k, v in learned.items()}) if learned else cfg
+
+
 def adapter_config(path: Path, overrides: dict[str, Any] | None = None) -> tuple[Config, dict[str, Any]]:
-    """The config an exported init was trained with (``overrides`` applied) and its metadata."""
+    """The config of an exported init, with its learned head values and ``overrides`` applied,
+    and its metadata."""
     metadata = read_metadata(path)
-    cfg = validate_config(metadata["config"])
+    cfg = with_learned_head(validate_config(metadata["config"]), metadata.get(LEARNED_HEAD, {}))
     return (cfg.with_overrides(overrides) if overrides else cfg), metadata
 
 

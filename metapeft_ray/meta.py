@@ -34,16 +34,29 @@ from metapeft_ray.episodes import Episode
 from metapeft_ray.model import Encoder
 
 Params = dict[str, Tensor]
+Scalar = float | Tensor
+"""A head value: a number, or a 0-d tensor when it is meta-learned (differentiable)."""
 
 
-def proto_head(embeddings: Tensor, labels: Tensor, n_way: int) -> tuple[Tensor, Tensor]:
-    """``W_k = 2 c_k``, ``b_k = -|c_k|^2`` with c_k the mean support embedding of class k."""
+def proto_head(
+    embeddings: Tensor,
+    labels: Tensor,
+    n_way: int,
+    names: Tensor | None = None,
+    name_weight: Scalar = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """``W_k = 2 c_k``, ``b_k = -|c_k|^2`` with c_k the mean support embedding of class k, or with
+    the class names' embeddings ``n_k`` as a prior worth ``w = name_weight`` examples:
+    ``c_k = (sum_{i: y_i = k} x_i + w n_k) / (K_k + w)``."""
     onehot = F.one_hot(labels, n_way).to(embeddings.dtype)
-    protos = onehot.T @ embeddings / onehot.sum(0).unsqueeze(1)
+    sums, counts = onehot.T @ embeddings, onehot.sum(0).unsqueeze(1)
+    if names is not None:
+        sums, counts = sums + name_weight * names, counts + name_weight
+    protos = sums / counts
     return 2 * protos, -(protos * protos).sum(-1)
 
 
-def head_logits(embeddings: Tensor, weight: Tensor, bias: Tensor, scale: float) -> Tensor:
+def head_logits(embeddings: Tensor, weight: Tensor, bias: Tensor, scale: Scalar) -> Tensor:
     # Written out rather than torch.cdist: cdist has no double backward.
     return scale * (embeddings @ weight.T + bias)
 
@@ -67,10 +80,13 @@ def adapt(
     *,
     steps: int,
     lr: float,
-    scale: float,
+    scale: Scalar,
     first_order: bool,
     param_lrs: Mapping[str, Tensor] | None = None,
     optimizer: Literal["sgd", "adam"] = "sgd",
+    inner_scale: Scalar | None = None,
+    names: Mapping[str, Tensor] | None = None,
+    name_weight: Scalar = 1.0,
 ) -> Adapted:
     """The one inner loop: ``steps`` gradient steps on the support loss over ``params`` + head.
 
@@ -80,10 +96,14 @@ def adapt(
     elementwise tensor; the result stays differentiable w.r.t. them in either case.
     ``optimizer="adam"`` replaces the SGD step ``-lr g`` by Adam's ``-lr m_hat / (sqrt(v_hat) + eps)``
     (the fine-tuning baselines: plain fine-tuning uses Adam, and its step size does not depend
-    on the scale of a nearly-zero 1-shot support loss).
+    on the scale of a nearly-zero 1-shot support loss). The support loss uses ``inner_scale``
+    (default ``scale``); ``names`` (the tokenised class names) make the head's prototypes start
+    from the names' embeddings as ``name_weight`` examples each (`proto_head`).
     """
     embedded = encoder.embed(params, support)
-    weight, bias = proto_head(embedded, support_labels, n_way)
+    named = None if names is None else encoder.embed(params, names)
+    weight, bias = proto_head(embedded, support_labels, n_way, named, name_weight)
+    inner_scale = scale if inner_scale is None else inner_scale
     fast = dict(params)
     losses: list[float] = []
     adam = _Adam() if optimizer == "adam" else None
@@ -93,7 +113,7 @@ def adapt(
         # embedding is the one the prototypes came from: no second forward; its gradient, taken at
         # a fresh node, goes back through the encoder as a vector-Jacobian product.
         emb = embedded.view_as(embedded) if step == 0 else encoder.embed(fast, support)
-        loss = F.cross_entropy(head_logits(emb, weight, bias, scale), support_labels)
+        loss = F.cross_entropy(head_logits(emb, weight, bias, inner_scale), support_labels)
         losses.append(loss.item())
         if step == 0:
             g_emb, g_weight, g_bias = torch.autograd.grad(
@@ -173,7 +193,7 @@ def run_episode(
     *,
     steps: int,
     lr: float,
-    scale: float,
+    scale: Scalar,
     first_order: bool,
     meta_gradient: bool,
     track_support_after: bool = True,
@@ -181,6 +201,8 @@ def run_episode(
     grad_wrt: Mapping[str, Tensor] | None = None,
     keep_adapted: bool = False,
     optimizer: Literal["sgd", "adam"] = "sgd",
+    inner_scale: Scalar | None = None,
+    name_weight: Scalar | None = None,
 ) -> EpisodeResult:
     """Adapt on the support set, score the query set; with ``meta_gradient`` also return
     ``d L_query / d params`` (the episode's contribution to the outer update).
@@ -188,14 +210,19 @@ def run_episode(
     ``param_lrs``: per-tensor inner learning rates (Meta-SGD). ``grad_wrt``: the tensors to
     differentiate the query loss w.r.t. when they are more than ``params`` (Meta-SGD adds its
     log learning rates); the gradients come back under the same names. ``optimizer``: the inner
-    loop's update (`adapt`).
+    loop's update (`adapt`). ``inner_scale``: the support loss's temperature (default ``scale``);
+    ``name_weight``: the class names join the prototypes as that many examples (None: no names).
     """
     support, s_labels, query, q_labels = episode_tensors(encoder, episode)
+    names = None if name_weight is None else encoder.tokenize(episode.name_texts)
     n_way = len(episode.class_names)
     if not meta_gradient:  # adapt a detached copy: no graph back into the caller's init
         params = {k: v.detach().requires_grad_() for k, v in params.items()}
         if param_lrs is not None:
             param_lrs = {k: v.detach() for k, v in param_lrs.items()}
+        scale, inner_scale, name_weight = (
+            v.detach() if isinstance(v, Tensor) else v for v in (scale, inner_scale, name_weight)
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_episode_seed(episode))
         with torch.enable_grad():
@@ -211,6 +238,9 @@ def run_episode(
                 first_order=first_order or not meta_gradient,
                 param_lrs=param_lrs,
                 optimizer=optimizer,
+                inner_scale=inner_scale,
+                names=names,
+                name_weight=1.0 if name_weight is None else name_weight,
             )
         with torch.set_grad_enabled(meta_gradient):
             logits = head_logits(encoder.embed(adapted.params, query), adapted.weight, adapted.bias, scale)
@@ -223,7 +253,10 @@ def run_episode(
         if track_support_after and steps:
             with torch.no_grad():
                 s_logits = head_logits(
-                    encoder.embed(adapted.params, support), adapted.weight, adapted.bias, scale
+                    encoder.embed(adapted.params, support),
+                    adapted.weight,
+                    adapted.bias,
+                    scale if inner_scale is None else inner_scale,
                 )
                 after = F.cross_entropy(s_logits, s_labels).item()
     before = adapted.support_losses[0] if adapted.support_losses else float("nan")

@@ -23,9 +23,17 @@ from metapeft_ray import metrics as live_metrics
 from metapeft_ray.config import Config
 from metapeft_ray.episodes import EpisodeSampler
 from metapeft_ray.evaluate import markdown_table, meta_test
-from metapeft_ray.export import adapter_config, export_adapter, load_adapter, load_inner_lrs, local_adapter
+from metapeft_ray.export import (
+    LEARNED_HEAD,
+    adapter_config,
+    export_adapter,
+    load_adapter,
+    load_inner_lrs,
+    local_adapter,
+    with_learned_head,
+)
 from metapeft_ray.model import Encoder, resolve_backbone
-from metapeft_ray.train import MetaLearner, prepare_sampler, prepare_test_sampler
+from metapeft_ray.train import MetaLearner, inner_loop, prepare_sampler, prepare_test_sampler
 
 
 def run_uri(cfg: Config) -> str:
@@ -73,17 +81,24 @@ def build_scorers(
     """One scorer per method of ``eval.methods``, from the config's flat values. ``meta_init``:
     the meta-learned adapter init; ``default_init``: the method's default init (the ``finetune``
     baseline starts there); ``inner_lrs``: Meta-SGD's learned rates for ``meta``."""
-    ev, scale = cfg.eval, cfg.model.head_scale
-    steps = cfg.meta.inner_steps if ev.inner_steps is None else ev.inner_steps
-    lr = ev.inner_lr or cfg.meta.inner_lr
+    ev, scale = cfg.eval, cfg.head.scale
+    inner = inner_loop(cfg, ev.inner_steps, ev.inner_lr)
+    meta = {
+        "lr": inner.lr,
+        "scale": scale,
+        "inner_scale": inner.inner_scale,
+        "name_weight": inner.name_weight,
+    }
     cache = baselines.EmbeddingCache(encoder)
     factories: dict[str, Callable[[], baselines.Scorer]] = {
         "meta": lambda: baselines.adapted_scorer(
-            encoder, meta_init, steps=steps, lr=lr, scale=scale, param_lrs=inner_lrs
+            encoder, meta_init, steps=inner.steps, param_lrs=inner_lrs, **meta
         ),
-        "meta_init": lambda: baselines.adapted_scorer(encoder, meta_init, steps=0, lr=lr, scale=scale),
+        "meta_init": lambda: baselines.adapted_scorer(encoder, meta_init, steps=0, **meta),
         "proto": lambda: baselines.prototype_scorer(cache),
         "logreg": lambda: baselines.logreg_scorer(cache),
+        "proto_names": lambda: baselines.prototype_scorer(cache, label_names=True),
+        "logreg_names": lambda: baselines.logreg_scorer(cache, label_names=True),
         "finetune": lambda: baselines.adapted_scorer(
             encoder, default_init, steps=ev.finetune.steps, lr=ev.finetune.lr, scale=scale, optimizer="adam"
         ),
@@ -152,24 +167,27 @@ def finish(
     history: Iterable[Mapping[str, float]] = (),
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Export the meta-learned init, then meta-test it against the baselines."""
+    """Export the meta-learned init (with its learned head values), then meta-test it against
+    the baselines."""
     last = dict(list(history)[-1]) if history else {}
+    learned = learner.learned_head()
     metadata = {
         "config": cfg.to_dict(),
         "splits": splits_record(cfg, learner.sampler),
         "meta_step": learner.step,
         "metrics": last,
+        LEARNED_HEAD: learned,
     }
     lrs = learner.inner_lrs()  # Meta-SGD's learned rates; None for the other algorithms
     export_adapter(learner.encoder, out / "adapter", metadata, inner_lrs=lrs)
     return evaluate_and_report(
-        cfg,
+        with_learned_head(cfg, learned),
         learner.encoder,
         learner.params,
         learner.default_init,
         learner.sampler,
         out,
-        {"meta_step": learner.step},
+        {"meta_step": learner.step, LEARNED_HEAD: learned},
         progress,
         inner_lrs=lrs,
     )

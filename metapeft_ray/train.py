@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from metapeft_ray.algorithms import ALGORITHMS, InnerLoop, MetaAlgorithm
+from metapeft_ray.algorithms.base import HEAD_PREFIX
 from metapeft_ray.algorithms.maml import MAML
 from metapeft_ray.config import Config, ConfigError
 from metapeft_ray.data import load_dataset
@@ -99,6 +100,20 @@ def prepare_test_sampler(cfg: Config, sampler: EpisodeSampler) -> EpisodeSampler
     return test
 
 
+def inner_loop(cfg: Config, steps: int | None = None, lr: float | None = None) -> InnerLoop:
+    """The inner loop of a config (``steps`` / ``lr`` override ``meta.*``, e.g. at meta-test).
+    Reptile and ProtoNet never differentiate the inner loop: first order for them."""
+    m, h = cfg.meta, cfg.head
+    return InnerLoop(
+        m.inner_steps if steps is None else steps,
+        m.inner_lr if lr is None else lr,
+        h.scale,
+        not m.second_order,
+        h.inner_scale,
+        h.name_weight if h.label_names else None,
+    )
+
+
 class MetaLearner:
     """The meta-parameters (adapter init ``phi_0``, plus the algorithm's own, e.g. Meta-SGD's
     log learning rates), their outer optimiser, and how to take one meta-step."""
@@ -120,6 +135,8 @@ class MetaLearner:
         algorithm: MetaAlgorithm | None = None,
         outer_optimizer: str = "adam",
         extra_outer_lr: float | None = None,
+        learn_head: Sequence[str] = (),
+        head_outer_lr: float = 0.01,
     ) -> None:
         self.encoder, self.sampler, self.inner = encoder, sampler, inner
         self.seed, self.meta_batch_size, self.val_episodes = seed, meta_batch_size, val_episodes
@@ -130,11 +147,15 @@ class MetaLearner:
         self.default_init = {k: v.detach().clone() for k, v in self.params.items()}
         spec = encoder.spec if b_std is None else dataclasses.replace(encoder.spec, init_b_std=b_std)
         METHODS[spec.method].meta_init(self.params, spec, seed)
-        self.extra = self.algorithm.extra_meta_params(self.params, lr=inner.lr)
+        algorithm_extra = self.algorithm.extra_meta_params(self.params, lr=inner.lr)
+        head = inner.head_meta_params(learn_head)
+        self.extra = {**algorithm_extra, **head}
         self.meta_params: dict[str, Tensor] = {**self.params, **self.extra}
         groups: list[dict[str, Any]] = [{"params": list(self.params.values())}]
-        if self.extra:
-            groups.append({"params": list(self.extra.values()), "lr": extra_outer_lr or outer_lr})
+        if algorithm_extra:
+            groups.append({"params": list(algorithm_extra.values()), "lr": extra_outer_lr or outer_lr})
+        if head:
+            groups.append({"params": list(head.values()), "lr": head_outer_lr})
         if outer_optimizer == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(groups, lr=outer_lr)
         elif outer_optimizer == "sgd":
@@ -152,8 +173,7 @@ class MetaLearner:
         return cls(
             encoder_from_config(cfg, device=device),
             sampler,
-            # Reptile and ProtoNet never differentiate the inner loop: first order for them.
-            inner=InnerLoop(m.inner_steps, m.inner_lr, cfg.model.head_scale, not m.second_order),
+            inner=inner_loop(cfg),
             seed=cfg.run.seed,
             n_way=cfg.episode.n_way,
             k_shot=cfg.episode.k_shot,
@@ -165,6 +185,8 @@ class MetaLearner:
             algorithm=ALGORITHMS[m.algorithm].from_settings(m.model_dump()),
             outer_optimizer=m.outer_optimizer,
             extra_outer_lr=m.metasgd_outer_lr,
+            learn_head=cfg.head.learn,
+            head_outer_lr=cfg.head.outer_lr,
         )
 
     def train_specs(self, step: int) -> list[EpisodeSpec]:
@@ -183,6 +205,14 @@ class MetaLearner:
             self.inner,
             meta_gradient=meta_gradient,
         )
+
+    def learned_head(self) -> dict[str, float]:
+        """The meta-learned head values, ``{"scale": 8.3, ...}`` (empty when none is learned)."""
+        return {
+            k.removeprefix(HEAD_PREFIX): v.exp().item()
+            for k, v in self.extra.items()
+            if k.startswith(HEAD_PREFIX)
+        }
 
     def inner_lrs(self) -> dict[str, Tensor] | None:
         """The learned per-tensor inner learning rates (Meta-SGD), detached; None otherwise."""

@@ -8,27 +8,53 @@ contribution is a gradient (MAML, Meta-SGD, ProtoNet) or a pseudo-gradient (Rept
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from metapeft_ray.episodes import Episode
-from metapeft_ray.meta import EpisodeResult, run_episode
+from metapeft_ray.meta import EpisodeResult, Scalar, run_episode
 from metapeft_ray.model import Encoder
 
 Params = dict[str, Tensor]
 
 
+HEAD_PREFIX = "head/log_"
+"""Meta-parameter names of the learned head values: ``head/log_scale``, ``head/log_name_weight``..."""
+
+
 @dataclass(frozen=True)
 class InnerLoop:
-    """The inner loop's settings (flat values from ``meta.*`` / ``model.head_scale``)."""
+    """The inner loop's settings (flat values from ``meta.*`` / ``head.*``). ``name_weight`` None:
+    the head does not use the class names."""
 
     steps: int
     lr: float
-    scale: float
+    scale: Scalar
     first_order: bool
+    inner_scale: Scalar | None = None
+    name_weight: Scalar | None = None
+
+    def head_meta_params(self, learn: Sequence[str]) -> Params:
+        """Fresh log-parametrised leaves for the head values in ``learn``, at their set values
+        (an unset inner scale starts at the scale)."""
+        start = {"inner_scale": self.scale if self.inner_scale is None else self.inner_scale}
+        return {
+            HEAD_PREFIX + k: torch.tensor(math.log(start.get(k, getattr(self, k))), requires_grad=True)
+            for k in learn
+        }
+
+    def with_learned(self, extra: Mapping[str, Tensor]) -> InnerLoop:
+        """These settings with the learned head values of ``extra`` (``exp`` of the leaves, so the
+        query loss is differentiable w.r.t. them) in place of the set ones."""
+        learned = {
+            k.removeprefix(HEAD_PREFIX): v.exp() for k, v in extra.items() if k.startswith(HEAD_PREFIX)
+        }
+        return replace(self, **learned) if learned else self
 
 
 class MetaAlgorithm:
@@ -60,8 +86,12 @@ class MetaAlgorithm:
         meta_gradient: bool,
     ) -> EpisodeResult:
         """Adapt to ``episode`` and score its query set. With ``meta_gradient``, ``grads`` holds
-        the episode's contribution for every meta-parameter: ``params`` names, then ``extra``."""
-        return self.run(encoder, params, episode, inner, meta_gradient=meta_gradient)
+        the episode's contribution for every meta-parameter: ``params`` names, then ``extra``
+        (here: the learned head values, `InnerLoop.with_learned`)."""
+        return self.run(
+            encoder, params, episode, inner.with_learned(extra), meta_gradient=meta_gradient,
+            grad_wrt={**params, **extra} if extra else None,
+        )  # fmt: skip
 
     @staticmethod
     def run(
@@ -79,6 +109,7 @@ class MetaAlgorithm:
         `run_episode` keywords, overriding these (Meta-SGD's rates, Reptile's adapted tensors)."""
         settings = {
             "steps": inner.steps, "lr": inner.lr, "scale": inner.scale, "first_order": inner.first_order,
+            "inner_scale": inner.inner_scale, "name_weight": inner.name_weight,
             "meta_gradient": meta_gradient, "track_support_after": not meta_gradient,
         }  # fmt: skip
         return run_episode(encoder, params, episode, **(settings | options))

@@ -49,7 +49,9 @@ class MetaSGD(MetaAlgorithm):
         }
 
     def inner_lrs(self, extra: Mapping[str, Tensor]) -> Params:
-        return {k.removeprefix(LOG_LR_PREFIX): v.exp() for k, v in extra.items()}
+        return {
+            k.removeprefix(LOG_LR_PREFIX): v.exp() for k, v in extra.items() if k.startswith(LOG_LR_PREFIX)
+        }
 
     def episode(
         self,
@@ -64,6 +66,6 @@ class MetaSGD(MetaAlgorithm):
         with torch.set_grad_enabled(meta_gradient):
             lrs = self.inner_lrs(extra)
         return self.run(
-            encoder, params, episode, inner, meta_gradient=meta_gradient, param_lrs=lrs,
+            encoder, params, episode, inner.with_learned(extra), meta_gradient=meta_gradient, param_lrs=lrs,
             grad_wrt={**params, **extra},
         )  # fmt: skip

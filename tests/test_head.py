@@ -1,0 +1,152 @@
+"""The episode head: label names as a prototype prior, a separate inner temperature, learned values."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from metapeft_ray.algorithms.base import HEAD_PREFIX
+from metapeft_ray.cli import main
+from metapeft_ray.config import ConfigError, load_config
+from metapeft_ray.data import label_text
+from metapeft_ray.export import load_adapter
+from metapeft_ray.meta import proto_head, run_episode
+from metapeft_ray.train import MetaLearner, prepare_sampler
+from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return str(make_tiny_backbone(root / "bert")), str(make_tiny_dataset(root / "data.jsonl"))
+
+
+def test_names_join_the_prototypes_as_weighted_examples() -> None:
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    labels = torch.tensor([0, 1, 1])
+    names = torch.tensor([[0.0, 2.0], [4.0, 0.0]])
+    weight, bias = proto_head(emb, labels, 2, names, 0.5)
+    protos = torch.stack([(emb[0] + 0.5 * names[0]) / 1.5, (emb[1] + emb[2] + 0.5 * names[1]) / 2.5])
+    torch.testing.assert_close(weight, 2 * protos)
+    torch.testing.assert_close(bias, -(protos**2).sum(-1))
+    assert label_text("card_arrival") == "card arrival" and label_text("pay-bill  now") == "pay bill now"
+
+
+@pytest.fixture(scope="module")
+def learner(tiny: tuple[str, str]) -> MetaLearner:
+    overrides = [
+        *tiny_overrides(*tiny, **{"episode.k_shot": 1}), "head.label_names=true",
+        'head.learn=["scale", "inner_scale", "name_weight"]', "head.inner_scale=2", "head.name_weight=0.5",
+    ]  # fmt: skip
+    cfg = load_config(None, overrides)
+    return MetaLearner.from_config(cfg, prepare_sampler(cfg))
+
+
+def test_a_one_shot_support_loss_is_informative_with_names_or_a_low_inner_temperature(learner) -> None:  # noqa: ANN001
+    episode = learner.sampler.build(learner.train_specs(0)[0])
+    params = learner.params
+
+    def support_loss(**head: object) -> float:
+        kw = {
+            "steps": 1,
+            "lr": 0.1,
+            "first_order": True,
+            "meta_gradient": False,
+            "track_support_after": False,
+        }
+        return run_episode(learner.encoder, params, episode, **kw, **head).support_loss_before  # type: ignore[arg-type]
+
+    # The tiny model's embeddings are close together; at s = 100 they are as far apart, relative to
+    # the temperature, as MiniLM's at s = 10 (DESIGN.md §6).
+    plain = support_loss(scale=100.0)
+    assert plain < 1e-6  # 1 shot: each support example is its own prototype
+    assert support_loss(scale=100.0, inner_scale=1.0) > 0.1
+    assert support_loss(scale=100.0, name_weight=1.0) > 100 * plain
+
+
+def test_learned_head_values_are_meta_parameters_with_nonzero_gradients(learner) -> None:  # noqa: ANN001
+    extra = learner.extra
+    assert set(extra) == {HEAD_PREFIX + k for k in ("scale", "inner_scale", "name_weight")}
+    assert extra[HEAD_PREFIX + "inner_scale"].item() == pytest.approx(math.log(2.0))
+    assert extra[HEAD_PREFIX + "name_weight"].item() == pytest.approx(math.log(0.5))
+    episode = learner.sampler.build(learner.train_specs(0)[0])
+    result = learner.algorithm.episode(
+        learner.encoder, learner.params, extra, episode, learner.inner, meta_gradient=True
+    )
+    assert all(result.grads[k].abs().item() > 0 for k in extra), {k: result.grads[k] for k in extra}
+    before = {k: v.item() for k, v in extra.items()}
+    learner.meta_step()
+    assert all(extra[k].item() != before[k] for k in extra)  # the head's own Adam group moved them
+    assert set(learner.learned_head()) == {"scale", "inner_scale", "name_weight"}
+    # the learned values travel in checkpoints
+    state = learner.state_dict()
+    assert set(state["extra_meta_params"]) == set(extra)
+
+
+def test_second_order_gradient_of_the_inner_temperature_matches_finite_differences(tiny) -> None:  # noqa: ANN001
+    cfg = load_config(None, [*tiny_overrides(*tiny), 'head.learn=["inner_scale"]', "head.inner_scale=3"])
+    learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
+    episode = learner.sampler.build(learner.train_specs(0)[0])
+    key = HEAD_PREFIX + "inner_scale"
+
+    def loss_at(log_s: float) -> float:
+        extra = {key: torch.tensor(log_s)}
+        inner = learner.inner.with_learned(extra)
+        return run_episode(
+            learner.encoder, learner.params, episode, steps=inner.steps, lr=inner.lr, scale=inner.scale,
+            first_order=False, meta_gradient=False, inner_scale=inner.inner_scale,
+        ).query_loss  # fmt: skip
+
+    result = learner.algorithm.episode(
+        learner.encoder, learner.params, learner.extra, episode, learner.inner, meta_gradient=True
+    )
+    x, h = math.log(3.0), 1e-3
+    assert result.grads[key].item() == pytest.approx((loss_at(x + h) - loss_at(x - h)) / (2 * h), rel=0.05)
+
+
+def test_learned_head_is_exported_and_used_at_meta_test(tiny: tuple[str, str], tmp_path: Path) -> None:
+    argv = [
+        "train", "--local", "--quiet", "--config", "quickstart",
+        *tiny_overrides(*tiny, **{"run.output_dir": str(tmp_path), "run.name": "h"}),
+        "head.label_names=true", 'head.learn=["scale", "name_weight"]', "head.outer_lr=0.5",
+        'eval.methods=["meta", "meta_init", "proto_names", "logreg_names", "logreg"]',
+    ]  # fmt: skip
+    assert main(argv) == 0
+    meta = json.loads((tmp_path / "h" / "adapter" / "metapeft.json").read_text())
+    learned = meta["learned_head"]
+    assert set(learned) == {"scale", "name_weight"} and learned["scale"] != 10.0
+    _, _, cfg, _ = load_adapter(str(tmp_path / "h" / "adapter"))
+    assert (cfg.head.scale, cfg.head.name_weight) == (learned["scale"], learned["name_weight"])
+    report = json.loads((tmp_path / "h" / "report.json").read_text())
+    assert report["learned_head"] == learned and report["config"]["head"]["scale"] == learned["scale"]
+    assert list(report["results"]) == ["meta", "meta_init", "proto_names", "logreg_names", "logreg"]
+
+
+def test_frozen_name_baselines_add_the_name_as_one_example(tiny: tuple[str, str]) -> None:
+    from metapeft_ray import baselines
+    from metapeft_ray.model import encoder_from_config
+
+    cfg = load_config(None, tiny_overrides(*tiny))
+    encoder = encoder_from_config(cfg)
+    sampler = prepare_sampler(cfg)
+    episode = sampler.build(sampler.spec("test", seed=0, step=0, index=1, n_way=3, k_shot=1, q_query=3))
+    cache = baselines.EmbeddingCache(encoder)
+    e_s, e_q, e_n = cache(episode.support_texts), cache(episode.query_texts), cache(episode.name_texts)
+    protos = (e_s + e_n) / 2  # 1 shot: support and name weigh the same
+    expected = (-torch.cdist(e_q, protos)).argmax(-1) == torch.tensor(episode.query_labels)
+    assert baselines.prototype_scorer(cache, label_names=True)(episode) == pytest.approx(
+        expected.float().mean().item()
+    )
+    assert F.cosine_similarity(e_n, e_s).min() < 0.999  # the names are other texts than the support
+
+
+def test_learning_head_values_with_reptile_or_names_off_is_refused() -> None:
+    with pytest.raises(ConfigError, match="meta.algorithm=reptile never takes"):
+        load_config(None, ["meta.algorithm=reptile", 'head.learn=["scale"]'])
+    with pytest.raises(ConfigError, match="set head.label_names=true"):
+        load_config(None, ['head.learn=["name_weight"]'])
