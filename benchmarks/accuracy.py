@@ -5,8 +5,9 @@ regression on the frozen backbone.
     python benchmarks/accuracy.py runs/b77_f0/report.json runs/b77_f1/report.json ... \\
         runs/clinc_x/eval_banking77/report.json [PATH:ALIAS ...]
 
-Reports of the same protocol, test data and fold are merged by method (they must share
-``run.seed``, ``eval.q_query`` and the test classes, so their episodes are the same); ``PATH:ALIAS``
+Reports of the same protocol, test data and fold are merged by method and cell (they must share
+``run.seed``, ``eval.q_query`` and the test classes, so their episodes are the same: e.g. the
+5-way cells of a training run and the 20-way cell of a later ``metapeft evaluate``); ``PATH:ALIAS``
 renames that report's ``meta`` and ``meta_init`` rows to ``ALIAS`` and ``ALIAS_init`` (to keep an
 earlier recipe beside the shipped one). Cells of several folds pool the per-episode values; the
 paired difference of a row uses, in each fold, the reference's values on the episodes the row
@@ -60,10 +61,13 @@ def pool(reports: list[str]) -> list[dict[str, Any]]:
             raise SystemExit(
                 f"{rep['path']}: other episodes than {merged['paths']} (seed, q_query or classes)"
             )
-        clash = set(merged["results"]) & set(rep["results"])
-        if clash:
-            raise SystemExit(f"{rep['path']}: rows {sorted(clash)} already come from {merged['paths']}")
-        merged["results"].update(rep["results"])
+        for method, per_cell in rep["results"].items():
+            mine = merged["results"].setdefault(method, {})
+            if clash := set(mine) & set(per_cell):
+                raise SystemExit(
+                    f"{rep['path']}: {method} {sorted(clash)} already come from {merged['paths']}"
+                )
+            mine.update(per_cell)
         merged["paths"].append(rep["path"])
     # (protocol, dataset, cell, method) -> per-fold lists of (values, reference values)
     cells: dict[tuple[str, str, str, str], list[tuple[list[float], list[float]]]] = defaultdict(list)

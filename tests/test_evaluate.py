@@ -227,3 +227,50 @@ def test_evaluate_an_exported_init_on_named_classes_of_another_dataset(
     # a way the other dataset cannot hold is refused the same way
     assert main([*evaluate, "eval.n_way=13"]) == 2
     assert "fewer than n_way=13" in capsys.readouterr().err
+
+
+# -- pooling reports over folds (benchmarks/accuracy.py) ------------------------------------
+
+
+def test_accuracy_pools_folds_episode_by_episode_and_pairs_prefixes(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import accuracy
+
+    def report(fold: int, results: dict, cells_from: str = "train") -> str:
+        path = tmp_path / f"{cells_from}{fold}.json"
+        body = {
+            "protocol": "in-domain", "test_dataset": "banking77", "test_classes": [f"c{fold}"],
+            "splits": {"dataset": "banking77", "fold": fold},
+            "config": {"run": {"seed": 0}, "eval": {"q_query": 5}},
+            "results": {m: {c: {"per_episode": v} for c, v in per.items()} for m, per in results.items()},
+        }  # fmt: skip
+        path.write_text(json.dumps(body))
+        return str(path)
+
+    reports = [
+        report(
+            0,
+            {
+                "logreg": {"5w1s": [0.8, 0.6, 1.0]},
+                "meta": {"5w1s": [1.0, 0.8, 1.0]},
+                "setfit": {"5w1s": [0.6]},
+            },
+        ),
+        report(1, {"logreg": {"5w1s": [0.4, 1.0]}, "meta": {"5w1s": [0.6, 1.0]}, "setfit": {"5w1s": [0.2]}}),
+        report(1, {"logreg": {"20w1s": [0.5]}, "meta": {"20w1s": [0.75]}}, cells_from="evaluate"),
+    ]
+    rows = {(r["method"], r["n_way"]): r for r in accuracy.pool(reports)}
+    meta = rows[("meta", 5)]
+    assert (meta["episodes"], meta["folds"], meta["mean"]) == (5, 2, pytest.approx(0.88))
+    assert meta["paired_diff_vs_logreg"] == pytest.approx(0.12)  # diffs .2 .2 0 .2 0
+    assert meta["error_reduction_vs_logreg"] == pytest.approx(1 - 0.12 / 0.24)
+    # a costly row: fold 0's first episode and fold 1's first, against logreg's same two episodes
+    setfit = rows[("setfit", 5)]
+    assert setfit["episodes"] == 2 and setfit["paired_diff_vs_logreg"] == pytest.approx(-0.2)
+    assert setfit["logreg_mean_on_these_episodes"] == pytest.approx(0.6)
+    assert rows[("meta", 20)]["folds"] == 1 and "paired_diff_vs_logreg" not in rows[("logreg", 5)]
+    # the same cell of one method from two reports of one fold is refused
+    with pytest.raises(SystemExit, match="already come from"):
+        accuracy.pool([reports[0], reports[0]])
