@@ -30,7 +30,8 @@ from metapeft_ray.episodes import Episode
 from metapeft_ray.meta import head_logits, proto_head, run_episode
 from metapeft_ray.model import Encoder
 
-Scorer = Callable[[Episode], float]
+Scorer = Callable[[Episode], float | dict[str, float]]
+"""Episode -> query accuracy, or ``{"accuracy": ..., other per-episode measurements}``."""
 
 
 class EmbeddingCache:
@@ -105,17 +106,23 @@ def adapted_scorer(
     name_weight: float | None = None,
 ) -> Scorer:
     """``steps`` steps of the one inner loop on the support set from ``init``, then the query
-    accuracy: the meta-learned init (SGD, Meta-SGD's rates if any, its head settings; 0 steps = no
-    adaptation) and the fine-tuning baselines (Adam from the method's default init, or every
-    backbone weight)."""
+    accuracy and the support loss before and after adaptation: the meta-learned init (SGD,
+    Meta-SGD's rates if any, its head settings; 0 steps = no adaptation) and the fine-tuning
+    baselines (Adam from the method's default init, or every backbone weight)."""
 
-    def score(episode: Episode) -> float:
-        result = run_episode(
+    def score(episode: Episode) -> dict[str, float]:
+        r = run_episode(
             encoder, init, episode, steps=steps, lr=lr, scale=scale, first_order=True,
-            meta_gradient=False, track_support_after=False, param_lrs=param_lrs, optimizer=optimizer,
+            meta_gradient=False, track_support_after=True, param_lrs=param_lrs, optimizer=optimizer,
             inner_scale=inner_scale, name_weight=name_weight,
         )  # fmt: skip
-        return result.query_accuracy
+        if not steps:
+            return {"accuracy": r.query_accuracy}
+        return {
+            "accuracy": r.query_accuracy,
+            "support_loss_before": r.support_loss_before,
+            "support_loss_after": r.support_loss_after,
+        }
 
     return score
 

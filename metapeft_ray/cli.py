@@ -94,11 +94,16 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> None:
-    """Validate a config and its data without training (all errors at once)."""
+    """Validate a config, its data, its output location and its adapter placement without
+    training, loading weights or touching the network (each part's errors at once)."""
+    from metapeft_ray import storage
+    from metapeft_ray.model import check_adapter
     from metapeft_ray.train import prepare_sampler
 
     cfg = load_config(args.config, args.overrides)
+    storage.check_uri(cfg.run.output_dir, "run.output_dir")  # its shape only: no credentials
     s = prepare_sampler(cfg).splits
+    adapter, note = check_adapter(cfg)
     if s.source:
         where = f"splits from {s.source}"
     else:
@@ -109,6 +114,10 @@ def _cmd_check(args: argparse.Namespace) -> None:
     else:
         line += f" classes; {len(s.excluded)} excluded; test classes from eval.dataset={cfg.eval.dataset}"
     print(line)
+    if adapter:
+        print(adapter)
+    if note:
+        print(f"metapeft check: note: {note}", file=sys.stderr)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:

@@ -56,12 +56,14 @@ class ClassSplits:
         val_fraction: float,
         hold_out_test: bool = True,
         exclude: Sequence[str] = (),
+        name: str = "the data",
     ) -> ClassSplits:
         """Seeded folds. ``hold_out_test=False`` (cross-dataset meta-test, the test classes come
         from another dataset) keeps every class for meta-train / meta-val: ``test`` is empty and
         the split is recorded as fold 0 of 1. ``exclude`` (names or globs) drops classes from
         meta-train / meta-val only, after the test chunk is cut, so a fold's test classes are the
-        same with or without exclusions."""
+        same with or without exclusions. ``name`` (the dataset, ``data.dataset``) is named in
+        errors."""
         ordered = sorted(set(classes))
         dropped, problems = match_patterns(exclude, ordered, setting="data.exclude_classes")
         if problems:
@@ -73,8 +75,8 @@ class ClassSplits:
                 raise DataError(f"need folds >= 2 and 0 <= fold < folds, got folds={folds}, fold={fold}")
             if len(ordered) < folds + 2:
                 raise DataError(
-                    f"{len(ordered)} classes are too few for {folds} folds plus train and val classes; "
-                    f"lower data.folds"
+                    f"{name} has {len(ordered)} classes, too few for data.folds={folds} folds plus "
+                    f"train and val classes (needs at least {folds + 2}); lower data.folds"
                 )
             chunks = np.array_split(np.arange(len(perm)), folds)
             test = [perm[i] for i in chunks[fold]]
@@ -85,8 +87,9 @@ class ClassSplits:
         rest = [c for c in perm if c not in gone]
         if len(rest) < 2:
             raise DataError(
-                f"{len(rest)} class(es) are left for meta-train and meta-val (after the test classes and "
-                f"{len(excluded)} excluded); need at least 2: exclude fewer classes or lower data.folds"
+                f"{name}: {len(rest)} class(es) are left for meta-train and meta-val (after the test "
+                f"classes and {len(excluded)} excluded); need at least 2: exclude fewer classes or "
+                "lower data.folds"
             )
         n_val = min(len(rest) - 1, max(1, round(val_fraction * len(rest))))
         return cls(

@@ -37,7 +37,8 @@ _TIMED = ("meta", "finetune", "full_finetune", "setfit")
 """Methods whose wall time per task is reported (the frozen ones read a cache)."""
 
 Results = dict[str, dict[str, dict[str, Any]]]
-"""``{method: {"5w1s": {mean, ci95, episodes, per_episode[, ms_per_task][, paired]}}}``."""
+"""``{method: {"5w1s": {mean, ci95, episodes, per_episode[, ms_per_task][, paired][, support_loss_before,
+support_loss_after]}}}`` (the support losses: means over the episodes, for the adapted rows)."""
 
 
 def cell_name(n_way: int, k_shot: int) -> str:
@@ -90,6 +91,7 @@ def meta_test(
         key = cell_name(n_way, k_shot)
         specs = sampler.specs(split, episodes, seed=seed, step=0, n_way=n_way, k_shot=k_shot, q_query=q_query)
         scores: dict[str, list[float]] = {m: [] for m in scorers}
+        extras: dict[str, dict[str, list[float]]] = {m: {} for m in scorers}
         seconds: dict[str, list[float]] = {m: [] for m in scorers}
         for i, spec in enumerate(tqdm(specs, desc=f"meta-test {key}", disable=not progress, leave=False)):
             episode = sampler.build(spec)
@@ -97,10 +99,17 @@ def meta_test(
                 if m in COSTLY_METHODS and i >= costly_episodes:
                     continue
                 t0 = time.perf_counter()
-                scores[m].append(score(episode))
+                measured = score(episode)
                 seconds[m].append(time.perf_counter() - t0)
+                if isinstance(measured, dict):
+                    for name, value in measured.items():
+                        if name != "accuracy":
+                            extras[m].setdefault(name, []).append(value)
+                    measured = measured["accuracy"]
+                scores[m].append(measured)
         for m, values in scores.items():
             results[m][key] = {**mean_ci95(values), "per_episode": values}
+            results[m][key] |= {name: float(np.mean(v)) for name, v in extras[m].items()}
             if m in _TIMED:
                 results[m][key]["ms_per_task"] = 1000 * float(np.mean(seconds[m]))
             if reference in scorers and m != reference:
@@ -137,6 +146,20 @@ def markdown_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], title
             cells = [
                 f"{100 * p['diff']:+.1f} ± {100 * p['ci95']:.1f} ({100 * p['error_reduction']:+.0f} %)"
                 for p in (per[s]["paired"] for s in settings)
+            ]
+            lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    adapted = {m: per for m, per in results.items() if "support_loss_before" in per[settings[0]]}
+    if adapted:
+        lines += [
+            "",
+            "Support loss (the inner loop's objective) before → after adaptation, mean over the episodes.",
+            "",
+            "| method | " + " | ".join(settings) + " |",
+            "|---|" + "---|" * len(settings),
+        ]
+        for m, per in adapted.items():
+            cells = [
+                f"{per[s]['support_loss_before']:.3g} → {per[s]['support_loss_after']:.3g}" for s in settings
             ]
             lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines).lstrip("\n") + "\n"

@@ -34,6 +34,7 @@ __all__ = [
     "AdapterSpec",
     "Encoder",
     "PlacementError",
+    "adapter_skeleton",
     "build_encoder",
     "encoder_from_config",
     "load_backbone",
@@ -232,6 +233,20 @@ def adapter_spec(cfg: Any) -> AdapterSpec:
     )
 
 
+def adapter_skeleton(cfg: Any, hf_config: Any = None) -> nn.Module:
+    """``cfg``'s backbone with its adapter, built on the meta device from the backbone's config
+    alone (``hf_config``, by default read from ``model.backbone``): no weights loaded, no memory
+    taken. Raises `PlacementError` (a `ValueError`) if the placement matches nothing or the
+    adapter does not fit; used by `tune.precheck` and `metapeft check`."""
+    from transformers import AutoConfig, AutoModel
+
+    if hf_config is None:
+        hf_config = AutoConfig.from_pretrained(resolve_backbone(cfg.model.backbone))
+    with torch.device("meta"):
+        skeleton = AutoModel.from_config(hf_config)
+        return METHODS[cfg.peft.method].wrap(skeleton, adapter_spec(cfg), "")
+
+
 def encoder_from_config(cfg: Any, *, device: torch.device | None = None) -> Encoder:
     """Recipe-level glue: unpack the config tree into `build_encoder`'s flat arguments."""
     p = cfg.peft
@@ -252,4 +267,55 @@ def encoder_from_config(cfg: Any, *, device: torch.device | None = None) -> Enco
         num_virtual_tokens=p.num_virtual_tokens,
         bottleneck_dim=p.bottleneck_dim,
         init_b_std=p.init_b_std,
+    )
+
+
+def check_adapter(cfg: Any) -> tuple[str | None, str | None]:
+    """The PEFT placement against a weightless (meta-device) skeleton of ``model.backbone``, built
+    from its config alone, offline. Returns ``(ok line, None)``, or ``(None, note)`` for a hub id
+    that is neither a local directory nor in the Hugging Face cache (it cannot be checked offline).
+    Raises ``ValueError`` naming the setting for a missing directory or a placement that does not
+    fit (layers out of range, target modules that match nothing)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers import AutoConfig
+
+    name = cfg.model.backbone
+    path = resolve_backbone(name)
+    local = Path(path).is_dir()
+    choices = (
+        f"use {PACKAGED_BACKBONE!r} (packaged, offline), a local Hugging Face model directory or a hub id"
+    )
+    if not local:
+        try:
+            validate_repo_id(name)
+            hub_id = not Path(name).expanduser().exists()
+        except HFValidationError:
+            hub_id = False
+        if not hub_id:
+            raise ValueError(f"model.backbone={name!r}: no such model directory ({path}); {choices}")
+    try:
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        if not local:
+            return None, (
+                f"model.backbone={name!r} is not a local directory nor in the Hugging Face cache: "
+                "the adapter placement was not checked (offline); train downloads it as a hub id"
+            )
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"model.backbone={name!r}: cannot read its config ({first}); {choices}") from None
+    model = adapter_skeleton(cfg, hf_config)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    p = cfg.peft
+    where = (
+        ""
+        if p.placement is None
+        else f", peft.placement={p.placement}"
+        + (f" peft.target_modules={p.target_modules}" if p.target_modules else "")
+        + f" peft.layers={p.layers}"
+    )
+    layers = getattr(hf_config, "num_hidden_layers", "?")
+    return (
+        f"ok: peft.method={p.method}{where} fits model.backbone={name} "
+        f"({hf_config.model_type}, {layers} layers): {n:,} adapter parameters",
+        None,
     )

@@ -83,7 +83,10 @@ def resolve_layers(selector: str, num_layers: int) -> list[int]:
     if m := re.fullmatch(r"(top|bottom)_(\d+)", s):
         n = int(m.group(2))
         if not 1 <= n <= num_layers:
-            raise PlacementError(f"peft.layers={selector!r}: N must be in 1..{num_layers}")
+            raise PlacementError(
+                f"peft.layers={selector!r}: the backbone has {num_layers} layers, so N must be in "
+                f"1..{num_layers}; lower N or use peft.layers=all"
+            )
         return list(range(num_layers - n, num_layers)) if m.group(1) == "top" else list(range(n))
     if m := re.fullmatch(r"(\d+)-(\d+)", s):
         idx = list(range(int(m.group(1)), int(m.group(2)) + 1))
@@ -95,7 +98,9 @@ def resolve_layers(selector: str, num_layers: int) -> list[int]:
             f"top_N, bottom_N, a range like 0-2 or a list like 0,3,5"
         )
     if not idx or idx[-1] >= num_layers:
-        raise PlacementError(f"peft.layers={selector!r}: this model has layers 0..{num_layers - 1}")
+        raise PlacementError(
+            f"peft.layers={selector!r}: this model has layers 0..{num_layers - 1}; pick layers in that range"
+        )
     return idx
 
 
@@ -131,7 +136,8 @@ def target_modules(
         near = sorted({n for w in wanted for n in difflib.get_close_matches(w, _linear_names(model), 5, 0.3)})
         raise PlacementError(
             f"peft placement {placement!r} (layers={layers!r}, target_modules={targets!r}) matches no "
-            f"module of this backbone; nearest linear modules: {near or _linear_names(model)[:6]}"
+            f"module of this backbone; nearest linear modules: {near or _linear_names(model)[:6]}; "
+            "set peft.target_modules (with peft.placement=custom) or peft.placement / peft.layers to match"
         )
     return targets
 

@@ -39,6 +39,7 @@ import pyarrow.fs as pafs
 __all__ = [
     "StorageError",
     "check_writable",
+    "check_uri",
     "download_dir",
     "exists",
     "fetch_to_local",
@@ -107,6 +108,31 @@ def _local_path(uri: str) -> str:
     elif scheme is not None:
         raise StorageError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
     return os.path.abspath(os.path.expanduser(uri))
+
+
+def check_uri(uri: str | os.PathLike[str], setting: str) -> None:
+    """Check only the shape of a storage location (a local path, ``file://`` or
+    ``s3://bucket/prefix``): no network, no credentials, nothing created. Raises
+    :class:`StorageError` naming ``setting`` (e.g. ``run.output_dir``), the value and the fix;
+    :func:`check_writable` is the full check before a run writes."""
+    uri = str(uri)
+    scheme = _scheme(uri)
+    if scheme == "s3":
+        try:
+            _split_s3(uri)
+        except StorageError:
+            bucket = uri[5:].partition("/")[0] if uri[:5].lower() == "s3://" else ""
+            why = (
+                f"the bucket name {bucket!r} is not valid (3-63 lowercase letters, digits, '.' or '-')"
+                if bucket
+                else "the URI names no bucket"
+            )
+            raise StorageError(f"{setting}={uri!r}: {why}; use s3://BUCKET/prefix") from None
+    elif scheme not in (None, "file"):
+        raise StorageError(
+            f"{setting}={uri!r}: unsupported storage scheme {scheme + '://'!r}; use a local path, "
+            "file:// or s3://BUCKET/prefix"
+        )
 
 
 def join(uri: str, *parts: str) -> str:

@@ -62,6 +62,7 @@ def prepare_sampler(cfg: Config) -> EpisodeSampler:
             val_fraction=d.val_fraction,
             hold_out_test=own_test,
             exclude=d.exclude_classes,
+            name=data.name,
         )
     sampler = EpisodeSampler(data, splits)
     problems = [

@@ -154,15 +154,9 @@ def base_point(base: Config, space: SearchSpace) -> dict[str, Any] | None:
 def precheck(cfg: Config) -> None:
     """Reject a config before loading weights or data: placement and rank against the backbone's
     module structure, built on the meta device (no memory, no download of weights)."""
-    from transformers import AutoConfig, AutoModel
+    from metapeft_ray.model import adapter_skeleton
 
-    from metapeft_ray.methods import METHODS
-    from metapeft_ray.model import adapter_spec, resolve_backbone
-
-    hf_config = AutoConfig.from_pretrained(resolve_backbone(cfg.model.backbone))
-    with torch.device("meta"):
-        skeleton = AutoModel.from_config(hf_config)
-        METHODS[cfg.peft.method].wrap(skeleton, adapter_spec(cfg), "")
+    adapter_skeleton(cfg)
 
 
 def trial(params: dict[str, Any], base: dict[str, Any], workers: int = 1) -> None:
