@@ -76,7 +76,8 @@ class ModelSection(_Section):
     """L2-normalise the mean-pooled sentence embedding (as sentence-transformers does)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False
-    """bf16 autocast for the backbone forward on GPU (ignored on CPU)."""
+    """bf16 autocast of the backbone forward (on the run's device: a GPU, or the CPU, where it is
+    slower than fp32 and only useful to test the path)."""
 
 
 HeadValue = Literal["scale", "inner_scale", "name_weight"]

@@ -127,11 +127,7 @@ class Encoder:
     def embed(self, params: Mapping[str, Tensor] | None, batch: Mapping[str, Tensor]) -> Tensor:
         """Embeddings with ``params`` substituted for the adapter; ``None`` = backbone alone."""
         method = METHODS[self.spec.method]
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.bf16 and self.device.type == "cuda"
-            else nullcontext()
-        )
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
             if params is None:
                 hidden = method.backbone_hidden(self.model, batch)

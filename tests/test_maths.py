@@ -191,3 +191,17 @@ def test_bad_placements_are_rejected_with_the_nearest_names(tiny, placement, lay
 def test_rank_larger_than_the_layer_is_rejected(tiny: tuple[str, str]) -> None:
     with pytest.raises(PlacementError, match="peft.rank=64 exceeds"):
         _encoder(tiny[0], rank=64)
+
+
+def test_bf16_autocast_meta_gradients_stay_close_to_fp32(setup) -> None:  # noqa: ANN001
+    """model.bf16 autocasts on the run's device; second-order meta-gradients keep their direction."""
+    from dataclasses import replace
+
+    enc, params, _, episode = setup
+    kw = {"steps": 1, "lr": 0.1, "scale": 10.0, "first_order": False, "meta_gradient": True}
+    fp32 = run_episode(enc, params, episode, **kw).grads
+    bf16 = run_episode(replace(enc, bf16=True), params, episode, **kw).grads
+    a, b = (torch.cat([g.reshape(-1) for g in grads.values()]) for grads in (fp32, bf16))
+    assert not torch.equal(a, b)  # autocast really ran in bf16
+    assert F.cosine_similarity(a, b, dim=0) > 0.99
+    assert (a - b).norm() / a.norm() < 0.1
