@@ -530,20 +530,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "meta_step")
             print(f"meta-step {step}/{m.meta_steps} {shown}", flush=True)
         if step % m.checkpoint_every == 0 or step == m.meta_steps:
-            _report(learner, history, rank)
+            _report(learner, history, rank, world)
         _test_hook(rank, step)
 
 
-def _report(learner: MetaLearner, history: list[dict[str, float]], rank: int) -> None:
-    """Every rank calls report (a barrier); only rank 0 hands over a checkpoint."""
+def _report(learner: MetaLearner, history: list[dict[str, float]], rank: int, world: int) -> None:
+    """Every rank calls report (a barrier); only rank 0 hands over a checkpoint. The report and
+    the checkpoint record ``world_size``, the ranks the steps really ran on (a Tune trial's
+    reports reach Tune through `TuneReportCallback`)."""
     import ray.train
 
-    metrics = {**history[-1], "trainable_params": sum(p.numel() for p in learner.params.values())}
+    metrics = {
+        **history[-1],
+        "trainable_params": sum(p.numel() for p in learner.params.values()),
+        "world_size": world,
+    }
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="metapeft-ckpt-") as d:
-        torch.save({**learner.state_dict(), "history": history}, Path(d) / STATE_FILE)
+        torch.save({**learner.state_dict(), "history": history, "world_size": world}, Path(d) / STATE_FILE)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(d),

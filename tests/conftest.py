@@ -1,6 +1,8 @@
 """Shared session fixtures: a tiny BERT backbone and dataset, one S3 server, one local Ray.
 
-Kept to what several test files share; test-specific fixtures live in their files.
+Kept to what several test files share; test-specific fixtures live in their files. The Ray
+cluster does not need the S3 server: a test that needs both asks for both (``ray_cluster`` and
+``s3_env``). Under ``METAPEFT_CI=1`` (``.ci/run``) a skipped test fails (`tests/ci_skips.py`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from collections.abc import Iterator
 import pytest
 
 try:
+    # hooks: pytest finds them in this module's namespace
+    from tests.ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
     from tests.s3server import S3Server, weed_binary
     from tests.tiny import make_tiny_backbone, make_tiny_dataset
 except ImportError:  # plain `pytest` puts tests/ (not the repo root) on sys.path
+    from ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # type: ignore[no-redef]  # noqa: F401
     from s3server import S3Server, weed_binary  # type: ignore[no-redef]
     from tiny import make_tiny_backbone, make_tiny_dataset  # type: ignore[no-redef]
 
@@ -46,24 +51,31 @@ def s3_server_session() -> Iterator[S3Server]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server_session: S3Server) -> Iterator[dict[str, str]]:
+def ray_cluster(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     """One local Ray for the whole session (a worker-group start costs ~20 s here, a Ray start
     a few more). Token auth off and an isolated HOME while Ray starts (it writes ~/.ray).
 
-    The S3 server's ``AWS_*`` variables are in the environment only while Ray starts, so the
-    Ray nodes (and every worker they fork) hold them, as a real cluster's nodes would, while
-    the test process itself only sees them in the tests that ask for them (``s3_env``)."""
+    It needs no S3 server. When SeaweedFS is installed, the session's S3 server is started
+    first and its ``AWS_*`` variables are in the environment only while Ray starts, so the Ray
+    nodes (and every worker they fork) hold them, as a real cluster's nodes would, while the
+    test process itself only sees them in the tests that ask for them (``s3_env``). Without
+    SeaweedFS, Ray starts without them: the Ray tests that use S3 (they ask for ``s3_env``)
+    skip, the others run."""
     import ray
 
     from metapeft_ray.distributed import init_local
 
     if ray.is_initialized():
-        pytest.skip("Ray is already initialised in this process")
+        pytest.fail(
+            "Ray is already initialised in this process: a test called ray.init() without this "
+            "fixture and did not shut it down; fix that test (its Ray would hide this cluster)"
+        )
+    node_env = request.getfixturevalue("s3_server_session").env() if weed_binary() else {}
     home = tempfile.mkdtemp(prefix="metapeft-home-")
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths are limited
     saved = dict(os.environ)
     os.environ.update({"RAY_AUTH_MODE": "disabled", "HOME": home, "RAY_TRAIN_V2_ENABLED": "1"})
-    os.environ.update(s3_server_session.env())
+    os.environ.update(node_env)
     try:
         # With the dashboard, as `ray start --head` has it: Ray Train frees a stopped Tune
         # trial's workers through its state API (tests/test_tune.py, distributed trials).
@@ -73,7 +85,7 @@ def ray_cluster(s3_server_session: S3Server) -> Iterator[dict[str, str]]:
     finally:
         # The Ray processes keep HOME and AWS_*; this process gets its own back, so later test
         # files see an unchanged HOME. RAY_AUTH_MODE stays: Ray caches it per process.
-        for key in ["HOME", *s3_server_session.env()]:
+        for key in ["HOME", *node_env]:
             if key in saved:
                 os.environ[key] = saved[key]
             else:
@@ -99,3 +111,18 @@ def s3_env(s3_server_session: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Se
     for key, value in s3_server_session.env().items():
         monkeypatch.setenv(key, value)
     return s3_server_session
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The fast tier (``-m "not slow"``) never starts Ray: a test that uses the session's Ray
+    cluster must carry both the ``ray`` and the ``slow`` marker."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "ray_cluster" in getattr(item, "fixturenames", ())
+        and not (item.get_closest_marker("ray") and item.get_closest_marker("slow"))
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that use ray_cluster must be marked ray and slow: " + ", ".join(unmarked)
+        )

@@ -244,6 +244,7 @@ def test_exported_init_loads_with_peft_from_pretrained_and_gives_identical_outpu
     assert all(v.abs().sum() == 0 for k, v in default_init.items() if "lora_B" in k)
 
 
+@pytest.mark.slow  # the CLI in a subprocess, then the same adaptation twice here
 def test_adapt_command_classifies_stdin_lines(trained: Path, tiny: tuple[str, str], tmp_path: Path) -> None:
     support = tmp_path / "support.jsonl"
     support.write_text(
@@ -268,7 +269,7 @@ def test_adapt_command_classifies_stdin_lines(trained: Path, tiny: tuple[str, st
             "--support",
             str(support),
             "--steps",
-            "2",
+            "3",
         ],
         input="card lost today\nrefund this item please\n",
         capture_output=True,
@@ -277,8 +278,30 @@ def test_adapt_command_classifies_stdin_lines(trained: Path, tiny: tuple[str, st
         check=True,
     )
     preds = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [p["text"] for p in preds] == ["card lost today", "refund this item please"]
-    assert all(p["label"] in {"lost", "refund"} and 0 < p["confidence"] <= 1 for p in preds)
+    queries = ["card lost today", "refund this item please"]
+    assert [p["text"] for p in preds] == queries
+    assert [p["label"] for p in preds] == ["lost", "refund"]
+    # The same adaptation in this process, from the exported init: --steps 3 (the config says 2)
+    # at the config's inner lr and head, as `metapeft adapt` documents it.
+    from metapeft_ray.adapt import adapt_and_predict
+    from metapeft_ray.export import load_adapter
+    from metapeft_ray.train import inner_loop
+
+    encoder, _, cfg, _ = load_adapter(str(trained / "adapter"))
+    assert cfg.meta.inner_steps == 2
+
+    def predict(steps: int) -> list[dict]:
+        inner = inner_loop(cfg, steps)
+        return list(adapt_and_predict(
+            encoder, encoder.adapter_params(), load_dataset(str(support)), queries, steps=steps,
+            lr=inner.lr, scale=inner.scale, inner_scale=inner.inner_scale, name_weight=inner.name_weight,
+        ))  # fmt: skip
+
+    want = predict(3)
+    assert [p["label"] for p in want] == [p["label"] for p in preds]
+    assert [p["confidence"] for p in preds] == pytest.approx([p["confidence"] for p in want], abs=1e-4)
+    # ... which the number of steps changes, so the comparison tells 3 steps from the config's 2
+    assert [p["confidence"] for p in predict(2)] != pytest.approx([p["confidence"] for p in want], abs=1e-4)
 
 
 def test_cli_reports_config_errors_in_one_line_and_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:

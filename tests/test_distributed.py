@@ -1,9 +1,10 @@
 """Distributed meta-training on a real local Ray (one cluster for the session, tiny BERT).
 
-What is pinned: W workers == the single-process MetaLearner (same seed and meta-batch);
-checkpoint + resume == uninterrupted; a finished run is not re-trained; a worker killed by PID
-mid-run is recovered from the last checkpoint with the same result; S3 storage end to end;
-and every bad input fails quickly, before a TorchTrainer is built.
+What is pinned: W workers == the single-process MetaLearner (same seed and meta-batch), first
+and second order, and the workers record that they ran as W ranks; checkpoint + resume ==
+uninterrupted; a finished run is not re-trained; a worker killed by PID mid-run is recovered
+from the last checkpoint with the same result; S3 storage end to end; and every bad input fails
+quickly, before a TorchTrainer is built.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ try:
 except ImportError:  # plain `pytest` puts tests/ (not the repo root) on sys.path
     from conftest import S3_BUCKET  # type: ignore[no-redef]
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 STEPS = 4
 
@@ -51,10 +52,15 @@ def make_cfg(backbone: str, dataset: str, output_dir: str, name: str, **extra: A
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
-def final_adapter(cfg: Config) -> dict[str, torch.Tensor]:
+def final_state(cfg: Config) -> dict[str, Any]:
+    """The run's final checkpoint (adapter, optimizer, history, the world size it ran with)."""
     uri = run_uri(cfg)
     record = json.loads(storage.read_text(storage.join(uri, distributed.TRAINING_RECORD)))
-    return distributed._load_state(storage.join(uri, record["checkpoint"]))["adapter"]
+    return distributed._load_state(storage.join(uri, record["checkpoint"]))
+
+
+def final_adapter(cfg: Config) -> dict[str, torch.Tensor]:
+    return final_state(cfg)["adapter"]
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -73,18 +79,22 @@ def base(tiny_backbone: str, tiny_dataset: str, tmp_path_factory: pytest.TempPat
     return cfg
 
 
-@pytest.fixture(scope="module")
-def reference(base) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    """The single-process, uninterrupted 4-step adapter init (no Ray)."""
-    cfg = base("reference")
+def single_process_final(cfg: Config) -> dict[str, torch.Tensor]:
+    """The adapter init after ``meta.meta_steps`` uninterrupted single-process steps (no Ray)."""
     learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
     init = {k: v.detach().clone() for k, v in learner.params.items()}
-    for _ in learner.iterate(STEPS, val_every=cfg.meta.val_every):
+    for _ in learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every):
         pass
     final = {k: v.detach().cpu().clone() for k, v in learner.params.items()}
-    # The comparisons below mean something only if training moved the init well past 1e-5.
+    # The comparisons with it mean something only if training moved the init well past 1e-5.
     assert max((final[k] - init[k]).abs().max().item() for k in init) > 1e-3
     return final
+
+
+@pytest.fixture(scope="module")
+def reference(base) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """The single-process, uninterrupted 4-step first-order adapter init (no Ray)."""
+    return single_process_final(base("reference"))
 
 
 @pytest.fixture
@@ -102,12 +112,23 @@ def test_two_workers_equal_single_process(ray_cluster, base, reference) -> None:
     cfg = base("equivalence")
     report = distributed.train_ray(cfg, progress=False)
     assert_same(final_adapter(cfg), reference)
+    assert final_state(cfg)["world_size"] == 2  # recorded by the workers: really 2 ranks
     out = Path(run_uri(cfg))
     assert report["meta_step"] == STEPS and report["distributed"]["restarts"] == 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["meta_step"] for line in lines] == list(range(1, STEPS + 1))
     assert {"config.yaml", "splits.json", "report.json", "report.md"} <= {p.name for p in out.iterdir()}
+
+
+def test_two_workers_equal_single_process_second_order(ray_cluster, base) -> None:  # noqa: ANN001
+    """The same with second-order MAML: the inner graph (eager attention) is kept on each rank,
+    and the all-reduced second-order meta-gradients give the single-process init."""
+    cfg = base("equivalence-second-order", **{"meta.first_order": False})
+    report = distributed.train_ray(cfg, progress=False)
+    assert report["meta_step"] == STEPS and final_state(cfg)["world_size"] == 2
+    want = single_process_final(base("reference-second-order", **{"meta.first_order": False}))
+    assert_same(final_adapter(cfg), want)
 
 
 def test_resume_equals_uninterrupted_and_finished_is_not_rerun(  # noqa: ANN001
@@ -179,8 +200,7 @@ def test_s3_storage_end_to_end(ray_cluster, base, reference, s3_env) -> None:  #
     report = distributed.train_ray(cfg, progress=False)
     assert report["meta_step"] == STEPS
     keys = {
-        o["Key"]
-        for o in s3_env.client().list_objects_v2(Bucket=S3_BUCKET, Prefix="runs/on-s3/")["Contents"]
+        o["Key"] for o in s3_env.client().list_objects_v2(Bucket=S3_BUCKET, Prefix="runs/on-s3/")["Contents"]
     }
     for key in ("checkpoint_000004/state.pt", "adapter/adapter_model.safetensors",
                 "adapter/metapeft.json", "report.json", "metrics.jsonl", "training.json"):  # fmt: skip

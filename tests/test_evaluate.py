@@ -11,7 +11,7 @@ import torch
 
 from metapeft_ray import baselines
 from metapeft_ray.cli import main
-from metapeft_ray.config import load_config
+from metapeft_ray.config import Config, load_config
 from metapeft_ray.data import load_dataset
 from metapeft_ray.episodes import ClassSplits, EpisodeSampler
 from metapeft_ray.evaluate import markdown_table, meta_test, paired
@@ -164,17 +164,40 @@ def other_dataset(tiny: tuple[str, str], tmp_path_factory: pytest.TempPathFactor
     return str(path)
 
 
+def prototype_accuracies(cfg: Config, n_way: int, k_shot: int) -> list[float]:
+    """The ``proto`` row of a meta-test cell, computed here: the cell's episodes rebuilt from their
+    specs (as `meta_test` draws them), the frozen backbone's embeddings, and the nearest mean
+    support embedding (Euclidean) for each query."""
+    from metapeft_ray.train import prepare_sampler, prepare_test_sampler
+
+    sampler = prepare_test_sampler(cfg, prepare_sampler(cfg))
+    encoder = encoder_from_config(cfg)
+    ev = cfg.eval
+    specs = sampler.specs(
+        "test", ev.episodes, seed=cfg.run.seed, step=0, n_way=n_way, k_shot=k_shot, q_query=ev.q_query
+    )
+    accuracies = []
+    for episode in map(sampler.build, specs):
+        with torch.no_grad():
+            e_s = encoder.embed(None, encoder.tokenize(episode.support_texts))
+            e_q = encoder.embed(None, encoder.tokenize(episode.query_texts))
+        y_s, y_q = torch.tensor(episode.support_labels), torch.tensor(episode.query_labels)
+        prototypes = torch.stack([e_s[y_s == k].mean(0) for k in range(n_way)])
+        accuracies.append((torch.cdist(e_q, prototypes).argmin(-1) == y_q).float().mean().item())
+    return accuracies
+
+
+@pytest.mark.slow  # SetFit trains the real MiniLM
 def test_train_meta_tests_on_another_dataset_with_every_baseline(
     tiny: tuple[str, str], other_dataset: str, tmp_path: Path
 ) -> None:
     methods = ["meta", "meta_init", "proto", "logreg", "finetune", "full_finetune", "setfit"]
-    argv = [
-        "train", "--local", "--quiet", "--config", "quickstart",
+    overrides = [
         *tiny_overrides(*tiny, **{"run.output_dir": str(tmp_path), "run.name": "x", "meta.meta_steps": 2}),
         f"eval.dataset={other_dataset}", f"eval.methods={json.dumps(methods)}", "eval.n_way=[3,4]",
         "eval.episodes=4", "eval.costly_episodes=2", "eval.finetune.steps=3", "eval.full_finetune.steps=2",
     ]  # fmt: skip
-    assert main(argv) == 0
+    assert main(["train", "--local", "--quiet", "--config", "quickstart", *overrides]) == 0
     report = json.loads((tmp_path / "x" / "report.json").read_text())
     assert report["protocol"] == "cross-dataset" and report["test_dataset"] == other_dataset
     assert report["test_classes"] == [f"other_{i:02d}" for i in range(12)]
@@ -182,12 +205,22 @@ def test_train_meta_tests_on_another_dataset_with_every_baseline(
     assert splits["test"] == [] and len(splits["train"]) + len(splits["val"]) == 12  # nothing held out
     results = report["results"]
     assert list(results) == methods
+    q_query = 3  # tiny_overrides
     for m in methods:
         assert list(results[m]) == ["3w1s", "4w1s"]
         episodes = 2 if m in ("finetune", "full_finetune", "setfit") else 4
         assert [c["episodes"] for c in results[m].values()] == [episodes, episodes], m
-        assert all(0 <= v <= 1 for c in results[m].values() for v in c["per_episode"])
+        for n_way, cell in zip((3, 4), results[m].values(), strict=True):
+            # an accuracy is a count of right answers among the n_way * q_query queries
+            correct = [v * n_way * q_query for v in cell["per_episode"]]
+            assert correct == pytest.approx([round(c) for c in correct], abs=1e-5), (m, cell["per_episode"])
+            assert cell["mean"] == pytest.approx(sum(cell["per_episode"]) / episodes)
         assert ("paired" in results[m]["3w1s"]) == (m != "logreg")
+    # the frozen prototype row equals a nearest-prototype classifier computed here, episode by episode
+    cfg = load_config("quickstart", overrides)
+    for n_way in (3, 4):
+        want = prototype_accuracies(cfg, n_way, 1)
+        assert results["proto"][f"{n_way}w1s"]["per_episode"] == pytest.approx(want, abs=1e-6), n_way
     md = (tmp_path / "x" / "report.md").read_text()
     assert (
         "Meta-test (cross-dataset) on" in md
@@ -195,6 +228,7 @@ def test_train_meta_tests_on_another_dataset_with_every_baseline(
     )
 
 
+@pytest.mark.slow  # a training run and three evaluations through the CLI
 def test_evaluate_an_exported_init_on_named_classes_of_another_dataset(
     tiny: tuple[str, str], other_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -19,7 +19,7 @@ from metapeft_ray.config import Config, load_config
 from metapeft_ray.recipes import run_uri
 from metapeft_ray.train import MetaLearner, prepare_sampler
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 STEPS = 3
 

@@ -278,6 +278,7 @@ def test_unknown_job_id(open_api, capsys, no_auth_env) -> None:  # noqa: ANN001
     assert set(handler.seen_auth) == {None}  # no token sent without RAY_AUTH_MODE=token
 
 
+@pytest.mark.slow  # four CLI subprocesses, each importing Ray's job client
 def test_token_errors_are_one_line(token_api, tmp_path: Path) -> None:  # noqa: ANN001
     address, handler = token_api
     home = {"HOME": str(tmp_path)}

@@ -106,14 +106,25 @@ def test_first_order_equals_second_order_with_detached_inner_graph(setup) -> Non
 @pytest.mark.parametrize("first_order", [True, False])
 def test_meta_gradients_reach_every_adapter_tensor_and_only_them(setup, first_order: bool) -> None:  # noqa: ANN001
     enc, params, _, episode = setup
+    # LoRA A and B of query and value in both layers are the only trainable tensors ...
+    lora = {
+        f"base_model.model.encoder.layer.{i}.attention.self.{m}.lora_{ab}.default.weight"
+        for i in (0, 1) for m in ("query", "value") for ab in ("A", "B")
+    }  # fmt: skip
+    assert {n for n, p in enc.model.named_parameters() if p.requires_grad} == lora == set(params)
+    weights = {k: v.detach().clone() for k, v in enc.model.state_dict().items()}
     r = run_episode(
         enc, params, episode, steps=1, lr=0.1, scale=10.0, first_order=first_order, meta_gradient=True
     )
-    assert set(r.grads) == set(params)
+    # ... the meta-gradient is over exactly them, non-zero everywhere ...
+    assert set(r.grads) == lora
     for name, g in r.grads.items():
+        assert g.shape == params[name].shape, name
         assert torch.isfinite(g).all() and g.abs().sum() > 0, f"zero meta-gradient for {name}"
-    frozen = [n for n, p in enc.model.named_parameters() if p.requires_grad and "lora_" not in n]
-    assert frozen == [] and all(p.grad is None for p in enc.model.parameters())
+    # ... and an episode only reads the model: every weight, backbone and adapter, is bit-identical.
+    after = enc.model.state_dict()
+    assert after.keys() == weights.keys()
+    assert [k for k, v in weights.items() if not torch.equal(after[k], v)] == []
 
 
 def test_lora_with_b_zero_leaves_the_backbone_output_unchanged(setup) -> None:  # noqa: ANN001

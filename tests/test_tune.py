@@ -1,10 +1,13 @@
-"""A small Tune search on the session's local Ray: Optuna + ASHA, a rejected trial, resume,
-and the best init loading with PeftModel.from_pretrained."""
+"""A small Tune search on the session's local Ray: Optuna + ASHA, a rejected trial, resume
+(from the checkpoint, not from step 0), distributed trials (really 2 ranks), and the best init
+loading with PeftModel.from_pretrained and scoring its reported meta-val accuracy again."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -13,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from metapeft_ray.config import ConfigError, load_config
 from metapeft_ray.tune import base_point, load_space, pareto_front
@@ -36,6 +40,29 @@ tune: {searcher: grid, scheduler: asha, grace_period: 1, reduction_factor: 2, ma
 def _base(tiny_backbone: str, tiny_dataset: str, out: Path, **extra: object):  # noqa: ANN202
     over = {"meta.meta_steps": 4, "meta.val_every": 1, "run.output_dir": str(out), "run.name": "t", **extra}
     return load_config("quickstart", tiny_overrides(tiny_backbone, tiny_dataset, **over))
+
+
+def meta_val_accuracy(config: Path, adapter: Path) -> float:
+    """The meta-validation accuracy of an exported init, recomputed here from its files: the
+    config's learner with the exported adapter weights, on the same validation episodes (one
+    thread, as in a trial, so the float sums run in the same order)."""
+    from metapeft_ray.export import load_adapter
+    from metapeft_ray.train import MetaLearner, prepare_sampler
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_config(config)
+        learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
+        encoder, *_ = load_adapter(str(adapter))
+        exported = encoder.adapter_params()
+        assert exported.keys() == learner.params.keys()
+        with torch.no_grad():
+            for name, value in exported.items():
+                learner.params[name].copy_(value)
+        return learner.validate()["meta_val_accuracy"]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_space_files_are_checked_against_the_config_tree(tmp_path: Path) -> None:
@@ -72,6 +99,7 @@ def test_pareto_front_keeps_only_undominated_trials() -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_search_rejects_stops_early_and_exports_the_best(
     ray_cluster: dict[str, str], tiny_backbone: str, tiny_dataset: str, tmp_path: Path
 ) -> None:
@@ -92,13 +120,21 @@ def test_search_rejects_stops_early_and_exports_the_best(
     assert rejected and all("this model has layers 0..1" in t["reason"] for t in rejected)
     assert "stopped early" in statuses, statuses
     best = report["best"]
-    assert best["peft.layers"] == "all" and 0 < best["meta_val_accuracy"] <= 1
+    assert best["peft.layers"] == "all" and best["meta_step"] == 4
+    # the best is the finished trial with the highest meta-val accuracy, and its exported init
+    # scores exactly that accuracy again on the meta-val episodes
+    finished = [t for t in report["trials"] if t["status"] in ("ok", "stopped early")]
+    row = next(t for t in report["trials"] if t["trial"] == best["trial"])
+    assert best["meta_val_accuracy"] == row["meta_val_accuracy"]
+    assert row["meta_val_accuracy"] == max(t["meta_val_accuracy"] for t in finished)
+    summary = tmp_path / "t-tune" / "summary"
+    recomputed = meta_val_accuracy(summary / "best.yaml", summary / "best" / "adapter")
+    assert recomputed == pytest.approx(best["meta_val_accuracy"], abs=1e-9)
     base_trial = report["base_trial"]
     assert base_trial["meta.inner_lr"] == 20.0 and base_trial["peft.layers"] == "all"
     assert base_trial["stopped_early_at"] < base_trial["meta_step"] == 4
     assert set(base_trial["meta_test"]) == {"meta", "meta_init", "proto", "logreg", "finetune"}
     assert set(best["meta_test"]) == {"meta", "meta_init", "proto", "logreg", "finetune"}
-    summary = tmp_path / "t-tune" / "summary"
     assert "best trial against the base config" in (summary / "report.md").read_text()
     assert {"best.yaml", "report.md", "report.json", "accuracy_vs_params.png", "base"} <= {
         p.name for p in summary.iterdir()
@@ -107,7 +143,31 @@ def test_search_rejects_stops_early_and_exports_the_best(
     PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_backbone), str(summary / "best" / "adapter"))
 
 
+def checkpoint_steps(exp: Path) -> dict[str, set[int]]:
+    """``{directory under the experiment: meta-steps of the checkpoints in it}``: a single-process
+    trial's Tune checkpoints (``<trial dir>/checkpoint_*/state.pt``) and a distributed trial's
+    Train checkpoints (``trial_<id>/train/checkpoint_*/state.pt``)."""
+    steps: dict[str, set[int]] = {}
+    for path in exp.glob("*/**/checkpoint_*/state.pt"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+            continue  # a checkpoint the interrupt cut short: nothing can resume from it
+        steps.setdefault(path.relative_to(exp).parts[0], set()).add(int(state["meta_step"]))
+    return steps
+
+
+def first_step_after_resume(result_json: Path) -> tuple[str, int]:
+    """``(trial id, meta_step of the trial's first report since it was last (re)started)``, from
+    the trial's Tune result log: ``iterations_since_restore`` is 1 on the first report of every
+    start of the trial, and a resumed trial appends to the log it had."""
+    rows = [json.loads(line) for line in result_json.read_text().splitlines() if line.strip()]
+    last_start = [r for r in rows if r["iterations_since_restore"] == 1][-1]
+    return rows[0]["trial_id"], int(last_start["meta_step"])
+
+
 @pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("workers", "steps", "val_every"), [(1, 40, 1), (2, 12, 3)], ids=["single-process", "distributed"]
 )
@@ -120,8 +180,8 @@ def test_an_interrupted_search_resumes(
     steps: int,
     val_every: int,
 ) -> None:
-    """Ctrl-C, then --resume: a single-process trial restarts from its Tune checkpoint, a
-    distributed one's Train run from its own checkpoints beside the trial."""
+    """Ctrl-C, then --resume: a single-process trial continues from its Tune checkpoint, a
+    distributed one's Train run from its own checkpoints beside the trial; neither from step 0."""
     space = tmp_path / "space.yaml"
     space.write_text(
         "search:\n  meta.inner_lr: {loguniform: [0.01, 0.1]}\n"
@@ -164,19 +224,34 @@ def test_an_interrupted_search_resumes(
     first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and exits
     assert first.wait(timeout=120) == 130, first.stdout.read()
     assert not (exp / "summary" / "report.json").exists()
+    at_interrupt = checkpoint_steps(exp)
 
     done = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((exp / "summary" / "report.json").read_text())
     assert [t["status"] for t in report["trials"]] == ["ok", "ok"]
     assert all(t["meta_step"] == steps for t in report["trials"])
+    # A trial that was checkpointed but unfinished at the interrupt reports next the step after
+    # one of those checkpoints (a report every val_every steps), not the first steps again.
+    resumed = 0
+    for result_json in exp.glob("*/result.json"):
+        trial_id, first_step = first_step_after_resume(result_json)
+        own = [s for d, s in at_interrupt.items() if re.fullmatch(rf"trial_{re.escape(trial_id)}(_.*)?", d)]
+        before = set().union(*own)
+        if not before or max(before) >= steps:
+            continue  # not checkpointed yet, or already finished, when Ctrl-C came
+        assert first_step - val_every in before, (trial_id, first_step, sorted(before))
+        resumed += 1
+    assert resumed >= 1, at_interrupt
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_trial_can_itself_be_a_distributed_run_on_s3(
     ray_cluster: dict[str, str], tiny_backbone: str, tiny_dataset: str, tmp_path: Path, s3_env: S3Server
 ) -> None:
-    """Trials that are 2-worker TorchTrainers, the experiment and the summary all on S3."""
+    """Trials that are 2-worker TorchTrainers (their checkpoints say they ran as 2 ranks), the
+    experiment and the summary all on S3."""
     from metapeft_ray.tune import run_search
 
     space = tmp_path / "space.yaml"
@@ -187,12 +262,18 @@ def test_a_trial_can_itself_be_a_distributed_run_on_s3(
     assert statuses == ["ok", "rejected", "rejected", "stopped early"], statuses
     assert len({t["trial"] for t in report["trials"]}) == 4  # grid trial ids: <exp>_0000<i>
     ok = next(t for t in report["trials"] if t["status"] == "ok")
-    assert ok["meta_step"] == 4 and ok["trainable_params"] > 0
+    # LoRA rank 4 (tiny_overrides) on query and value of the 2 layers, 32 wide: A 4x32 + B 32x4
+    assert ok["meta_step"] == 4 and ok["trainable_params"] == 2 * 2 * (4 * 32 + 32 * 4)
     # a 2-worker TorchTrainer ran inside each trial and checkpointed beside it; the summary
     # (its best adapter trained from the reported checkpoint path) is on S3 too
     pages = s3_env.client().get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix="tune/t-tune/")
     keys = [o["Key"].removeprefix("tune/t-tune/") for page in pages for o in page.get("Contents", [])]
-    assert any(re.fullmatch(r"trial_\w+/train/checkpoint_\d+/state\.pt", k) for k in keys), keys
+    train_checkpoints = [k for k in keys if re.fullmatch(r"trial_\w+/train/checkpoint_\d+/state\.pt", k)]
+    assert train_checkpoints, keys
+    for key in train_checkpoints:  # the workers record the world size they ran with
+        body = s3_env.client().get_object(Bucket=S3_BUCKET, Key=f"tune/t-tune/{key}")["Body"].read()
+        state = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+        assert state["world_size"] == 2, key
     assert any(k.startswith("experiment_state") for k in keys), keys
     for key in ("summary/report.json", "summary/best.yaml", "summary/best/adapter/adapter_model.safetensors"):
         assert key in keys, keys
@@ -210,6 +291,7 @@ def test_a_trial_can_itself_be_a_distributed_run_on_s3(
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_distributed_trials_are_checked_and_sized_to_the_cluster(
     ray_cluster: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
