@@ -336,8 +336,9 @@ class EvalSection(_Section):
     costly_episodes: int = Field(100, ge=1)
     """finetune, full_finetune and setfit run on the first N episodes of each cell (paired
     statistics against the reference use the same prefix)."""
-    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
-    full_finetune: FinetuneSettings = Field(default_factory=lambda: FinetuneSettings(lr=3e-5))
+    # Defaults chosen on meta-val classes (benchmarks/baseline_grid.py, results/baseline_grid.md).
+    finetune: FinetuneSettings = Field(default_factory=lambda: FinetuneSettings(steps=20, lr=3e-3))
+    full_finetune: FinetuneSettings = Field(default_factory=lambda: FinetuneSettings(steps=10, lr=3e-5))
     setfit: SetFitSettings = Field(default_factory=SetFitSettings)
 
     @model_validator(mode="after")
