@@ -30,6 +30,7 @@ import io
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -79,12 +80,35 @@ class TrainingFailedError(RuntimeError):
 # -- driver -------------------------------------------------------------------------------------
 
 
+def check_meta_batch(
+    meta_batch_size: int, workers: int, field: str = "distributed.workers (--workers)"
+) -> None:
+    """Each rank runs ``specs[rank::workers]`` of a meta-batch: with fewer episodes than workers
+    some ranks idle through every step, so that is refused; a meta-batch that is not a multiple of
+    the workers leaves some ranks idle for part of each step, which is only worth a warning."""
+    if meta_batch_size < workers:
+        raise ValueError(
+            f"meta.meta_batch_size={meta_batch_size} is smaller than {field}={workers}: "
+            f"{workers - meta_batch_size} worker(s) would idle through every meta-step; set "
+            f"meta.meta_batch_size to a multiple of {workers} or use {meta_batch_size} worker(s)"
+        )
+    if meta_batch_size % workers:
+        most = -(-meta_batch_size // workers)
+        print(
+            f"metapeft: warning: meta.meta_batch_size={meta_batch_size} is not a multiple of {field}="
+            f"{workers}; each step waits for the ranks with {most} episodes while others have "
+            f"{meta_batch_size // workers} (use {workers * most})",
+            file=sys.stderr,
+        )
+
+
 def train_ray(
     cfg: Config, *, address: str | None = None, workers: int | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Meta-train on Ray, export the adapter, meta-test it; returns `recipes.finish`'s report."""
     if workers is not None:
         cfg = cfg.with_overrides({"distributed.workers": workers})
+    check_meta_batch(cfg.meta.meta_batch_size, cfg.distributed.workers)
     sampler = prepare_sampler(cfg)
     uri = run_uri(cfg)
     storage.check_writable(uri)

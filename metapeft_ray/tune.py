@@ -232,6 +232,7 @@ def _distributed_concurrency(base: Config, s: TuneSettings) -> int | None:
     from metapeft_ray import distributed
 
     _, per_worker = distributed._worker_resources(base, ray.cluster_resources())
+    distributed.check_meta_batch(base.meta.meta_batch_size, s.trial_workers, "tune.trial_workers")
     slots = distributed._check_capacity(s.trial_workers, per_worker, field="tune.trial_workers")
     distributed.check_state_api("tune.trial_workers")
     fit = None if math.isinf(slots) else int(slots // s.trial_workers)

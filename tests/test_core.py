@@ -308,3 +308,18 @@ def test_cli_reports_config_errors_in_one_line_and_exit_code_2(capsys: pytest.Ca
     assert main(["train", "--local", "peft.rank=-1", "meta.nope=1"]) == 2
     err = capsys.readouterr().err
     assert "invalid config, 2 problem(s)" in err and "meta.nope: unknown key" in err
+
+
+def test_a_meta_batch_that_leaves_workers_idle_is_refused_or_warned(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from metapeft_ray.distributed import check_meta_batch
+
+    with pytest.raises(
+        ValueError, match="meta_batch_size=2 is smaller than distributed.workers .--workers.=3"
+    ):
+        check_meta_batch(2, 3)
+    check_meta_batch(6, 3)
+    assert capsys.readouterr().err == ""
+    check_meta_batch(5, 2, "tune.trial_workers")
+    assert "not a multiple of tune.trial_workers=2" in capsys.readouterr().err
