@@ -401,6 +401,12 @@ class Config(_Section):
                 f"head.learn={self.head.learn} needs the query loss's gradient, which "
                 f"meta.algorithm=reptile never takes; use maml, metasgd or protonet, or set head.learn=[]"
             )
+        if "inner_scale" in self.head.learn and not self.meta.second_order:
+            raise ValueError(
+                "head.learn has inner_scale, which acts on the query loss only through the inner "
+                "gradients: first-order MAML and ProtoNet treat those as constants, so it would never "
+                "move; use second-order maml/metasgd (meta.first_order=false) or drop inner_scale"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

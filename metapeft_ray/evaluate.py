@@ -29,6 +29,8 @@ METHOD_LABELS = {
     "meta_init": "meta-learned init, no adaptation",
     "proto": "frozen backbone + prototypes",
     "logreg": "frozen backbone + logistic regression",
+    "proto_names": "frozen backbone + prototypes with label names",
+    "logreg_names": "frozen backbone + logistic regression with label names",
     "finetune": "adapter fine-tune from peft default init (Adam)",
     "full_finetune": "full fine-tune of the backbone (Adam)",
     "setfit": "SetFit (contrastive fine-tune + logistic regression)",

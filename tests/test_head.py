@@ -150,3 +150,5 @@ def test_learning_head_values_with_reptile_or_names_off_is_refused() -> None:
         load_config(None, ["meta.algorithm=reptile", 'head.learn=["scale"]'])
     with pytest.raises(ConfigError, match="set head.label_names=true"):
         load_config(None, ['head.learn=["name_weight"]'])
+    with pytest.raises(ConfigError, match="inner_scale, which acts on the query loss only through"):
+        load_config(None, ["meta.first_order=true", 'head.learn=["inner_scale"]'])
