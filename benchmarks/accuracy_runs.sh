@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The runs behind benchmarks/results/accuracy.{json,md}, then the table:
-#   in-domain      Banking77 and HWU64, 3 folds each (configs/fewshot.yaml: data.folds=3), 5-way 1- and
+#   in-domain      Banking77 and HWU64, 3 folds each (data.folds=3 in configs/fewshot.yaml), 5-way 1- and
 #                  5-shot and 20-way 1-shot, 200 test episodes per cell and fold (600 pooled);
 #   cross-dataset  CLINC150 without its banking and credit-card intents (configs/cross_clinc150.yaml)
 #                  -> all Banking77 classes and all HWU64 classes, 600 test episodes per cell.
-# The fine-tuning baselines (adapter fine-tune, full fine-tune, SetFit) score the first 34 episodes of
-# each fold's cells (102 pooled) and the first 100 cross-dataset ones, paired on those prefixes.
-# Every run is skipped when its report exists, so an interrupted sequence continues where it stopped.
+# Two phases, which may run at the same time (one thread each on a 2-core machine):
+#   meta       the shipped recipe meta-trained per fold, meta-tested with the frozen rows beside it;
+#   baselines  the fine-tuning baselines (adapter fine-tune, full fine-tune, SetFit): they do not
+#              depend on the meta-init, so they run from an untrained init's config (meta.meta_steps=0)
+#              on the first 34 episodes of each fold's cells (102 pooled) and the first 100
+#              cross-dataset ones. The same seed and classes give the same episodes, so
+#              benchmarks/accuracy.py pairs every row with logistic regression episode by episode.
+# Every run is skipped when its report exists: an interrupted sequence continues where it stopped.
 #
-# Usage: benchmarks/accuracy_runs.sh [RUNS_DIR] [DATASET:FOLD|cross ...]   (default: all of them)
+# Usage: benchmarks/accuracy_runs.sh RUNS_DIR meta|baselines|table [DATASET:FOLD|cross ...]
 set -euo pipefail
-runs=${1:-runs/accuracy}; shift || true
+runs=$1; phase=$2; shift 2
 parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(banking77:0 hwu64:0 banking77:1 hwu64:1 banking77:2 hwu64:2 cross)
-meta='eval.methods=[meta,meta_init,logreg,proto,logreg_names,proto_names]'
-costly='eval.methods=[finetune,full_finetune,setfit]'
+frozen='logreg,proto,logreg_names,proto_names'
 five='eval.n_way=5 eval.shots=[1,5]'
 twenty='eval.n_way=20 eval.shots=[1]'
 
@@ -24,29 +28,32 @@ once() {  # once REPORT_DIR COMMAND...: run unless REPORT_DIR/report.json exists
 }
 
 for part in "${parts[@]}"; do
+  [ "$phase" = table ] && break
+  if [ "$phase" = meta ]; then
+    methods="eval.methods=[meta,meta_init,$frozen]"; episodes=200; cross_episodes=600; steps=(); tag=""
+  else
+    methods='eval.methods=[finetune,full_finetune,setfit]'; episodes=34; cross_episodes=100
+    steps=(meta.meta_steps=0); tag=_baselines
+  fi
   if [ "$part" = cross ]; then
-    run=$runs/cross_clinc150; adapter=$run/adapter
-    once "$run" metapeft train --local --config cross_clinc150 run.output_dir="$runs" \
-      eval.dataset=banking77 eval.episodes=600 $five "$meta"
+    run=$runs/cross_clinc150$tag; adapter=$run/adapter
+    once "$run" metapeft train --local --config cross_clinc150 run.output_dir="$runs" run.name="cross_clinc150$tag" \
+      "${steps[@]}" eval.dataset=banking77 eval.episodes=$cross_episodes eval.costly_episodes=100 $five "$methods"
     for ds in banking77 hwu64; do
       [ "$ds" = banking77 ] || once "$run/${ds}_5w" metapeft evaluate --adapter "$adapter" --out "$run/${ds}_5w" \
-        eval.dataset=$ds eval.episodes=600 $five "$meta"
+        eval.dataset=$ds eval.episodes=$cross_episodes eval.costly_episodes=100 $five "$methods"
       once "$run/${ds}_20w" metapeft evaluate --adapter "$adapter" --out "$run/${ds}_20w" \
-        eval.dataset=$ds eval.episodes=600 $twenty "$meta"
-      for cells in five twenty; do
-        once "$run/${ds}_${cells}_costly" metapeft evaluate --adapter "$adapter" --out "$run/${ds}_${cells}_costly" \
-          eval.dataset=$ds eval.episodes=100 eval.costly_episodes=100 ${!cells} "$costly"
-      done
+        eval.dataset=$ds eval.episodes=$cross_episodes eval.costly_episodes=100 $twenty "$methods"
     done
   else
-    ds=${part%:*}; fold=${part#*:}; run=$runs/${ds}_fold$fold; adapter=$run/adapter
-    once "$run" metapeft train --local --config fewshot run.output_dir="$runs" run.name="${ds}_fold$fold" \
-      data.dataset="$ds" data.fold="$fold" eval.episodes=200 $five "$meta"
-    once "$run/20w" metapeft evaluate --adapter "$adapter" --out "$run/20w" eval.episodes=200 $twenty "$meta"
-    for cells in five twenty; do
-      once "$run/${cells}_costly" metapeft evaluate --adapter "$adapter" --out "$run/${cells}_costly" \
-        eval.episodes=34 eval.costly_episodes=34 ${!cells} "$costly"
-    done
+    ds=${part%:*}; fold=${part#*:}; name=${ds}_fold$fold$tag; run=$runs/$name
+    once "$run" metapeft train --local --config fewshot run.output_dir="$runs" run.name="$name" \
+      "${steps[@]}" data.dataset="$ds" data.fold="$fold" eval.episodes=$episodes eval.costly_episodes=34 $five \
+      "$methods"
+    once "$run/20w" metapeft evaluate --adapter "$run/adapter" --out "$run/20w" \
+      eval.episodes=$episodes eval.costly_episodes=34 $twenty "$methods"
   fi
 done
-python "$(dirname "$0")/accuracy.py" $(find "$runs" -name report.json | sort)
+if [ "$phase" = table ]; then
+  python "$(dirname "$0")/accuracy.py" $(find "$runs" -name report.json | sort)
+fi
