@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from metapeft_ray.config import Config, load_config
-from metapeft_ray.evaluate import meta_test
+from metapeft_ray.evaluate import METHOD_LABELS, meta_test, paired
 from metapeft_ray.recipes import build_scorers
 from metapeft_ray.train import MetaLearner, prepare_sampler
 
@@ -119,7 +119,32 @@ def make_cfg(args: argparse.Namespace, dataset: str, method: str, algorithm: str
         "eval.shots": args.shots,
         "eval.q_query": args.q_query,
     }
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in o.items()] + list(args.set))
+    asked = _learned(args)
+    # Reptile takes no query gradient (no head value can be learned); first-order MAML and ProtoNet
+    # cannot move the inner temperature (it acts only through second-order terms).
+    learn = [] if algorithm == "reptile" else asked
+    if algorithm == "protonet" or args.first_order:
+        learn = [v for v in learn if v != "inner_scale"]
+    fix = [f"head.learn={json.dumps(learn)}"] if learn != asked else []
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in o.items()] + list(args.set) + fix)
+
+
+def _learned(args: argparse.Namespace) -> list[str]:
+    """The head values ``--set head.learn=[...]`` asks to learn (empty without it)."""
+    for item in reversed(args.set):
+        if item.startswith("head.learn="):
+            import yaml
+
+            return list(yaml.safe_load(item.partition("=")[2]) or [])
+    return []
+
+
+def _paired(result: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
+    """Each cell of ``result`` with its paired difference from frozen logistic regression."""
+    return {
+        cell: {**stats, "paired": paired(stats["per_episode"], frozen["logreg"][cell]["per_episode"])}
+        for cell, stats in result.items()
+    }
 
 
 def _test(cfg: Config, learner: MetaLearner, methods: list[str], steps: int):  # noqa: ANN202
@@ -147,6 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def row(key: str, **info: Any) -> dict[str, Any]:
         return rows.setdefault(key, {"info": info, "cells": {}})
 
+    frozen: dict[str, Any] = {}  # dataset -> the frozen rows' results (the paired reference)
     for dataset in args.datasets:
         done_methods: set[str] = set()
         for method, algorithm in pairs:
@@ -155,12 +181,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             learner = MetaLearner.from_config(cfg, sampler, device=torch.device("cpu"))
             n_adapter = sum(p.numel() for p in learner.params.values())
             n_extra = sum(p.numel() for p in learner.extra.values())
-            if dataset not in row("proto", label="(a) frozen backbone + prototypes", params=0)["cells"]:
-                frozen = _test(cfg, learner, ["proto", "logreg"], 0)
-                rows["proto"]["cells"][dataset] = frozen["proto"]
-                row("logreg", label="(a') frozen backbone + logistic regression", params=0)["cells"][
-                    dataset
-                ] = frozen["logreg"]
+            if dataset not in row("proto", label=METHOD_LABELS["proto"], params=0)["cells"]:
+                names = ["proto_names", "logreg_names"] if cfg.head.label_names else []
+                frozen[dataset] = _test(cfg, learner, ["proto", "logreg", *names], 0)
+                for m in ["proto", "logreg", *names]:
+                    row(m, label=METHOD_LABELS[m], params=0)["cells"][dataset] = frozen[dataset][m]
             wanted = args.finetune is None or method in args.finetune
             if wanted and method not in done_methods:  # the method's plain fine-tune, once per method
                 ft = _test(cfg, learner, ["finetune"], args.inner_steps)
@@ -170,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     algorithm="fine-tune (peft default init)",
                     params=n_adapter,
                 )
-                rows[f"{method}/finetune"]["cells"][dataset] = ft["finetune"]
+                rows[f"{method}/finetune"]["cells"][dataset] = _paired(ft["finetune"], frozen[dataset])
                 done_methods.add(method)
             t0 = time.perf_counter()
             history = list(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every))
@@ -181,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{method}/{algorithm}", method=method, algorithm=algorithm, params=n_adapter, extra=n_extra
             )
             r["cells"][dataset] = {
-                **res["meta"],
+                **_paired(res["meta"], frozen[dataset]),
                 "train_s": train_s,
                 "final_meta_loss": history[-1]["meta_loss"],
             }
@@ -207,7 +232,10 @@ def markdown(args: argparse.Namespace, rows: dict[str, Any], command: str, wall_
         f"({'first' if args.first_order else 'second'}-order MAML/Meta-SGD), outer Adam lr {args.outer_lr}. "
         f"Meta-test: {args.episodes} episodes per cell, the same episodes for every row, "
         f"{args.q_query} queries/class, {args.inner_steps} adaptation step(s) "
-        f"(ProtoNet rows: {args.protonet_eval_steps}). Cells: accuracy % mean ± 95 % CI. "
+        f"(ProtoNet rows: {args.protonet_eval_steps}). Cells: accuracy % mean ± 95 % CI, and Δ: the "
+        "paired difference from frozen + logistic regression on the same episodes (points ± 95 % CI). "
+        f"Extra settings: `{' '.join(args.set) or 'none'}` (Reptile, which takes no query gradient, "
+        "learns no head values). "
         f"Total wall time {wall_s / 60:.1f} min on this machine (2 shared CPU cores, "
         f"{args.processes} process(es) x {args.threads} thread(s)).",
         "",
@@ -219,7 +247,10 @@ def markdown(args: argparse.Namespace, rows: dict[str, Any], command: str, wall_
         cells = []
         for d, s in cols:
             c = r["cells"].get(d, {}).get(s)
-            cells.append(f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}" if c else "—")
+            text = f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}" if c else "—"
+            if c and "paired" in c:
+                text += f" (Δ {100 * c['paired']['diff']:+.1f} ± {100 * c['paired']['ci95']:.1f})"
+            cells.append(text)
         ms = []
         for s in settings:
             vals = [

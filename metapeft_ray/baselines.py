@@ -35,13 +35,17 @@ Scorer = Callable[[Episode], float | dict[str, float]]
 
 
 class EmbeddingCache:
-    """Embeddings of texts under a fixed encoder (the frozen backbone), computed once per text.
+    """Embeddings of texts under a fixed encoder — the frozen backbone, or the backbone with a fixed
+    adapter (``params``, e.g. the meta-learned init before adaptation) — computed once per text.
 
     A meta-test draws the same texts again and again (600 episodes of 5-way 5-shot sample every
-    text of a 27-class split several times), so the frozen rows cost one pass over the data."""
+    text of a 27-class split several times), so these rows cost one pass over the data."""
 
-    def __init__(self, encoder: Encoder, batch_size: int = 64) -> None:
+    def __init__(
+        self, encoder: Encoder, params: Mapping[str, Tensor] | None = None, batch_size: int = 64
+    ) -> None:
         self.encoder, self.batch_size = encoder, batch_size
+        self.params = None if params is None else {k: v.detach() for k, v in params.items()}
         self._cache: dict[str, Tensor] = {}
 
     def __call__(self, texts: Sequence[str]) -> Tensor:
@@ -49,7 +53,7 @@ class EmbeddingCache:
         for i in range(0, len(missing), self.batch_size):
             chunk = missing[i : i + self.batch_size]
             with torch.no_grad():
-                emb = self.encoder.embed(None, self.encoder.tokenize(chunk)).cpu()
+                emb = self.encoder.embed(self.params, self.encoder.tokenize(chunk)).cpu()
             self._cache.update(zip(chunk, emb, strict=True))
         return torch.stack([self._cache[t] for t in texts])
 
@@ -63,22 +67,22 @@ def _frozen(cache: EmbeddingCache, episode: Episode) -> tuple[Tensor, Tensor, Te
     )
 
 
-def prototype_scorer(cache: EmbeddingCache, *, label_names: bool = False) -> Scorer:
-    """Nearest prototype (mean support embedding) of the frozen backbone; with ``label_names`` each
-    class name's embedding counts as one more support example."""
+def prototype_scorer(cache: EmbeddingCache, *, label_names: bool = False, name_weight: float = 1.0) -> Scorer:
+    """Nearest prototype (mean support embedding) of the cache's encoder; with ``label_names`` each
+    class name's embedding counts as ``name_weight`` more support examples."""
 
     def score(episode: Episode) -> float:
         e_s, y_s, e_q, y_q = _frozen(cache, episode)
         names = cache(episode.name_texts) if label_names else None
-        weight, bias = proto_head(e_s, y_s, len(episode.class_names), names)
+        weight, bias = proto_head(e_s, y_s, len(episode.class_names), names, name_weight)
         return (head_logits(e_q, weight, bias, 1.0).argmax(-1) == y_q).float().mean().item()
 
     return score
 
 
 def logreg_scorer(cache: EmbeddingCache, *, label_names: bool = False) -> Scorer:
-    """Logistic regression on the frozen support embeddings (with ``label_names``, plus each class
-    name's embedding as one more example). C = 10: the embeddings are unit-norm, so sklearn's
+    """Logistic regression on the cache encoder's support embeddings (with ``label_names``, plus each
+    class name's embedding as one more example). C = 10: the embeddings are unit-norm, so sklearn's
     default C = 1 regularises them into mush."""
     from sklearn.linear_model import LogisticRegression
 

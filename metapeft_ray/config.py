@@ -275,6 +275,7 @@ class MetaSection(_Section):
 EvalMethod = Literal[
     "meta",
     "meta_init",
+    "meta_logreg",
     "proto",
     "logreg",
     "proto_names",
@@ -325,6 +326,8 @@ class EvalSection(_Section):
         default_factory=lambda: ["meta", "meta_init", "proto", "logreg", "finetune"], min_length=1
     )
     """meta (the meta-learned init + adaptation), meta_init (the same init, no adaptation),
+    meta_logreg (logistic regression on the meta-learned encoder's support embeddings, with the
+    class names as examples when head.label_names),
     proto / logreg (frozen backbone + prototypes / logistic regression), proto_names /
     logreg_names (the same with each class name's embedding as one more support example: the
     fair comparison for head.label_names), finetune (the PEFT

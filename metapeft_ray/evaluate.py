@@ -27,6 +27,7 @@ from metapeft_ray.episodes import EpisodeSampler, Split
 METHOD_LABELS = {
     "meta": "meta-learned init + adaptation",
     "meta_init": "meta-learned init, no adaptation",
+    "meta_logreg": "meta-learned encoder + logistic regression",
     "proto": "frozen backbone + prototypes",
     "logreg": "frozen backbone + logistic regression",
     "proto_names": "frozen backbone + prototypes with label names",

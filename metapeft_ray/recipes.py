@@ -89,12 +89,17 @@ def build_scorers(
         "inner_scale": inner.inner_scale,
         "name_weight": inner.name_weight,
     }
-    cache = baselines.EmbeddingCache(encoder)
+    cache, meta_cache = baselines.EmbeddingCache(encoder), baselines.EmbeddingCache(encoder, meta_init)
+    names = {"label_names": inner.name_weight is not None}
     factories: dict[str, Callable[[], baselines.Scorer]] = {
         "meta": lambda: baselines.adapted_scorer(
             encoder, meta_init, steps=inner.steps, param_lrs=inner_lrs, **meta
         ),
-        "meta_init": lambda: baselines.adapted_scorer(encoder, meta_init, steps=0, **meta),
+        # 0 inner steps: the Proto-MAML head's prototypes of the meta-learned encoder (from a cache)
+        "meta_init": lambda: baselines.prototype_scorer(
+            meta_cache, **names, name_weight=float(inner.name_weight or 1.0)
+        ),
+        "meta_logreg": lambda: baselines.logreg_scorer(meta_cache, **names),
         "proto": lambda: baselines.prototype_scorer(cache),
         "logreg": lambda: baselines.logreg_scorer(cache),
         "proto_names": lambda: baselines.prototype_scorer(cache, label_names=True),

@@ -152,3 +152,20 @@ def test_learning_head_values_with_reptile_or_names_off_is_refused() -> None:
         load_config(None, ['head.learn=["name_weight"]'])
     with pytest.raises(ConfigError, match="inner_scale, which acts on the query loss only through"):
         load_config(None, ["meta.first_order=true", 'head.learn=["inner_scale"]'])
+
+
+def test_meta_init_from_the_cache_equals_the_inner_loop_at_zero_steps(learner) -> None:  # noqa: ANN001
+    from metapeft_ray import baselines
+
+    cache = baselines.EmbeddingCache(learner.encoder, learner.params)
+    for index in range(3):
+        episode = learner.sampler.build(learner.val_specs()[index])
+        direct = baselines.adapted_scorer(
+            learner.encoder, learner.params, steps=0, lr=0.1, scale=10.0, name_weight=0.5
+        )(episode)
+        cached = baselines.prototype_scorer(cache, label_names=True, name_weight=0.5)(episode)
+        assert cached == pytest.approx(direct["accuracy"])
+    # the meta-learned encoder's logistic regression sees the adapter: not the frozen one's numbers
+    frozen = baselines.EmbeddingCache(learner.encoder)
+    texts = list(episode.support_texts)
+    assert not torch.allclose(cache(texts), frozen(texts))
