@@ -158,8 +158,8 @@ def test_meta_init_from_the_cache_equals_the_inner_loop_at_zero_steps(learner) -
     from metapeft_ray import baselines
 
     cache = baselines.EmbeddingCache(learner.encoder, learner.params)
-    for index in range(3):
-        episode = learner.sampler.build(learner.val_specs()[index])
+    for spec in [*learner.val_specs(), *learner.train_specs(0)]:
+        episode = learner.sampler.build(spec)
         direct = baselines.adapted_scorer(
             learner.encoder, learner.params, steps=0, lr=0.1, scale=10.0, name_weight=0.5
         )(episode)
