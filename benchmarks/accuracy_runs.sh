@@ -11,48 +11,56 @@
 #              on the first 34 episodes of each fold's cells (102 pooled) and the first 100
 #              cross-dataset ones. The same seed and classes give the same episodes, so
 #              benchmarks/accuracy.py pairs every row with logistic regression episode by episode.
-# Every run is skipped when its report exists: an interrupted sequence continues where it stopped.
+# Cells run in the order given (default: the 1-shot cells first). A run whose report already holds
+# its cell is skipped: an interrupted sequence continues where it stopped.
 #
-# Usage: benchmarks/accuracy_runs.sh RUNS_DIR meta|baselines|table [DATASET:FOLD|cross ...]
+# Usage: benchmarks/accuracy_runs.sh RUNS_DIR meta|baselines|table [PART ...] [-- CELL ...]
+#   PART: DATASET:FOLD or cross (default: all);  CELL: 5w1s 20w1s 5w5s (default: all three)
 set -euo pipefail
 runs=$1; phase=$2; shift 2
-parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(banking77:0 hwu64:0 banking77:1 hwu64:1 banking77:2 hwu64:2 cross)
-frozen='logreg,proto,logreg_names,proto_names'
-five='eval.n_way=5 eval.shots=[1,5]'
-twenty='eval.n_way=20 eval.shots=[1]'
+parts=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do parts+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+cells=("$@"); [ ${#cells[@]} -gt 0 ] || cells=(5w1s 20w1s 5w5s)
+[ ${#parts[@]} -gt 0 ] || parts=(banking77:0 hwu64:0 banking77:1 hwu64:1 banking77:2 hwu64:2 cross)
+if [ "$phase" = meta ]; then
+  methods='eval.methods=[meta,meta_init,meta_logreg,logreg,proto,logreg_names,proto_names]'
+  episodes=200; cross_episodes=600; steps=(); tag=""
+else
+  methods='eval.methods=[finetune,full_finetune,setfit]'; episodes=34; cross_episodes=100
+  steps=(meta.meta_steps=0); tag=_baselines
+fi
 
-once() {  # once REPORT_DIR COMMAND...: run unless REPORT_DIR/report.json exists
-  local dir=$1; shift
-  [ -f "$dir/report.json" ] && { echo "have $dir/report.json"; return; }
-  echo "+ $*"; /usr/bin/time -f "  %e s, max RSS %M KB" "$@" --quiet > /dev/null
-}
+has() { grep -q "\"$2\"" "$1/report.json" 2>/dev/null; }  # has DIR CELL: DIR/report.json holds CELL
+cell_args() { local c=$1; echo "eval.n_way=${c%w*} eval.shots=[$(echo "${c#*w}" | tr -d s)]"; }
+go() { echo "+ $*"; /usr/bin/time -f "  %e s, max RSS %M KB" "$@" --quiet > /dev/null; }
 
-for part in "${parts[@]}"; do
-  [ "$phase" = table ] && break
-  if [ "$phase" = meta ]; then
-    methods="eval.methods=[meta,meta_init,$frozen]"; episodes=200; cross_episodes=600; steps=(); tag=""
-  else
-    methods='eval.methods=[finetune,full_finetune,setfit]'; episodes=34; cross_episodes=100
-    steps=(meta.meta_steps=0); tag=_baselines
-  fi
-  if [ "$part" = cross ]; then
-    run=$runs/cross_clinc150$tag; adapter=$run/adapter
-    once "$run" metapeft train --local --config cross_clinc150 run.output_dir="$runs" run.name="cross_clinc150$tag" \
-      "${steps[@]}" eval.dataset=banking77 eval.episodes=$cross_episodes eval.costly_episodes=100 $five "$methods"
-    for ds in banking77 hwu64; do
-      [ "$ds" = banking77 ] || once "$run/${ds}_5w" metapeft evaluate --adapter "$adapter" --out "$run/${ds}_5w" \
-        eval.dataset=$ds eval.episodes=$cross_episodes eval.costly_episodes=100 $five "$methods"
-      once "$run/${ds}_20w" metapeft evaluate --adapter "$adapter" --out "$run/${ds}_20w" \
-        eval.dataset=$ds eval.episodes=$cross_episodes eval.costly_episodes=100 $twenty "$methods"
+for cell in "${cells[@]}"; do
+  for part in "${parts[@]}"; do
+    [ "$phase" = table ] && break 2
+    if [ "$part" = cross ]; then
+      name=cross_clinc150$tag; targets=(banking77 hwu64); trained_on=banking77
+      size=(eval.episodes=$cross_episodes eval.costly_episodes=100)
+      train=(--config cross_clinc150 eval.dataset=banking77)
+    else
+      ds=${part%:*}; fold=${part#*:}; name=${ds}_fold$fold$tag; targets=("$ds"); trained_on=$ds
+      size=(eval.episodes=$episodes eval.costly_episodes=34)
+      train=(--config fewshot data.dataset="$ds" data.fold="$fold")
+    fi
+    home=$runs/$name
+    if [ ! -f "$home/adapter/metapeft.json" ]; then  # meta-train; its own meta-test is this cell
+      go metapeft train --local "${train[@]}" run.output_dir="$runs" run.name="$name" "${steps[@]}" \
+        "${size[@]}" $(cell_args "$cell") "$methods"
+    fi
+    for target in "${targets[@]}"; do
+      out=$home/${target}_$cell
+      if has "$out" "$cell" || { [ "$target" = "$trained_on" ] && has "$home" "$cell"; }; then
+        echo "have $cell of $target in $home"; continue
+      fi
+      cross=(); [ "$part" = cross ] && cross=(eval.dataset="$target")
+      go metapeft evaluate --adapter "$home/adapter" --out "$out" "${cross[@]}" "${size[@]}" \
+        $(cell_args "$cell") "$methods"
     done
-  else
-    ds=${part%:*}; fold=${part#*:}; name=${ds}_fold$fold$tag; run=$runs/$name
-    once "$run" metapeft train --local --config fewshot run.output_dir="$runs" run.name="$name" \
-      "${steps[@]}" data.dataset="$ds" data.fold="$fold" eval.episodes=$episodes eval.costly_episodes=34 $five \
-      "$methods"
-    once "$run/20w" metapeft evaluate --adapter "$run/adapter" --out "$run/20w" \
-      eval.episodes=$episodes eval.costly_episodes=34 $twenty "$methods"
-  fi
+  done
 done
 if [ "$phase" = table ]; then
   python "$(dirname "$0")/accuracy.py" $(find "$runs" -name report.json | sort)

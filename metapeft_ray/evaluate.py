@@ -122,49 +122,47 @@ def meta_test(
 
 def markdown_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str = "") -> str:
     """Rows = methods (or any labels), columns = cells, ``mean ± ci95`` in percent; then, when the
-    rows were paired with a reference, the paired differences and error reductions."""
+    rows were paired with a reference, the paired differences and error reductions, and for the
+    adapted rows the support loss before and after adaptation."""
     first = next(iter(results.values()))
     settings = list(first)
     n = first[settings[0]]["episodes"]
+
+    def table(key: str | None, cell: Any, label: Any = lambda m, per: METHOD_LABELS.get(m, m)) -> list[str]:
+        rows = {m: per for m, per in results.items() if key is None or key in per[settings[0]]}
+        return ["", "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)] + [
+            f"| {label(m, per)} | " + " | ".join(cell(per[s]) for s in settings) + " |"
+            for m, per in rows.items()
+        ]
+
+    def marked(m: str, per: Mapping[str, Any]) -> str:
+        k = per[settings[0]]["episodes"]
+        return METHOD_LABELS.get(m, m) + (f" (first {k} episodes)" if k != n else "")
+
     lines = [f"{title} ({n} episodes per cell unless marked, mean ± 95 % CI)" if title else ""]
-    lines += ["", "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-    for m, per in results.items():
-        mark = (
-            f" (first {per[settings[0]]['episodes']} episodes)" if per[settings[0]]["episodes"] != n else ""
-        )
-        cells = [f"{100 * per[s]['mean']:.1f} ± {100 * per[s]['ci95']:.1f}" for s in settings]
-        lines.append(f"| {METHOD_LABELS.get(m, m)}{mark} | " + " | ".join(cells) + " |")
-    pairs = {m: per for m, per in results.items() if "paired" in per[settings[0]]}
+    lines += table(None, lambda c: f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}", marked)
+    pairs = [per[settings[0]]["paired"]["vs"] for per in results.values() if "paired" in per[settings[0]]]
     if pairs:
-        vs = next(iter(pairs.values()))[settings[0]]["paired"]["vs"]
         lines += [
             "",
-            f"Paired against {METHOD_LABELS.get(vs, vs)} on the same episodes: accuracy difference in "
-            "points ± 95 % CI, and the error reduction 1 − err/err_ref.",
-            "",
-            "| method | " + " | ".join(settings) + " |",
-            "|---|" + "---|" * len(settings),
+            f"Paired against {METHOD_LABELS.get(pairs[0], pairs[0])} on the same episodes: accuracy "
+            "difference in points ± 95 % CI, and the error reduction 1 − err/err_ref.",
         ]
-        for m, per in pairs.items():
-            cells = [
-                f"{100 * p['diff']:+.1f} ± {100 * p['ci95']:.1f} ({100 * p['error_reduction']:+.0f} %)"
-                for p in (per[s]["paired"] for s in settings)
-            ]
-            lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-    adapted = {m: per for m, per in results.items() if "support_loss_before" in per[settings[0]]}
-    if adapted:
+        lines += table(
+            "paired",
+            lambda c: (
+                f"{100 * c['paired']['diff']:+.1f} ± {100 * c['paired']['ci95']:.1f} "
+                f"({100 * c['paired']['error_reduction']:+.0f} %)"
+            ),
+        )
+    if any("support_loss_before" in per[settings[0]] for per in results.values()):
         lines += [
             "",
             "Support loss (the inner loop's objective) before → after adaptation, mean over the episodes.",
-            "",
-            "| method | " + " | ".join(settings) + " |",
-            "|---|" + "---|" * len(settings),
         ]
-        for m, per in adapted.items():
-            cells = [
-                f"{per[s]['support_loss_before']:.3g} → {per[s]['support_loss_after']:.3g}" for s in settings
-            ]
-            lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+        lines += table(
+            "support_loss_before", lambda c: f"{c['support_loss_before']:.3g} → {c['support_loss_after']:.3g}"
+        )
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
