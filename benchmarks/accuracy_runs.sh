@@ -14,8 +14,9 @@
 # Cells run in the order given (default: the 1-shot cells first). A run whose report already holds
 # its cell is skipped: an interrupted sequence continues where it stopped.
 #
-# Usage: benchmarks/accuracy_runs.sh RUNS_DIR meta|baselines|table [PART ...] [-- CELL ...]
+# Usage: [EPISODES=N] [CROSS_EPISODES=N] benchmarks/accuracy_runs.sh RUNS_DIR meta|baselines|table [PART ...] [-- CELL ...]
 #   PART: DATASET:FOLD or cross (default: all);  CELL: 5w1s 20w1s 5w5s (default: all three)
+#   EPISODES, CROSS_EPISODES: test episodes per cell and fold / per cross-dataset cell
 set -euo pipefail
 runs=$1; phase=$2; shift 2
 parts=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do parts+=("$1"); shift; done
@@ -24,9 +25,9 @@ cells=("$@"); [ ${#cells[@]} -gt 0 ] || cells=(5w1s 20w1s 5w5s)
 [ ${#parts[@]} -gt 0 ] || parts=(banking77:0 hwu64:0 banking77:1 hwu64:1 banking77:2 hwu64:2 cross)
 if [ "$phase" = meta ]; then
   methods='eval.methods=[meta,meta_init,meta_logreg,logreg,proto,logreg_names,proto_names]'
-  episodes=200; cross_episodes=600; steps=(); tag=""
+  episodes=${EPISODES:-200}; cross_episodes=${CROSS_EPISODES:-600}; steps=(); tag=""
 else
-  methods='eval.methods=[finetune,full_finetune,setfit]'; episodes=34; cross_episodes=100
+  methods='eval.methods=[finetune,full_finetune,setfit]'; episodes=${EPISODES:-34}; cross_episodes=${CROSS_EPISODES:-100}
   steps=(meta.meta_steps=0); tag=_baselines
 fi
 

@@ -157,6 +157,19 @@ def checkpoint_steps(exp: Path) -> dict[str, set[int]]:
     return steps
 
 
+def processed_results(exp: Path, n: int) -> bool:
+    """Whether some trial's result log (written by the Tune driver) holds ``n`` results."""
+    for log in exp.glob("*/result.json"):
+        if sum(1 for line in log.read_text().splitlines() if line.strip()) >= n:
+            return True
+    return False
+
+
+def logged_steps(result_json: Path) -> set[int]:
+    """The meta-steps of the results a trial's Tune result log holds."""
+    return {int(json.loads(line)["meta_step"]) for line in result_json.read_text().splitlines() if line.strip()}
+
+
 def first_step_after_resume(result_json: Path) -> tuple[str, int]:
     """``(trial id, meta_step of the trial's first report since it was last (re)started)``, from
     the trial's Tune result log: ``iterations_since_restore`` is 1 on the first report of every
@@ -218,13 +231,25 @@ def test_an_interrupted_search_resumes(
     )
     exp = tmp_path / "r-tune"
     deadline = time.monotonic() + 240
-    while not list(exp.glob("**/checkpoint_0*")) and time.monotonic() < deadline:
+    # Ctrl-C once there is a checkpoint to resume from: for a single-process trial one Tune has
+    # registered (the driver has logged two results of a trial), for a distributed one a Train
+    # checkpoint on disk.
+    def resumable() -> bool:
+        return processed_results(exp, 2) if workers == 1 else bool(list(exp.glob("**/checkpoint_0*")))
+
+    while not resumable() and time.monotonic() < deadline:
         assert first.poll() is None, first.stdout.read()
         time.sleep(1)
     first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and exits
     assert first.wait(timeout=120) == 130, first.stdout.read()
     assert not (exp / "summary" / "report.json").exists()
     at_interrupt = checkpoint_steps(exp)
+    if workers == 1:
+        # A Tune checkpoint is resumable once registered with its result, which the driver logs;
+        # one written just before Ctrl-C but never processed is not. (A distributed trial resumes
+        # from its Train run's own checkpoints, whichever are on disk.)
+        logged = {log.parent.name: logged_steps(log) for log in exp.glob("*/result.json")}
+        at_interrupt = {d: s & logged.get(d, set()) for d, s in at_interrupt.items()}
 
     done = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -298,7 +323,8 @@ def test_distributed_trials_are_checked_and_sized_to_the_cluster(
     from metapeft_ray import distributed
     from metapeft_ray.tune import TuneSettings, _distributed_concurrency
 
-    base = load_config("quickstart")  # distributed.cpus_per_worker: 1; the session Ray has 4 CPUs
+    # distributed.cpus_per_worker: 1; the session Ray has 4 CPUs; a meta-batch every size divides
+    base = load_config("quickstart", ["meta.meta_batch_size=10"])
     assert _distributed_concurrency(base, TuneSettings(trial_workers=2)) == 2
     assert _distributed_concurrency(base, TuneSettings(trial_workers=2, max_concurrent=1)) == 1
     with pytest.raises(distributed.ClusterCapacityError, match=r"at most 4 workers \(tune.trial_workers\)"):
