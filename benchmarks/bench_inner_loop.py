@@ -1,7 +1,7 @@
 """Inner-loop efficiency: s/episode of MAML-LoRA's meta-gradient vs the bare passes it needs.
 
     python benchmarks/bench_inner_loop.py                        # 5w1s + 5w5s, K = 1 and 5, FO + SO
-    python benchmarks/bench_inner_loop.py --shots 5 --inner-steps 1 --orders first --episodes 4
+    python benchmarks/bench_inner_loop.py --shots 5 --inner-steps 1 --orders first --repeats 10
 
 Issue 7, item 1. "Ours" is an episode's meta-gradient exactly as meta-training gets it
 (`MetaAlgorithm.episode` -> `run_episode(..., meta_gradient=True)`). The floor does the
@@ -14,8 +14,12 @@ back through the inner steps). Both tokenise their episode inside the timed call
 floor returns the same meta-gradient as ours (checked, ``max |diff|`` column), so it is the
 same maths and not a cheaper approximation.
 
-The contenders alternate episode by episode, so load drifting on a shared machine hits all
-alike; the ratio (ours / floor) is the number to read, the absolute seconds are this machine's.
+The contenders alternate episode by episode (the one going first rotates), over ``--repeats``
+passes of the episodes, so load drifting on a shared machine hits all alike. The number to read
+is the ratio ours / floor: the mean of the per-pair ratios (one pair per episode and repeat) with
+its 95 % CI; the absolute seconds are this machine's. A first-order row meets the target when the
+CI's upper bound is at most the target, misses it when the lower bound is above it, and is
+inconclusive when the CI straddles it. The per-pair seconds are in the JSON.
 First order runs on the SDPA backbone, second order on eager attention (as meta-training loads
 them: SDPA has no double backward); each ratio compares passes on the same backbone.
 """
@@ -27,6 +31,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
+from statistics import mean
 
 import torch
 from torch import Tensor
@@ -39,10 +45,20 @@ from metapeft_ray.episodes import Episode
 from metapeft_ray.meta import head_logits, proto_head
 from metapeft_ray.model import Encoder
 
-from common import fixed_episodes, meta_encoder, set_threads, workload, write_result
+from common import (
+    RESULTS,
+    against,
+    fixed_episodes,
+    meta_encoder,
+    paired_ratio,
+    set_threads,
+    workload,
+    write_result,
+)
 
 TARGET_FIRST_ORDER = 1.10
 ORDERS = ("first", "second")
+VERDICTS = {"below": "meets", "above": "misses", "straddles": "inconclusive"}
 
 
 def floor_episode(
@@ -112,15 +128,23 @@ class Row:
     episode_s: float
     floor_s: float
     ratio: float
+    """Mean of the per-pair ratios ours / floor."""
+    ratio_ci95: float
+    pairs: int
+    verdict: str | None
+    """Against ``TARGET_FIRST_ORDER`` by the CI (first order only): meets, misses, inconclusive."""
     tokenize_s: float
     grad_max_abs_diff: float
+    ours_times: list[float]
+    floor_times: list[float]
 
 
 def measure(
     cfg: Config, encoder: Encoder, params: Mapping[str, Tensor], episodes: list[Episode], *, order: str,
     shots: int, steps: int, repeats: int,
 ) -> Row:  # fmt: skip
-    """Seconds per episode of each contender, alternating contenders episode by episode."""
+    """Seconds per episode of each contender, alternating contenders episode by episode, with
+    the ratio ours / floor over the (episode, repeat) pairs."""
     ours = partial(ours_episode, encoder, params, steps=steps, lr=cfg.meta.inner_lr,
                    scale=cfg.head.scale, second_order=order == "second")  # fmt: skip
     floor = partial(floor_episode, encoder, params, steps=steps, lr=cfg.meta.inner_lr,
@@ -133,17 +157,29 @@ def measure(
     # The check that the floor computes the same meta-gradient doubles as this row's warm-up.
     g_ours, g_floor = ours(episodes[0]), floor(episodes[0])
     diff = max((g_ours[k] - g_floor[k]).abs().max().item() for k in g_ours)
-    total = dict.fromkeys(contenders, 0.0)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
     for r in range(repeats):
         for i, ep in enumerate(episodes):
             shift = (r * len(episodes) + i) % len(names)
             for name in names[shift:] + names[:shift]:
-                total[name] += timed(partial(contenders[name], ep), encoder.device)
-    per = {k: v / (repeats * len(episodes)) for k, v in total.items()}
+                times[name].append(timed(partial(contenders[name], ep), encoder.device))
+    pr = paired_ratio(times["ours"], times["floor"])
+    verdict = VERDICTS[against(pr["ratio"], pr["ci95"], TARGET_FIRST_ORDER)] if order == "first" else None
     return Row(
-        order, shots, steps, per["ours"], per["floor"], per["ours"] / per["floor"], per["tokenize"], diff,
+        order, shots, steps, mean(times["ours"]), mean(times["floor"]), pr["ratio"], pr["ci95"], pr["pairs"],
+        verdict, mean(times["tokenize"]), diff, times["ours"], times["floor"],
     )  # fmt: skip
+
+
+def summary(rows: list[Row]) -> str:
+    """The first-order rows' verdicts against the target, counted."""
+    verdicts = [r.verdict for r in rows if r.verdict]
+    if not verdicts:
+        return "No first-order row: no verdict against the target."
+    counts = ", ".join(f"{v} at {verdicts.count(v)}" for v in VERDICTS.values() if v in verdicts)
+    target = f"<= {TARGET_FIRST_ORDER:.2f}x"
+    return f"First order against the target {target} (by the 95 % CI): {counts} of {len(verdicts)} rows."
 
 
 def markdown(rows: list[Row], args: argparse.Namespace, cfg: Config) -> str:
@@ -153,22 +189,23 @@ def markdown(rows: list[Row], args: argparse.Namespace, cfg: Config) -> str:
         f"{cfg.model.backbone}, LoRA r={cfg.peft.rank} ({cfg.peft.placement}), {cfg.data.dataset} test "
         f"classes, 5-way, {cfg.episode.q_query} queries/class, inner lr {cfg.meta.inner_lr}; {args.episodes} "
         f"fixed episodes x {args.repeats} repeat(s) per row after a warm-up episode (the gradient check), "
-        "contenders alternating. "
+        "contenders alternating; ratio = mean of the per-pair ratios ours / floor, ± its 95 % CI. "
         "ours = an episode's meta-gradient as `MetaLearner.meta_step` gets it; floor = the bare passes "
         "(K support forwards, the first shared with the prototype head, K support grads, query "
         "forward + backward to the init); tokenisation inside both. Target: first order <= "
-        f"{TARGET_FIRST_ORDER:.2f}x its floor.",
+        f"{TARGET_FIRST_ORDER:.2f}x its floor, met when the CI's upper bound is.",
         "",
-        "| order | shots | K | ours s/episode | floor s/episode | ratio | tokenise ms | max abs grad diff |",
-        "|---|---|---|---|---|---|---|---|",
+        "| order | shots | K | ours s/episode | floor s/episode | ratio ± 95 % CI | pairs | target "
+        "| tokenise ms | max abs grad diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.order} | {r.shots} | {r.inner_steps} | {r.episode_s:.3f} | {r.floor_s:.3f} | "
-            f"**{r.ratio:.3f}** | {1000 * r.tokenize_s:.1f} | "
-            f"{r.grad_max_abs_diff:.1e} |"
+            f"**{r.ratio:.3f}** ± {r.ratio_ci95:.3f} | {r.pairs} | {r.verdict or '—'} | "
+            f"{1000 * r.tokenize_s:.1f} | {r.grad_max_abs_diff:.1e} |"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", summary(rows)])
 
 
 def main() -> None:
@@ -177,9 +214,10 @@ def main() -> None:
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     p.add_argument("--inner-steps", type=int, nargs="+", default=[1, 5])
     p.add_argument("--episodes", type=int, default=3, help="fixed episodes per row")
-    p.add_argument("--repeats", type=int, default=1, help="passes over the episodes per row")
+    p.add_argument("--repeats", type=int, default=5, help="passes over the episodes per row")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where inner_loop.{json,md} go")
     args = p.parse_args()
     set_threads(args.threads)
     t0 = time.perf_counter()
@@ -194,11 +232,18 @@ def main() -> None:
             for steps in args.inner_steps:
                 row = measure(cfg, encoder, params, episodes, order=order, shots=shots, steps=steps,
                               repeats=args.repeats)  # fmt: skip
-                print(row, flush=True)
+                print(f"{order} {shots}s K={steps}: ratio {row.ratio:.3f} ± {row.ratio_ci95:.3f} "
+                      f"({row.pairs} pairs) {row.verdict or ''}", flush=True)  # fmt: skip
                 rows.append(row)
     print(f"total {time.perf_counter() - t0:.0f} s")
-    payload = {"rows": [asdict(r) for r in rows], "target_first_order": TARGET_FIRST_ORDER}
-    write_result("inner_loop", payload, markdown(rows, args, cfg))
+    payload = {
+        "rows": [asdict(r) for r in rows],
+        "target_first_order": TARGET_FIRST_ORDER,
+        "episodes": args.episodes,
+        "repeats": args.repeats,
+        "summary": summary(rows),
+    }
+    write_result("inner_loop", payload, markdown(rows, args, cfg), args.out_dir)
 
 
 if __name__ == "__main__":

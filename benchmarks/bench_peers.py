@@ -2,8 +2,8 @@
 torchopt), on a peft LoRA MiniLM.
 
     pip install higher==0.2.1 torchopt==0.7.3
-    python benchmarks/bench_peers.py                      # 4 episodes, 1 thread, device auto
-    python benchmarks/bench_peers.py --episodes 8 --device cuda
+    python benchmarks/bench_peers.py                      # 8 episodes, 1 thread, device auto
+    python benchmarks/bench_peers.py --episodes 16 --device cuda
 
 Workload: packaged all-MiniLM-L6-v2 with LoRA (peft), Banking77 fold 0 test classes, 5-way 5-shot,
 5 queries per class, 2 inner SGD steps on the adapter tensors and the Proto-MAML head, second and
@@ -17,12 +17,22 @@ objective. First order is each library's documented way: higher ``track_higher_g
 the query gradient w.r.t. the adapted weights (the maintainers' answer in higher issue #63),
 torchopt inner gradients without ``create_graph``.
 
-Each contender runs in a fresh process beside ours of the same order, on the same episodes: one
-untimed warm-up episode each, then per episode the contender and ours in turn (so the time ratio
-holds on a loaded machine; ours beside ours gives the noise floor). Per contender: median wall time
-of the whole meta-gradient per episode and its ratio to ours, peak memory per episode (max over
-episodes), agreement with ours (max abs difference and cosine similarity of the flattened
-meta-gradient, the worst over episodes). Writes ``results/peers.{json,md}``.
+The workarounds do one encoder forward more per episode than ours: they run the support set once
+for the prototype head and once per inner step, where ours reuses the prototypes' forward for the
+first step. So a control runs their loop with the update ``p - lr * g`` written by hand: the
+same forwards as the peers by construction (each contender's encoder forwards per episode are
+counted, not assumed), so a peer's ratio to the control is what the library costs, and the
+control's ratio to ours is what the shared forward saves.
+
+Each contender runs in a fresh process beside ours and the control of the same order, on the
+same episodes: one untimed warm-up episode each (where the forwards are counted), then per
+episode the three in turn, the one going first rotating (so the time ratios hold on a loaded
+machine; ours beside ours gives the noise floor). Per contender: median wall time of the whole
+meta-gradient per episode; its time ratio to ours and to the control, the mean of the
+per-episode ratios with a 95 % CI; peak memory per episode (max over episodes); agreement with
+ours (max abs difference and cosine similarity of the flattened meta-gradient, the worst over
+episodes). Faster or slower is said only where the CI excludes 1. Writes ``peers.{json,md}``
+under ``--out-dir`` (default ``results/``).
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -49,15 +59,25 @@ from metapeft_ray.episodes import Episode
 from metapeft_ray.meta import Params, episode_tensors, head_logits, proto_head, run_episode
 from metapeft_ray.model import Encoder
 
-from common import fixed_episodes, meta_encoder, peak_memory, set_threads, workload, write_result
+from common import (
+    RESULTS,
+    against,
+    fixed_episodes,
+    meta_encoder,
+    paired_ratio,
+    peak_memory,
+    set_threads,
+    workload,
+    write_result,
+)
 
 EpisodeFn = Callable[[Episode], Params]
 
 
-def cfg_for(order: str, device: str) -> Config:
+def cfg_for(order: str, device: str, extra: Sequence[str] = ()) -> Config:
     overrides = ["episode.k_shot=5", "episode.q_query=5", "meta.inner_steps=2", f"model.device={device}"]
     # Second order loads eager attention (SDPA has no double backward); first order keeps SDPA.
-    return workload(*overrides, f"meta.first_order={'true' if order == 'first' else 'false'}")
+    return workload(*overrides, *extra, f"meta.first_order={'true' if order == 'first' else 'false'}")
 
 
 def ours(encoder: Encoder, params: Params, cfg: Config, order: str) -> EpisodeFn:
@@ -140,6 +160,19 @@ def torchopt_functional(encoder: Encoder, params: Params, cfg: Config, order: st
     return unrolled(encoder, params, cfg, make_step, wrt_adapted=False)
 
 
+def control(encoder: Encoder, params: Params, cfg: Config, order: str) -> EpisodeFn:
+    """The peers' loop (the same forwards) with the update ``p - lr * g`` written by hand."""
+
+    def make_step(fast: list[Tensor]) -> Step:
+        def step(loss: Tensor, fast: list[Tensor]) -> list[Tensor]:
+            grads = torch.autograd.grad(loss, fast, create_graph=order == "second")
+            return [p - cfg.meta.inner_lr * g for p, g in zip(fast, grads, strict=True)]
+
+        return step
+
+    return unrolled(encoder, params, cfg, make_step, wrt_adapted=False)
+
+
 def support_loss(encoder: Encoder, params: Params, episode: Episode, cfg: Config) -> Tensor:
     """The support loss of the module as it stands (``embed({})``: no substitution)."""
     support, s_labels, _, _ = episode_tensors(encoder, episode)
@@ -202,6 +235,9 @@ CONTENDERS = {
     for c in [
         Contender("ours", "meta.run_episode", "second", ours),
         Contender("ours", "meta.run_episode", "first", ours),
+        Contender("control", "the peers' loop, p - lr * g by hand", "second", control),
+        Contender("control", "the peers' loop, p - lr * g by hand, inner grads without create_graph", "first",
+                  control),
         Contender("higher", "innerloop_ctx(peft_model, SGD(adapter params))", "second", higher_innerloop_ctx),
         Contender("higher", "monkeypatch(peft_model.get_base_model())", "second", higher_monkeypatch),
         Contender("higher", "get_diff_optim(SGD).step(loss, params=...) + functional_call", "second",
@@ -231,6 +267,22 @@ def timed(fn: EpisodeFn, episode: Episode, device: torch.device) -> tuple[Params
     return grads, seconds, peak.mib
 
 
+def counted_forwards(fn: EpisodeFn, episode: Episode, encoder: Encoder) -> int:
+    """``fn(episode)``, returning how many times it ran the encoder's model forward."""
+    count = 0
+
+    def hook(*_: Any) -> None:
+        nonlocal count
+        count += 1
+
+    handle = encoder.model.register_forward_pre_hook(hook)
+    try:
+        fn(episode)
+    finally:
+        handle.remove()
+    return count
+
+
 def agreement(grads: Params, reference: Params) -> tuple[float, float]:
     """Max abs difference and cosine similarity of the flattened meta-gradients."""
     a, b = (torch.cat([g[k].flatten() for k in reference]).double() for g in (grads, reference))
@@ -238,50 +290,83 @@ def agreement(grads: Params, reference: Params) -> tuple[float, float]:
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One contender in this (fresh) process, beside ours of the same order on the same episodes
-    (interleaved, so the time ratio holds on a loaded machine): median time, max peak memory,
-    worst agreement."""
+    """One contender in this (fresh) process, beside ours and the control of the same order on the
+    same episodes (interleaved, so the time ratios hold on a loaded machine): encoder forwards per
+    episode, median time, per-episode time ratios (mean ± 95 % CI), max peak memory, worst
+    agreement."""
     set_threads(args.threads)
     contender = CONTENDERS[name]
-    cfg = cfg_for(contender.order, args.device)
+    cfg = cfg_for(contender.order, args.device, args.set)
     encoder, params = meta_encoder(cfg)
     episodes = fixed_episodes(cfg, args.episodes)
     try:
-        fn = contender.build(encoder, params, cfg, contender.order)
-        fn(episodes[0])  # warm-up, and where a new user's attempt fails
-        reference = ours(encoder, params, cfg, contender.order)
-        reference(episodes[0])
-        samples = []
-        for episode in episodes:
-            grads, seconds, mib = timed(fn, episode, encoder.device)
-            ours_grads, ours_seconds, _ = timed(reference, episode, encoder.device)
-            samples.append((seconds, ours_seconds, mib, *agreement(grads, ours_grads)))
-        times, ours_times, peaks, diffs, cosines = zip(*samples, strict=True)
+        fns = {
+            "contender": contender.build(encoder, params, cfg, contender.order),
+            "ours": ours(encoder, params, cfg, contender.order),
+            "control": control(encoder, params, cfg, contender.order),
+        }
+        # warm-up (the contender first: where a new user's attempt fails), counting the forwards
+        forwards = {k: counted_forwards(fn, episodes[0], encoder) for k, fn in fns.items()}
+        names, times = list(fns), {k: [] for k in fns}
+        peaks, diffs, cosines = [], [], []
+        for i, episode in enumerate(episodes):
+            grads = {}
+            for k in names[i % 3 :] + names[: i % 3]:
+                grads[k], seconds, mib = timed(fns[k], episode, encoder.device)
+                times[k].append(seconds)
+                if k == "contender":
+                    peaks.append(mib)
+            diff, cosine = agreement(grads["contender"], grads["ours"])
+            diffs.append(diff)
+            cosines.append(cosine)
     except Exception as err:  # noqa: BLE001 - recording what the library does is the point
         return {"status": "error", "error": short_error(err)}
+    vs_ours, vs_control = (paired_ratio(times["contender"], times[k]) for k in ("ours", "control"))
     return {
-        "status": "ok", "error": None, "episode_s": median(times),
-        "time_ratio_vs_ours": median(times) / median(ours_times), "peak_mib": max(peaks),
-        "max_abs_diff": max(diffs), "cosine": min(cosines),
+        "status": "ok", "error": None, "forwards": forwards["contender"],
+        "ours_forwards": forwards["ours"], "control_forwards": forwards["control"],
+        "episode_s": median(times["contender"]), "pairs": vs_ours["pairs"],
+        "time_ratio_vs_ours": vs_ours["ratio"], "time_ratio_vs_ours_ci95": vs_ours["ci95"],
+        "time_ratio_vs_control": vs_control["ratio"], "time_ratio_vs_control_ci95": vs_control["ci95"],
+        "peak_mib": max(peaks), "max_abs_diff": max(diffs), "cosine": min(cosines),
     }  # fmt: skip
 
 
 def run_isolated(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     out = tmp / f"{name}.json"
     options = ["--episodes", str(args.episodes), "--threads", str(args.threads), "--device", args.device]
+    options += ["--set", *args.set] if args.set else []
     subprocess.run([sys.executable, __file__, "--contender", name, "--out", str(out), *options], check=True)
     return json.loads(out.read_text())
 
 
+def speed(r: dict[str, Any], than: str) -> str:
+    """``r``'s time ratio to ``than`` ("ours" or "control") ± its CI, and what the CI allows to say."""
+    ratio, ci = r[f"time_ratio_vs_{than}"], r[f"time_ratio_vs_{than}_ci95"]
+    word = {"above": "slower", "below": "faster", "straddles": "no measurable difference"}
+    return f"{ratio:.2f} ± {ci:.2f}x ({word[against(ratio, ci, 1.0)]})"
+
+
+def work(r: dict[str, Any], than: str) -> str:
+    """Equal forwards only where the counts are."""
+    mine, theirs = r["forwards"], r[f"{than}_forwards"]
+    return f"equal forwards, {mine}" if mine == theirs else f"{mine} encoder forwards against {theirs}"
+
+
 def findings(rows: dict[str, dict[str, Any]]) -> list[str]:
-    """The honest reading of the table, from its numbers."""
+    """The reading of the table, from its numbers."""
     out = []
+    missing = sorted({r["library"] for r in rows.values() if (r["error"] or "").startswith("ModuleNotFound")})
+    if missing:
+        out.append(
+            f"Not installed here: {', '.join(missing)} (`pip install -e '.[bench]'`): no numbers for them."
+        )
     probes = [
         n
         for n, c in CONTENDERS.items()
         if c.build in (higher_innerloop_ctx, higher_monkeypatch, torchopt_metasgd)
     ]
-    if all(rows[n]["status"] == "error" for n in probes):
+    if not missing and all(rows[n]["status"] == "error" for n in probes):
         out.append(
             "Out of the box neither library runs on a peft model: higher patches each submodule by "
             "subclassing it, and peft's LoRA layers (an `nn.Module` with an `ABC` base) admit no "
@@ -289,44 +374,51 @@ def findings(rows: dict[str, dict[str, Any]]) -> list[str]:
             "holds the same layers); `torchopt.MetaSGD` differentiates every parameter of the module, "
             "the frozen backbone's included."
         )
-    ok = {
-        (r["library"], r["order"]): r for r in rows.values() if r["status"] == "ok" and r["library"] != "ours"
-    }
-    ours_peak = {r["order"]: r["peak_mib"] for r in rows.values() if r["library"] == "ours"}
+    ok = {(r["library"], r["order"]): r for r in rows.values() if r["status"] == "ok"}
+    ours_peak = {order: r["peak_mib"] for (library, order), r in ok.items() if library == "ours"}
 
     def summary(r: dict[str, Any]) -> str:
         exact = r["max_abs_diff"] == 0
         agrees = "bit for bit" if exact else f"to {r['max_abs_diff']:.0e} max abs (cosine {r['cosine']:.6f})"
         return (
-            f"{r['library']} agrees {agrees} at {r['time_ratio_vs_ours']:.2f}x our time and "
-            f"{r['peak_mib']:.0f} MiB peak (ours {ours_peak[r['order']]:.0f})"
+            f"{r['library']} ({r['order']} order) agrees {agrees}, at {speed(r, 'ours')} our time "
+            f"({work(r, 'ours')}) and {speed(r, 'control')} the control's ({work(r, 'control')}), "
+            f"{r['peak_mib']:.0f} MiB peak (ours {ours_peak.get(r['order'], float('nan')):.0f})"
         )
 
-    second = [summary(r) for (_, order), r in ok.items() if order == "second"]
-    if second:
+    peers = [summary(r) for (library, _), r in ok.items() if library not in ("ours", "control")]
+    if peers:
         out.append(
             "Given the adapter tensors explicitly (substituted with `torch.func.functional_call`, as our "
-            f"encoder does), both compute our second-order meta-gradient: {'; '.join(second)}."
+            f"encoder does), against ours of the same order: {'; '.join(peers)}."
         )
-    if ("higher", "first") in ok and ("torchopt", "first") in ok:
+    hf, tf = ok.get(("higher", "first")), ok.get(("torchopt", "first"))
+    if hf and tf and hf["cosine"] < 0.999 <= tf["cosine"]:
         out.append(
             "First order is where they differ: higher's documented way (`track_higher_grads=False`) "
             "detaches the fast weights, so its meta-gradient is the query gradient at the adapted "
             "adapter and drops the path through the prototype-initialised head (cosine "
-            f"{ok['higher', 'first']['cosine']:.2f} with ours), while torchopt's inner gradients "
-            "without `create_graph` keep that path "
-            f"(cosine {ok['torchopt', 'first']['cosine']:.6f})."
+            f"{hf['cosine']:.2f} with ours), while torchopt's inner gradients without `create_graph` "
+            f"keep that path (cosine {tf['cosine']:.6f})."
         )
-    floor = sorted(f"{r['time_ratio_vs_ours']:.2f}" for r in rows.values() if r["library"] == "ours")
+    controls = [f"{speed(r, 'ours')} at {order} order ({work(r, 'ours')})" for (lib, order), r in ok.items()
+                if lib == "control"]  # fmt: skip
+    if controls:
+        out.append(
+            "The control (the peers' loop with the update `p - lr * g` written by hand) against ours: "
+            f"{'; '.join(controls)}. It differs from ours in not reusing the prototypes' support forward "
+            "for the first inner step."
+        )
+    floor = [f"{speed(r, 'ours')} at {order} order" for (lib, order), r in ok.items() if lib == "ours"]
     out.append(
-        f"Ours beside ours timed {' and '.join(floor)}x (load {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} CPUs), so the time ratios carry noise of that order; the peers' inner loop "
-        "runs the same operations as ours."
+        f"Ours beside ours timed {' and '.join(floor)} (load {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs): the noise floor of the ratios."
     )
     out.append(
         "What either library adds once the tensors are explicit is the update `p - lr * g` that "
-        "`meta.adapt` writes in one line; the functional substitution, the Proto-MAML head and the "
-        "partial inner gradient (the head as an independent leaf) remain the user's to write."
+        "`meta.adapt` writes in one line (the control writes it by hand); the functional substitution, "
+        "the Proto-MAML head and the partial inner gradient (the head as an independent leaf) remain "
+        "the user's to write."
     )
     return out
 
@@ -335,13 +427,18 @@ def markdown(rows: list[dict[str, Any]], workload_text: str, notes: list[str]) -
     def num(v: float | None, fmt: str) -> str:
         return "—" if v is None else format(v, fmt)
 
+    def ratio(r: dict[str, Any], than: str) -> str:
+        v = r[f"time_ratio_vs_{than}"]
+        return "—" if v is None else f"{v:.2f} ± {r[f'time_ratio_vs_{than}_ci95']:.2f}"
+
     lines = [
         "# Against the peers: higher and torchopt on a peft LoRA MiniLM",
         "",
         workload_text,
         "",
-        "| library | API | order | status | s/episode | × ours | peak MiB | max abs diff | cosine |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| library | API | order | status | forwards | s/episode | × ours (95 % CI) | × control (95 % CI) "
+        "| peak MiB | max abs diff | cosine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     errors = []
     for r in rows:
@@ -350,18 +447,20 @@ def markdown(rows: list[dict[str, Any]], workload_text: str, notes: list[str]) -
             errors.append(f"{len(errors) + 1}. {r['library']} `{r['api']}`: `{r['error']}`")
             status = f"error ({len(errors)})"
         lines.append(
-            f"| {r['library']} | `{r['api']}` | {r['order']} | {status} | {num(r['episode_s'], '.2f')} "
-            f"| {num(r['time_ratio_vs_ours'], '.2f')} | {num(r['peak_mib'], '.0f')} "
-            f"| {num(r['max_abs_diff'], '.1e')} | {num(r['cosine'], '.6f')} |"
+            f"| {r['library']} | `{r['api']}` | {r['order']} | {status} | {num(r['forwards'], 'd')} "
+            f"| {num(r['episode_s'], '.2f')} | {ratio(r, 'ours')} | {ratio(r, 'control')} "
+            f"| {num(r['peak_mib'], '.0f')} | {num(r['max_abs_diff'], '.1e')} | {num(r['cosine'], '.6f')} |"
         )
     return "\n".join([*lines, "", "Errors, verbatim:", "", *errors, "", " ".join(notes), ""])
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--episodes", type=int, default=4)
+    p.add_argument("--episodes", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides (smoke runs)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where peers.{json,md} go")
     p.add_argument("--contender", choices=list(CONTENDERS), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -372,21 +471,28 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         results = {name: run_isolated(name, args, Path(tmp)) for name in CONTENDERS}
-    empty = dict.fromkeys(["episode_s", "time_ratio_vs_ours", "peak_mib", "max_abs_diff", "cosine"])
+    empty = dict.fromkeys(
+        ["forwards", "ours_forwards", "control_forwards", "episode_s", "pairs", "time_ratio_vs_ours",
+         "time_ratio_vs_ours_ci95", "time_ratio_vs_control", "time_ratio_vs_control_ci95", "peak_mib",
+         "max_abs_diff", "cosine"]
+    )  # fmt: skip
     rows = {
         name: {"library": c.library, "api": c.api, "order": c.order, **empty, **results[name]}
         for name, c in CONTENDERS.items()
     }
-    cfg = cfg_for("second", args.device)
+    cfg = cfg_for("second", args.device, args.set)
     e, m = cfg.episode, cfg.meta
+    overrides = f" (overrides: {' '.join(args.set)})" if args.set else ""
     workload_text = (
         f"{cfg.model.backbone} (frozen) + {cfg.peft.method} r={cfg.peft.rank} (peft), Banking77 fold 0 "
         f"test classes, {args.episodes} episodes of {e.n_way}-way {e.k_shot}-shot, {e.q_query} "
         f"queries/class, {m.inner_steps} inner SGD steps (lr {m.inner_lr}) on the adapter tensors and the "
-        f"Proto-MAML head. Each contender in a fresh process beside ours of the same order (ours vs "
-        f"ours: the noise floor): one warm-up episode each, then per episode the contender and ours in "
-        f"turn. Median time per episode (meta-gradient included), its ratio to ours in the same "
-        f"process, max peak memory per episode, worst agreement over episodes. "
+        f"Proto-MAML head{overrides}. Each contender in "
+        "a fresh process beside ours and the control of the same order (ours vs ours: the noise floor): "
+        "one warm-up episode each (forwards = encoder forwards per episode, counted there), then per "
+        "episode the three in turn, the first rotating. s/episode: median, meta-gradient included; "
+        "× ours, × control: mean ± 95 % CI of the per-episode time ratios in the same process; max "
+        f"peak memory per episode, worst agreement with ours over episodes. "
         f"Total {time.perf_counter() - started:.0f} s."
     )
     notes = findings(rows)
@@ -396,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": list(rows.values()),
         "findings": notes,
     }
-    write_result("peers", payload, markdown(list(rows.values()), workload_text, notes))
+    write_result("peers", payload, markdown(list(rows.values()), workload_text, notes), args.out_dir)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 
 from metapeft_ray.config import Config, load_config
 from metapeft_ray.episodes import Episode
+from metapeft_ray.evaluate import mean_ci95
 from metapeft_ray.methods import METHODS
 from metapeft_ray.model import Encoder, encoder_from_config
 from metapeft_ray.train import prepare_sampler
@@ -98,6 +100,23 @@ def median_seconds(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> f
         fn()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
+
+
+def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> dict[str, float]:
+    """Mean and 95 % CI half-width (`mean_ci95`) of the per-pair ratios ``times[i] / reference[i]``
+    of timings taken side by side; the CI is NaN below two pairs (no spread to go on)."""
+    s = mean_ci95([t / r for t, r in zip(times, reference, strict=True)])
+    return {"ratio": s["mean"], "ci95": s["ci95"] if s["episodes"] > 1 else math.nan, "pairs": s["episodes"]}
+
+
+def against(ratio: float, ci95: float, bound: float) -> str:
+    """Where the CI ``ratio`` ± ``ci95`` lies against ``bound``: "below", "above" or "straddles"
+    (also when the CI is NaN)."""
+    if ratio + ci95 <= bound:
+        return "below"
+    if ratio - ci95 > bound:
+        return "above"
+    return "straddles"
 
 
 def _status_kib(field: str) -> int:
