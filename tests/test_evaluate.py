@@ -290,9 +290,18 @@ def test_accuracy_pools_folds_episode_by_episode_and_pairs_prefixes(tmp_path: Pa
                 "logreg": {"5w1s": [0.8, 0.6, 1.0]},
                 "meta": {"5w1s": [1.0, 0.8, 1.0]},
                 "setfit": {"5w1s": [0.6]},
+                "logreg_names": {"5w1s": [1.0, 0.8, 0.8]},
             },
         ),
-        report(1, {"logreg": {"5w1s": [0.4, 1.0]}, "meta": {"5w1s": [0.6, 1.0]}, "setfit": {"5w1s": [0.2]}}),
+        report(
+            1,
+            {
+                "logreg": {"5w1s": [0.4, 1.0]},
+                "meta": {"5w1s": [0.6, 1.0]},
+                "setfit": {"5w1s": [0.2]},
+                "logreg_names": {"5w1s": [0.6, 0.8]},
+            },
+        ),
         report(1, {"logreg": {"20w1s": [0.5]}, "meta": {"20w1s": [0.75]}}, cells_from="evaluate"),
     ]
     rows = {(r["method"], r["n_way"]): r for r in accuracy.pool(reports)}
@@ -305,6 +314,10 @@ def test_accuracy_pools_folds_episode_by_episode_and_pairs_prefixes(tmp_path: Pa
     assert setfit["episodes"] == 2 and setfit["paired_diff_vs_logreg"] == pytest.approx(-0.2)
     assert setfit["logreg_mean_on_these_episodes"] == pytest.approx(0.6)
     assert rows[("meta", 20)]["folds"] == 1 and "paired_diff_vs_logreg" not in rows[("logreg", 5)]
+    # every row is also paired with logistic regression with the label names, where both folds have it
+    assert meta["paired_diff_vs_logreg_names"] == pytest.approx(0.08)  # diffs 0 0 .2 0 .2
+    assert setfit["paired_diff_vs_logreg_names"] == pytest.approx(-0.4)
+    assert "paired_diff_vs_logreg_names" not in rows[("meta", 20)]
     # the same cell of one method from two reports of one fold is refused
     with pytest.raises(SystemExit, match="already come from"):
         accuracy.pool([reports[0], reports[0]])
