@@ -108,6 +108,43 @@ def pool(reports: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+COSTLY = ("finetune", "full_finetune", "setfit")
+
+
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per cell: the recipe (``meta``) against logistic regression without and with the
+    label names, and the best fine-tuning baseline (by its paired difference from logreg)."""
+    def pct(r: dict[str, Any] | None, key: str = "mean", ci: str = "ci95", sign: str = "") -> str:
+        return "—" if r is None or key not in r else f"{100 * r[key]:{sign}.1f} ± {100 * r[ci]:.1f}"
+
+    out = [
+        "", "## Summary", "",
+        "| protocol | test data | cell | logreg | logreg + names | meta | meta Δ vs logreg (err↓) "
+        "| meta Δ vs logreg + names | best fine-tune baseline Δ vs logreg |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    by_cell: dict[tuple[str, str, int, int], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        by_cell[(r["protocol"], r["dataset"], r["k_shot"], r["n_way"])][r["method"]] = r
+    for (protocol, dataset, k, n), m in sorted(by_cell.items()):
+        meta = m.get("meta")
+        costly = [m[c] for c in COSTLY if c in m and "paired_diff_vs_logreg" in m[c]]
+        best = max(costly, key=lambda r: r["paired_diff_vs_logreg"], default=None)
+        err = "" if meta is None or "error_reduction_vs_logreg" not in meta else (
+            f" ({100 * meta['error_reduction_vs_logreg']:+.0f} %)"
+        )
+        best_text = "—" if best is None else (
+            f"{best['method']}: {pct(best, 'paired_diff_vs_logreg', 'paired_ci95', '+')} (n={best['episodes']})"
+        )
+        out.append(
+            f"| {protocol} | {dataset} | {n}w{k}s | {pct(m.get('logreg'))} | {pct(m.get(NAMES_REFERENCE))} "
+            f"| {pct(meta)} | {pct(meta, 'paired_diff_vs_logreg', 'paired_ci95', '+')}{err} "
+            f"| {pct(meta, f'paired_diff_vs_{NAMES_REFERENCE}', f'paired_ci95_vs_{NAMES_REFERENCE}', '+')} "
+            f"| {best_text} |"
+        )
+    return out
+
+
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
     out = [
         "# Accuracy: the meta-learned init against what a user would do instead",
@@ -123,6 +160,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[(r["protocol"], r["dataset"])].append(r)
+    out += summary(rows)
     for (protocol, dataset), group in groups.items():
         cells = sorted({(r["n_way"], r["k_shot"]) for r in group}, key=lambda c: (c[1], c[0]))
         folds = max(r["folds"] for r in group)

@@ -46,6 +46,9 @@ for cell in "${cells[@]}"; do
       ds=${part%:*}; fold=${part#*:}; name=${ds}_fold$fold$tag; targets=("$ds"); trained_on=$ds
       size=(eval.episodes=$episodes eval.costly_episodes=34)
       train=(--config fewshot data.dataset="$ds" data.fold="$fold")
+      # HWU64's 64 classes in 3 folds leave 43 for meta-train + meta-val: 10-way validation
+      # episodes need 10 of them (the default val_fraction gives 8)
+      [ "$ds" = hwu64 ] && train+=(data.val_fraction=0.25)
     fi
     home=$runs/$name
     if [ ! -f "$home/adapter/metapeft.json" ]; then  # meta-train; its own meta-test is this cell
