@@ -133,9 +133,10 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         err = "" if meta is None or "error_reduction_vs_logreg" not in meta else (
             f" ({100 * meta['error_reduction_vs_logreg']:+.0f} %)"
         )
-        best_text = "—" if best is None else (
-            f"{best['method']}: {pct(best, 'paired_diff_vs_logreg', 'paired_ci95', '+')} (n={best['episodes']})"
-        )
+        best_text = "—"
+        if best is not None:
+            diff = pct(best, "paired_diff_vs_logreg", "paired_ci95", "+")
+            best_text = f"{best['method']}: {diff} (n={best['episodes']})"
         out.append(
             f"| {protocol} | {dataset} | {n}w{k}s | {pct(m.get('logreg'))} | {pct(m.get(NAMES_REFERENCE))} "
             f"| {pct(meta)} | {pct(meta, 'paired_diff_vs_logreg', 'paired_ci95', '+')}{err} "

@@ -167,7 +167,8 @@ def processed_results(exp: Path, n: int) -> bool:
 
 def logged_steps(result_json: Path) -> set[int]:
     """The meta-steps of the results a trial's Tune result log holds."""
-    return {int(json.loads(line)["meta_step"]) for line in result_json.read_text().splitlines() if line.strip()}
+    lines = result_json.read_text().splitlines()
+    return {int(json.loads(line)["meta_step"]) for line in lines if line.strip()}
 
 
 def first_step_after_resume(result_json: Path) -> tuple[str, int]:
