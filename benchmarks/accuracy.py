@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from metapeft_ray.config import COSTLY_METHODS
 from metapeft_ray.evaluate import METHOD_LABELS, mean_ci95, paired
 
 from common import RESULTS, environment
@@ -108,9 +109,6 @@ def pool(reports: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-COSTLY = ("finetune", "full_finetune", "setfit")
-
-
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     """One line per cell: the recipe (``meta``) against logistic regression without and with the
     label names, and the best fine-tuning baseline (by its paired difference from logreg)."""
@@ -128,7 +126,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         by_cell[(r["protocol"], r["dataset"], r["k_shot"], r["n_way"])][r["method"]] = r
     for (protocol, dataset, k, n), m in sorted(by_cell.items()):
         meta = m.get("meta")
-        costly = [m[c] for c in COSTLY if c in m and "paired_diff_vs_logreg" in m[c]]
+        costly = [m[c] for c in COSTLY_METHODS if c in m and "paired_diff_vs_logreg" in m[c]]
         best = max(costly, key=lambda r: r["paired_diff_vs_logreg"], default=None)
         err = "" if meta is None or "error_reduction_vs_logreg" not in meta else (
             f" ({100 * meta['error_reduction_vs_logreg']:+.0f} %)"

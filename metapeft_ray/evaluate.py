@@ -36,7 +36,7 @@ METHOD_LABELS = {
     "full_finetune": "full fine-tune of the backbone (Adam)",
     "setfit": "SetFit (contrastive fine-tune + logistic regression)",
 }
-_TIMED = ("meta", "finetune", "full_finetune", "setfit")
+_TIMED = ("meta", *COSTLY_METHODS)
 """Methods whose wall time per task is reported (the frozen ones read a cache)."""
 
 Results = dict[str, dict[str, dict[str, Any]]]
