@@ -33,7 +33,11 @@ fi
 
 has() { grep -q "\"$2\"" "$1/report.json" 2>/dev/null; }  # has DIR CELL: DIR/report.json holds CELL
 cell_args() { local c=$1; echo "eval.n_way=${c%w*} eval.shots=[$(echo "${c#*w}" | tr -d s)]"; }
-go() { echo "+ $*"; /usr/bin/time -f "  %e s, max RSS %M KB" "$@" --quiet > /dev/null; }
+go() {  # the command, timed (GNU time where installed: it also gives the peak memory)
+  echo "+ $*"
+  if [ -x /usr/bin/time ]; then /usr/bin/time -f "  %e s, max RSS %M KB" "$@" --quiet > /dev/null
+  else local t0=$SECONDS; "$@" --quiet > /dev/null; echo "  $((SECONDS - t0)) s"; fi
+}
 
 for cell in "${cells[@]}"; do
   for part in "${parts[@]}"; do

@@ -149,7 +149,7 @@ class MetaLearner:
         spec = encoder.spec if b_std is None else dataclasses.replace(encoder.spec, init_b_std=b_std)
         METHODS[spec.method].meta_init(self.params, spec, seed)
         algorithm_extra = self.algorithm.extra_meta_params(self.params, lr=inner.lr)
-        head = inner.head_meta_params(learn_head)
+        head = inner.head_meta_params(learn_head, device=encoder.device)
         self.extra = {**algorithm_extra, **head}
         self.meta_params: dict[str, Tensor] = {**self.params, **self.extra}
         groups: list[dict[str, Any]] = [{"params": list(self.params.values())}]

@@ -74,6 +74,9 @@ def test_learned_head_values_are_meta_parameters_with_nonzero_gradients(learner)
     assert set(extra) == {HEAD_PREFIX + k for k in ("scale", "inner_scale", "name_weight")}
     assert extra[HEAD_PREFIX + "inner_scale"].item() == pytest.approx(math.log(2.0))
     assert extra[HEAD_PREFIX + "name_weight"].item() == pytest.approx(math.log(0.5))
+    assert {v.device for v in extra.values()} == {learner.encoder.device}
+    on_meta = learner.inner.head_meta_params(["scale"], device=torch.device("meta"))  # as on a GPU
+    assert on_meta[HEAD_PREFIX + "scale"].device == torch.device("meta")
     episode = learner.sampler.build(learner.train_specs(0)[0])
     result = learner.algorithm.episode(
         learner.encoder, learner.params, extra, episode, learner.inner, meta_gradient=True

@@ -39,12 +39,14 @@ class InnerLoop:
     inner_scale: Scalar | None = None
     name_weight: Scalar | None = None
 
-    def head_meta_params(self, learn: Sequence[str]) -> Params:
+    def head_meta_params(self, learn: Sequence[str], device: torch.device | None = None) -> Params:
         """Fresh log-parametrised leaves for the head values in ``learn``, at their set values
-        (an unset inner scale starts at the scale)."""
+        (an unset inner scale starts at the scale), on ``device`` (the adapter's)."""
         start = {"inner_scale": self.scale if self.inner_scale is None else self.inner_scale}
         return {
-            HEAD_PREFIX + k: torch.tensor(math.log(start.get(k, getattr(self, k))), requires_grad=True)
+            HEAD_PREFIX + k: torch.tensor(
+                math.log(start.get(k, getattr(self, k))), device=device, requires_grad=True
+            )
             for k in learn
         }
 
