@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from metapeft_ray.data import LabelledTexts, label_text
+from metapeft_ray.episodes import word_dropout_views
 from metapeft_ray.meta import adapt, head_logits
 from metapeft_ray.model import Encoder
 
@@ -26,11 +27,14 @@ def adapt_and_predict(
     param_lrs: dict[str, torch.Tensor] | None = None,
     inner_scale: float | None = None,
     name_weight: float | None = None,
+    views: int = 0,
+    view_drop: float = 0.3,
 ) -> Iterator[dict[str, Any]]:
     """``steps`` inner steps on the support set (the same `adapt` as training), then one
     prediction per query text: ``{"text", "label", "confidence"}``. ``param_lrs``: Meta-SGD's
     learned per-tensor learning rates of the init (`export.load_inner_lrs`); ``inner_scale`` and
-    ``name_weight`` (the support labels' names join the prototypes; None: not) as in training."""
+    ``name_weight`` (the support labels' names join the prototypes; None: not) and ``views``
+    (augmented support views in the support loss, drawn with seed 0) as in training."""
     classes = sorted(set(support.labels))
     labels = torch.tensor([classes.index(y) for y in support.labels], device=encoder.device)
     params = {k: v.detach().requires_grad_() for k, v in init.items()}
@@ -48,6 +52,7 @@ def adapt_and_predict(
         inner_scale=inner_scale,
         names=None if name_weight is None else encoder.tokenize([label_text(c) for c in classes]),
         name_weight=1.0 if name_weight is None else name_weight,
+        views=encoder.tokenize(word_dropout_views(support.texts, views, view_drop, 0)) if views else None,
     )
     batch: list[str] = []
     for text in [*queries, None]:

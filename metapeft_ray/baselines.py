@@ -108,6 +108,8 @@ def adapted_scorer(
     param_lrs: Mapping[str, Tensor] | None = None,
     inner_scale: float | None = None,
     name_weight: float | None = None,
+    views: int = 0,
+    view_drop: float = 0.3,
 ) -> Scorer:
     """``steps`` steps of the one inner loop on the support set from ``init``, then the query
     accuracy and the support loss before and after adaptation: the meta-learned init (SGD,
@@ -118,7 +120,7 @@ def adapted_scorer(
         r = run_episode(
             encoder, init, episode, steps=steps, lr=lr, scale=scale, first_order=True,
             meta_gradient=False, track_support_after=True, param_lrs=param_lrs, optimizer=optimizer,
-            inner_scale=inner_scale, name_weight=name_weight,
+            inner_scale=inner_scale, name_weight=name_weight, views=views, view_drop=view_drop,
         )  # fmt: skip
         if not steps:
             return {"accuracy": r.query_accuracy}

@@ -26,6 +26,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
         port = serve_local(args.metrics_port, args.metrics_host)
         print(f"metapeft: metrics on http://{args.metrics_host}:{port}/metrics", file=sys.stderr)
+    if not args.verbose:
+        from metapeft_ray.model import quiet_transformers
+
+        quiet_transformers()
     if args.local:
         from metapeft_ray.recipes import train_local
 
@@ -33,7 +37,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     else:
         from metapeft_ray.distributed import train_ray
 
-        report = train_ray(cfg, address=args.address, workers=args.workers, progress=not args.quiet)
+        report = train_ray(
+            cfg, address=args.address, workers=args.workers, progress=not args.quiet, verbose=args.verbose
+        )
     _print_report(report)
 
 
@@ -71,6 +77,8 @@ def _cmd_adapt(args: argparse.Namespace) -> None:
         param_lrs=None if args.lr else load_inner_lrs(args.adapter, encoder.device),
         inner_scale=inner.inner_scale,
         name_weight=inner.name_weight,
+        views=inner.views,
+        view_drop=inner.view_drop,
     ):
         print(json.dumps(pred), flush=True)
 
@@ -198,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
     )
     t.add_argument("--workers", type=int, default=None, help="Ray workers (default: distributed.workers)")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or validation lines")
+    t.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also Ray's and transformers' own info and warnings (default: only their errors)",
+    )
     t.add_argument(
         "--metrics-port",
         type=int,

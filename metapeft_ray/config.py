@@ -99,6 +99,12 @@ class HeadSection(_Section):
     (K + w)``. Needs meaningful class names (card_arrival, alarm_set, ...)."""
     name_weight: float = Field(1.0, gt=0)
     """w: how many support examples a class name counts as."""
+    views: int = Field(0, ge=0)
+    """Augmented views of each support example (each word deleted with probability ``view_drop``)
+    that join the support loss, scored against the clean support's prototypes. At 1 shot an
+    example is its own prototype and its loss is ~0; its views' loss is not, so the inner loop
+    has something to fit."""
+    view_drop: float = Field(0.3, gt=0, lt=1)
     learn: list[HeadValue] = Field(default_factory=list)
     """Head values meta-learned with the adapter init (log-parametrised, so they stay positive),
     exported with the adapter and used at meta-test and by ``metapeft adapt``."""
@@ -375,7 +381,10 @@ class DistributedSection(_Section):
 
     workers: int = Field(2, ge=1)
     use_gpu: Literal["auto", "yes", "no"] = "auto"
-    """auto: one GPU per worker when the cluster has GPUs, else CPUs."""
+    """auto: one GPU per worker when the cluster has GPUs, or its autoscaler publishes node
+    types that have them; else CPUs. yes on an autoscaling cluster whose autoscaler does not
+    publish its node types (Ray 2.60's KubeRay and cluster-launcher autoscalers) and whose GPU
+    nodes are not up yet."""
     cpus_per_worker: float = Field(1.0, gt=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     """Extra custom Ray resources per worker, e.g. {"meta_worker": 1}."""
@@ -384,6 +393,14 @@ class DistributedSection(_Section):
     local_num_cpus: int | None = Field(None, ge=1)
     """CPUs of the embedded local Ray started when no address is given (default: all)."""
     local_object_store_mb: int = Field(512, ge=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_booleans(cls, data: Any) -> Any:
+        """YAML reads ``use_gpu: yes`` and the override ``distributed.use_gpu=yes`` as true."""
+        if isinstance(data, dict) and isinstance(data.get("use_gpu"), bool):
+            data = {**data, "use_gpu": "yes" if data["use_gpu"] else "no"}
+        return data
 
 
 class Config(_Section):

@@ -297,6 +297,22 @@ class EpisodeSampler:
         return problems
 
 
+def word_dropout_views(texts: Sequence[str], views: int, drop: float, seed: int) -> list[str]:
+    """``views`` copies of every text, view-major (all texts' first view, then the second, ...),
+    each word deleted with probability ``drop`` (at least one word is kept): augmentation with
+    nothing to download, drawn from ``seed`` alone."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(views):
+        for text in texts:
+            words = text.split()
+            keep = rng.random(len(words)) >= drop
+            if words and not keep.any():
+                keep[rng.integers(len(words))] = True
+            out.append(" ".join(w for w, k in zip(words, keep, strict=True) if k))
+    return out
+
+
 def check_labels(data: LabelledTexts) -> None:
     """Class names that differ only in case or spacing would leak one class across splits."""
     seen: dict[str, str] = {}

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from metapeft_ray.episodes import Episode
+from metapeft_ray.episodes import Episode, word_dropout_views
 from metapeft_ray.model import Encoder
 
 Params = dict[str, Tensor]
@@ -88,6 +88,7 @@ def adapt(
     inner_scale: Scalar | None = None,
     names: Mapping[str, Tensor] | None = None,
     name_weight: Scalar = 1.0,
+    views: Mapping[str, Tensor] | None = None,
 ) -> Adapted:
     """The one inner loop: ``steps`` gradient steps on the support loss over ``params`` + head.
 
@@ -99,12 +100,16 @@ def adapt(
     (the fine-tuning baselines: plain fine-tuning uses Adam, and its step size does not depend
     on the scale of a nearly-zero 1-shot support loss). The support loss uses ``inner_scale``
     (default ``scale``); ``names`` (the tokenised class names) make the head's prototypes start
-    from the names' embeddings as ``name_weight`` examples each (`proto_head`).
+    from the names' embeddings as ``name_weight`` examples each (`proto_head`). ``views`` (the
+    tokenised augmented views of the support examples, view-major) join the support loss, scored
+    against the clean support's prototypes.
     """
     embedded = encoder.embed(params, support)
     named = None if names is None else encoder.embed(params, names)
     weight, bias = proto_head(embedded, support_labels, n_way, named, name_weight)
     inner_scale = scale if inner_scale is None else inner_scale
+    n_views = 0 if views is None else len(next(iter(views.values()))) // len(support_labels)
+    labels = support_labels.repeat(1 + n_views)
     fast = dict(params)
     losses: list[float] = []
     if optimizer == "adam" and not first_order:
@@ -116,15 +121,20 @@ def adapt(
         # embedding is the one the prototypes came from: no second forward; its gradient, taken at
         # a fresh node, goes back through the encoder as a vector-Jacobian product.
         emb = embedded.view_as(embedded) if step == 0 else encoder.embed(fast, support)
-        loss = F.cross_entropy(head_logits(emb, weight, bias, inner_scale), support_labels)
+        view_emb = [] if views is None else [encoder.embed(fast, views)]
+        loss = F.cross_entropy(head_logits(torch.cat([emb, *view_emb]), weight, bias, inner_scale), labels)
         losses.append(loss.item())
         if step == 0:
-            g_emb, g_weight, g_bias = torch.autograd.grad(
-                loss, [emb, weight, bias], create_graph=not first_order
+            g_emb, *g_views, g_weight, g_bias = torch.autograd.grad(
+                loss, [emb, *view_emb, weight, bias], create_graph=not first_order
             )
             # the encoder's graph stays: the head, hence the query loss, depends on `embedded`
             g_params = torch.autograd.grad(
-                embedded, list(fast.values()), g_emb, create_graph=not first_order, retain_graph=True
+                [embedded, *view_emb],
+                list(fast.values()),
+                [g_emb, *g_views],
+                create_graph=not first_order,
+                retain_graph=True,
             )
         else:
             grads = torch.autograd.grad(loss, [*fast.values(), weight, bias], create_graph=not first_order)
@@ -209,6 +219,8 @@ def run_episode(
     optimizer: Literal["sgd", "adam"] = "sgd",
     inner_scale: Scalar | None = None,
     name_weight: Scalar | None = None,
+    views: int = 0,
+    view_drop: float = 0.3,
 ) -> EpisodeResult:
     """Adapt on the support set, score the query set; with ``meta_gradient`` also return
     ``d L_query / d params`` (the episode's contribution to the outer update).
@@ -217,10 +229,16 @@ def run_episode(
     differentiate the query loss w.r.t. when they are more than ``params`` (Meta-SGD adds its
     log learning rates); the gradients come back under the same names. ``optimizer``: the inner
     loop's update (`adapt`). ``inner_scale``: the support loss's temperature (default ``scale``);
-    ``name_weight``: the class names join the prototypes as that many examples (None: no names).
+    ``name_weight``: the class names join the prototypes as that many examples (None: no names);
+    ``views``: augmented views per support example in the support loss (`word_dropout_views`,
+    seeded by the episode, so every process draws the same ones).
     """
     support, s_labels, query, q_labels = episode_tensors(encoder, episode)
     names = None if name_weight is None else encoder.tokenize(episode.name_texts)
+    seed = _episode_seed(episode)
+    view_batch = (
+        encoder.tokenize(word_dropout_views(episode.support_texts, views, view_drop, seed)) if views else None
+    )
     n_way = len(episode.class_names)
     if not meta_gradient:  # adapt a detached copy: no graph back into the caller's init
         params = {k: v.detach().requires_grad_() for k, v in params.items()}
@@ -230,7 +248,7 @@ def run_episode(
             v.detach() if isinstance(v, Tensor) else v for v in (scale, inner_scale, name_weight)
         )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_episode_seed(episode))
+        torch.manual_seed(seed)
         with torch.enable_grad():
             adapted = adapt(
                 encoder,
@@ -247,6 +265,7 @@ def run_episode(
                 inner_scale=inner_scale,
                 names=names,
                 name_weight=1.0 if name_weight is None else name_weight,
+                views=view_batch,
             )
         with torch.set_grad_enabled(meta_gradient):
             logits = head_logits(encoder.embed(adapted.params, query), adapted.weight, adapted.bias, scale)
@@ -257,14 +276,11 @@ def run_episode(
             grads = dict(zip(wrt, torch.autograd.grad(loss, list(wrt.values())), strict=True))
         after = float("nan")
         if track_support_after and steps:
-            with torch.no_grad():
-                s_logits = head_logits(
-                    encoder.embed(adapted.params, support),
-                    adapted.weight,
-                    adapted.bias,
-                    scale if inner_scale is None else inner_scale,
-                )
-                after = F.cross_entropy(s_logits, s_labels).item()
+            with torch.no_grad():  # the inner loop's objective, views included
+                embs = [encoder.embed(adapted.params, b) for b in (support, view_batch) if b is not None]
+                s_scale = scale if inner_scale is None else inner_scale
+                s_logits = head_logits(torch.cat(embs), adapted.weight, adapted.bias, s_scale)
+                after = F.cross_entropy(s_logits, s_labels.repeat(1 + views)).item()
     before = adapted.support_losses[0] if adapted.support_losses else float("nan")
     accuracy = (logits.argmax(-1) == q_labels).float().mean().item()
     kept = {k: v.detach() for k, v in adapted.params.items()} if keep_adapted else None

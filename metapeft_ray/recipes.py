@@ -71,6 +71,15 @@ def append_metrics(out: Path, metrics: Mapping[str, float]) -> None:
         f.write(json.dumps(dict(metrics)) + "\n")
 
 
+def validation_line(metrics: Mapping[str, float], meta_steps: int) -> str:
+    """The one line a run prints at each validation step (``meta.val_every``)."""
+    return (
+        f"meta-step {int(metrics['meta_step'])}/{meta_steps}: meta-val accuracy "
+        f"{metrics['meta_val_accuracy']:.3f} (meta-loss {metrics['meta_loss']:.3f}, "
+        f"query accuracy {metrics['query_accuracy']:.3f})"
+    )
+
+
 def build_scorers(
     cfg: Config,
     encoder: Encoder,
@@ -88,6 +97,8 @@ def build_scorers(
         "scale": scale,
         "inner_scale": inner.inner_scale,
         "name_weight": inner.name_weight,
+        "views": inner.views,
+        "view_drop": inner.view_drop,
     }
     cache, meta_cache = baselines.EmbeddingCache(encoder), baselines.EmbeddingCache(encoder, meta_init)
     names = {"label_names": inner.name_weight is not None}
@@ -223,6 +234,8 @@ def train_local(cfg: Config, progress: bool = True) -> dict[str, Any]:
             append_metrics(out, metrics)
             live_metrics.record_step(metrics, **tags)
             bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}", acc=f"{metrics['query_accuracy']:.2f}")
+            if progress and "meta_val_accuracy" in metrics:
+                bar.write(validation_line(metrics, cfg.meta.meta_steps))
         return finish(cfg, learner, out, history, progress)
 
 

@@ -112,6 +112,8 @@ def inner_loop(cfg: Config, steps: int | None = None, lr: float | None = None) -
         not m.second_order,
         h.inner_scale,
         h.name_weight if h.label_names else None,
+        h.views,
+        h.view_drop,
     )
 
 

@@ -14,6 +14,7 @@ from metapeft_ray.algorithms.base import HEAD_PREFIX
 from metapeft_ray.cli import main
 from metapeft_ray.config import ConfigError, load_config
 from metapeft_ray.data import label_text
+from metapeft_ray.episodes import word_dropout_views
 from metapeft_ray.export import load_adapter
 from metapeft_ray.meta import proto_head, run_episode
 from metapeft_ray.train import MetaLearner, prepare_sampler
@@ -172,3 +173,41 @@ def test_meta_init_from_the_cache_equals_the_inner_loop_at_zero_steps(learner) -
     frozen = baselines.EmbeddingCache(learner.encoder)
     texts = list(episode.support_texts)
     assert not torch.allclose(cache(texts), frozen(texts))
+
+
+def test_word_dropout_views_are_seeded_view_major_subsequences() -> None:
+    texts = ["how do i top up my card", "card arrival", "hi"]
+    views = word_dropout_views(texts, 3, 0.5, seed=7)
+    assert views == word_dropout_views(texts, 3, 0.5, seed=7) != word_dropout_views(texts, 3, 0.5, seed=8)
+    assert len(views) == 9 and views[7] in ("card arrival", "card", "arrival")  # view-major
+    for i, view in enumerate(views):
+        words, source = view.split(), texts[i % 3].split()
+        assert words and all(w in source for w in words)  # a subsequence, never empty
+        assert [w for w in source if w in words] == words
+    kept = sum(len(v.split()) for v in views[::3]) / len(texts[0].split())
+    assert 0 < kept < 3  # about half the words of the long text survive, over its 3 views
+
+
+def test_support_views_make_the_one_shot_support_loss_informative_and_adaptation_lowers_it(learner) -> None:  # noqa: ANN001
+    episode = learner.sampler.build(learner.train_specs(0)[0])
+    kw = {"steps": 3, "lr": 0.005, "scale": 100.0, "first_order": True, "meta_gradient": False}
+    clean = run_episode(learner.encoder, learner.params, episode, **kw)  # type: ignore[arg-type]
+    viewed = run_episode(learner.encoder, learner.params, episode, **kw, views=2, view_drop=0.5)  # type: ignore[arg-type]
+    assert clean.support_loss_before < 1e-6 and viewed.support_loss_before > 1e-3
+    assert viewed.support_loss_after < viewed.support_loss_before
+    assert viewed.query_accuracy != clean.query_accuracy or viewed.query_loss != clean.query_loss
+
+
+def test_support_views_reach_the_meta_gradient_through_the_config(tiny) -> None:  # noqa: ANN001
+    base = [*tiny_overrides(*tiny, **{"episode.k_shot": 1}), "head.scale=100", "meta.inner_lr=0.005"]
+    grads = {}
+    for views in (0, 2):
+        cfg = load_config(None, [*base, f"head.views={views}"])
+        learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
+        assert learner.inner.views == views
+        episode = learner.sampler.build(learner.train_specs(0)[0])
+        r = learner.algorithm.episode(
+            learner.encoder, learner.params, learner.extra, episode, learner.inner, meta_gradient=True
+        )
+        grads[views] = torch.cat([g.reshape(-1) for g in r.grads.values()])
+    assert grads[2].isfinite().all() and not torch.allclose(grads[0], grads[2])

@@ -38,6 +38,8 @@ class InnerLoop:
     first_order: bool
     inner_scale: Scalar | None = None
     name_weight: Scalar | None = None
+    views: int = 0
+    view_drop: float = 0.3
 
     def head_meta_params(self, learn: Sequence[str], device: torch.device | None = None) -> Params:
         """Fresh log-parametrised leaves for the head values in ``learn``, at their set values
@@ -112,6 +114,7 @@ class MetaAlgorithm:
         settings = {
             "steps": inner.steps, "lr": inner.lr, "scale": inner.scale, "first_order": inner.first_order,
             "inner_scale": inner.inner_scale, "name_weight": inner.name_weight,
+            "views": inner.views, "view_drop": inner.view_drop,
             "meta_gradient": meta_gradient, "track_support_after": not meta_gradient,
         }  # fmt: skip
         return run_episode(encoder, params, episode, **(settings | options))
