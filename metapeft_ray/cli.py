@@ -10,7 +10,7 @@ from pathlib import Path
 
 from metapeft_ray.config import ConfigError, load_config, parse_override
 
-CONFIG_HELP = "config YAML path or shipped name (quickstart, banking77_5w1s, ...)"
+CONFIG_HELP = "config YAML path or shipped name (quickstart, banking77, fewshot, cross_clinc150)"
 OVERRIDES_HELP = "dotted overrides, e.g. meta.inner_steps=3 peft.rank=4"
 
 

@@ -165,7 +165,3 @@ def markdown_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], title
         )
     return "\n".join(lines).lstrip("\n") + "\n"
 
-
-def summary(results: Mapping[str, Any]) -> dict[str, float]:
-    """Flat ``{method/setting: mean}`` for logs and Tune."""
-    return {f"{m}/{s}": v["mean"] for m, per in results.items() for s, v in per.items()}

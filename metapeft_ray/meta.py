@@ -1,7 +1,8 @@
 """The maths: one functional inner loop on adapter parameters, and the per-episode meta-gradient.
 
 No Ray here. Training, validation, meta-test and the fine-tuning baseline all call `adapt`;
-the distributed layer maps `episode_meta_gradient` over episode specs and sums the results.
+the algorithms (`metapeft_ray.algorithms`) turn one episode into a meta-gradient, and the
+learner (`train.MetaLearner`) sums them over a meta-batch, on one process or across Ray workers.
 
 Head (Proto-MAML, Triantafillou et al. 2020): each episode's N-way linear head is initialised
 from the support prototypes c_k of the current encoder, ``W_k = 2 c_k, b_k = -|c_k|^2``, so

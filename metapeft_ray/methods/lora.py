@@ -2,7 +2,7 @@
 adapted weight by a learned magnitude, ``h = m * (W0 + (alpha/r) B A) x / ||W0 + (alpha/r) B A||``.
 
 peft's default init (A Kaiming, B = 0) is the fine-tuning baseline; the meta-init draws B small
-and random, because with B = 0, dL/dA = 0 and the first inner step cannot move A (DESIGN.md §3).
+and random, because with B = 0, dL/dA = 0 and the first inner step cannot move A.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def wrap_with_lora(
 
 def meta_init_lora(adapter_params: Mapping[str, Tensor], *, b_std: float, seed: int) -> None:
     """Give B small random values. With B = 0, dL/dA = 0 and the first inner step cannot move A
-    (DESIGN.md §3); peft's default is right for fine-tuning and wrong for a meta-init."""
+    (dL/dA = B^T dL/dW = 0 at B = 0); peft's default is right for fine-tuning and wrong for a meta-init."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in adapter_params.items():
