@@ -26,15 +26,18 @@ from their own process environment (the cluster nodes' environment, or the job's
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 import socket
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +46,25 @@ import torch
 from metapeft_ray import metrics as live_metrics
 from metapeft_ray import storage
 from metapeft_ray.config import Config, ConfigError
-from metapeft_ray.recipes import append_metrics, finish, run_uri, staged, write_run_header
+from metapeft_ray.model import quiet_transformers
+from metapeft_ray.recipes import (
+    append_metrics,
+    finish,
+    run_uri,
+    staged,
+    validation_line,
+    write_run_header,
+)
 from metapeft_ray.train import MetaLearner, prepare_sampler
 
-__all__ = ["ClusterCapacityError", "RayConnectionError", "TrainingFailedError", "train_ray"]
+__all__ = [
+    "ClusterCapacityError",
+    "ClusterView",
+    "RayConnectionError",
+    "TrainingFailedError",
+    "cluster_view",
+    "train_ray",
+]
 
 STATE_FILE = "state.pt"
 TRAINING_RECORD = "training.json"
@@ -63,6 +81,7 @@ _RESUMABLE_KEYS = (
 # test can kill one by PID at a known point. Forwarded to workers through the runtime env.
 TEST_PID_DIR_ENV = "METAPEFT_TEST_PID_DIR"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state and job clients find the dashboard
+LOGGER_LEVEL_ENV = "RAY_LOGGER_LEVEL"  # the `ray` logger's level in the Ray processes it reaches
 
 
 class RayConnectionError(ValueError):
@@ -103,9 +122,16 @@ def check_meta_batch(
 
 
 def train_ray(
-    cfg: Config, *, address: str | None = None, workers: int | None = None, progress: bool = True
+    cfg: Config,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """Meta-train on Ray, export the adapter, meta-test it; returns `recipes.finish`'s report."""
+    """Meta-train on Ray, export the adapter, meta-test it; returns `recipes.finish`'s report.
+    ``progress``: a progress bar and one line per validation on this process; ``verbose``: Ray's
+    and the libraries' own info and warnings too (without it only their errors show)."""
     if workers is not None:
         cfg = cfg.with_overrides({"distributed.workers": workers})
     check_meta_batch(cfg.meta.meta_batch_size, cfg.distributed.workers)
@@ -123,12 +149,12 @@ def train_ray(
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    started_here = connect(cfg, address)
+    started_here = connect(cfg, address, quiet=not verbose)
     try:
-        use_gpu, per_worker = _worker_resources(cfg, ray.cluster_resources())
+        use_gpu, per_worker = _worker_resources(cfg, cluster_view())
         _check_capacity(cfg.distributed.workers, per_worker)
         t0 = time.monotonic()
-        result, restarts = _fit(cfg, use_gpu, per_worker, progress)
+        result, restarts = _fit(cfg, use_gpu, per_worker, progress, quiet=not verbose)
         fit_s = time.monotonic() - t0
     finally:
         if started_here:
@@ -243,31 +269,35 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # -- Ray connection and capacity ----------------------------------------------------------------
 
 
-def connect(cfg: Config, address: str | None, dashboard: bool = False) -> bool:
+def connect(cfg: Config, address: str | None, dashboard: bool = False, quiet: bool = False) -> bool:
     """Connect to ``address`` (checked first, so a wrong one fails in seconds) or start an
     embedded local Ray, with the dashboard (and so the state API) if ``dashboard``. Returns True
-    when this call started Ray (and must shut it down)."""
+    when this call started Ray (and must shut it down). ``quiet``: the ``ray`` loggers of this
+    process and of the embedded Ray's processes show only errors (see `init_local`)."""
     import ray
 
     if address is not None:
         _probe(address)
     if ray.is_initialized():  # e.g. a notebook or a test session that already holds a cluster
         return False
+    level = {"logging_level": logging.ERROR} if quiet else {}
     if address is None:
         d = cfg.distributed
         # The embedded Ray's size is known before it starts: check the workers fit it first.
         local = {"CPU": float(d.local_num_cpus or os.cpu_count() or 1)}
         local["GPU"] = float(torch.cuda.device_count())
-        _check_capacity(d.workers, _worker_resources(cfg, local)[1], nodes=[local])
+        _check_capacity(d.workers, _worker_resources(cfg, ClusterView(local))[1], nodes=[local])
         init_local(  # for a dashboard otherwise: `ray start --head`, then --address
             dashboard,
+            quiet=quiet,
             num_cpus=int(local["CPU"]),
             object_store_memory=d.local_object_store_mb << 20,
             log_to_driver=True,
+            **level,
         )
         return True
     try:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **level)
     except Exception as err:  # ConnectionError, auth failures, version mismatch ...
         raise RayConnectionError(
             f"cannot connect to the Ray cluster at {address!r}: {_first_line(err)}"
@@ -275,32 +305,48 @@ def connect(cfg: Config, address: str | None, dashboard: bool = False) -> bool:
     return True
 
 
-def init_local(dashboard: bool, **init_kwargs: Any) -> Any:
+def init_local(dashboard: bool, quiet: bool = False, **init_kwargs: Any) -> Any:
     """``ray.init`` of a new local Ray, with or without its dashboard (and so the state API).
 
     The dashboard gets a free loopback port, and ``RAY_API_SERVER_ADDRESS`` names it in the
     environment the Ray processes start with (this process's own is restored after): a
     state-API call inside the cluster (Ray Train's placement-group cleaner) then finds this
     dashboard even when other Ray instances run on the machine, where auto-detection fails with
-    "Found multiple active Ray instances"."""
+    "Found multiple active Ray instances".
+
+    ``quiet``: ``RAY_LOGGER_LEVEL=error`` in that environment, so the ``ray`` logger of every
+    Ray process shows only errors. Without a dashboard Ray Train's placement-group cleaner would
+    otherwise warn every second that the state API does not answer (~100 lines per quickstart;
+    harmless here, since this process shuts its Ray down itself). Not ``ray.LoggingConfig``: with
+    a job logging config Ray drops the ``(RayTrainWorker pid=...)`` prefix of worker logs."""
     import ray
 
+    env = {LOGGER_LEVEL_ENV: "error"} if quiet else {}
     if not dashboard:
-        return ray.init(include_dashboard=False, **init_kwargs)
+        with _environ(env):
+            return ray.init(include_dashboard=False, **init_kwargs)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    saved = os.environ.get(API_SERVER_ENV)
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    try:
+    with _environ({**env, API_SERVER_ENV: f"http://127.0.0.1:{port}"}):
         return ray.init(
             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **init_kwargs
         )
+
+
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment (and so in the processes it starts) meanwhile."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
-        if saved is None:
-            os.environ.pop(API_SERVER_ENV)
-        else:
-            os.environ[API_SERVER_ENV] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def check_state_api(field: str) -> None:
@@ -360,9 +406,38 @@ def _probe(address: str) -> None:
         ) from None
 
 
-def _worker_resources(cfg: Config, cluster: Mapping[str, float]) -> tuple[bool, dict[str, float]]:
+@dataclass(frozen=True)
+class ClusterView:
+    """What a run can get from a cluster: the resources it has now (``ray.cluster_resources()``)
+    and the node types its autoscaler may add, as ``(resources of one node, max_count)`` with
+    max_count -1 for unbounded (none where no autoscaler published them: a fixed cluster, the
+    embedded local Ray). A plain value, so what is decided from it is tested without Ray."""
+
+    resources: Mapping[str, float]
+    node_types: tuple[tuple[Mapping[str, float], int], ...] = ()
+
+    def can_have(self, resource: str) -> bool:
+        """The cluster has ``resource`` now, or one of its node types would bring it: a KubeRay
+        cluster whose GPU group is at 0 replicas still has GPUs to offer."""
+        return self.resources.get(resource, 0) > 0 or any(
+            res.get(resource, 0) > 0 and count != 0 for res, count in self.node_types
+        )
+
+
+def cluster_view() -> ClusterView:
+    """The connected cluster's `ClusterView`."""
+    import ray
+
+    return ClusterView(dict(ray.cluster_resources()), tuple(_autoscaler_node_types()))
+
+
+def _worker_resources(cfg: Config, cluster: ClusterView) -> tuple[bool, dict[str, float]]:
+    """Whether the workers use GPUs, and one worker's resource request. ``use_gpu: auto`` asks
+    for one GPU per worker when the cluster has GPUs or can scale to nodes that have them (so an
+    autoscaling cluster that starts without GPU nodes, and publishes its node types, still gets
+    GPU workers)."""
     d = cfg.distributed
-    use_gpu = d.use_gpu == "yes" or (d.use_gpu == "auto" and cluster.get("GPU", 0) > 0)
+    use_gpu = d.use_gpu == "yes" or (d.use_gpu == "auto" and cluster.can_have("GPU"))
     per_worker = {"CPU": d.cpus_per_worker, **d.resources_per_worker}
     if use_gpu:
         per_worker.setdefault("GPU", 1.0)
@@ -429,7 +504,9 @@ def _check_capacity(
 def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
     """``[(resources of one node, max_count)]`` from the autoscaler's published cluster config
     (KubeRay / cluster launcher with autoscaler v2); empty when there is none. Private Ray API,
-    pinned ray version; any failure means "no autoscaler known"."""
+    pinned ray version; any failure means "no autoscaler known". Ray 2.60 has no public API for
+    this (``ray.autoscaler.sdk`` takes a launcher YAML, or requests resources); Ray Train reads
+    the same record for its own capacity check (``get_max_resources_from_cluster_config``)."""
     try:
         import ray._private.state
 
@@ -450,39 +527,50 @@ def _fit(
     per_worker: dict[str, float],
     progress: bool,
     callbacks: list[Any] | None = None,
+    quiet: bool = False,
 ) -> tuple[Any, int]:
+    """``TorchTrainer.fit`` of the worker loop; returns the result and the worker-group restarts.
+    ``progress``: rank 0 feeds its steps to a bar drawn here (`_progress`); ``quiet``: Ray Train
+    and the workers (their root logger, transformers) log only warnings and errors."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fs, path = storage.pyarrow_filesystem(cfg.run.output_dir)
     env = {k: v for k, v in os.environ.items() if k == TEST_PID_DIR_ENV}
     attempts = ray.remote(_AttemptCounter).options(num_cpus=0).remote()
     try:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"config": cfg.to_dict(), "progress": progress, "attempts": attempts},
-            scaling_config=ScalingConfig(
-                num_workers=cfg.distributed.workers, use_gpu=use_gpu, resources_per_worker=per_worker
-            ),
-            run_config=RunConfig(
-                name=cfg.run.name,
-                storage_path=path,
-                storage_filesystem=fs if storage.is_remote(cfg.run.output_dir) else None,
-                failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-                worker_runtime_env={"env_vars": env} if env else None,
-                callbacks=callbacks,
-            ),
-        )
-        try:
-            result = trainer.fit()
-        except Exception as err:  # ray.train.TrainingFailedError after max_failures
-            raise TrainingFailedError(
-                f"distributed training of {cfg.run.name!r} failed after "
-                f"{cfg.distributed.max_failures} restart(s): {_first_line(err)}; fix the cause "
-                "and rerun the same run.name to resume from its last checkpoint"
-            ) from err
+        with _progress(cfg.meta.meta_steps) if progress else contextlib.nullcontext() as feed:
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={
+                    "config": cfg.to_dict(),
+                    "progress": feed,
+                    "attempts": attempts,
+                    "quiet": quiet,
+                },
+                scaling_config=ScalingConfig(
+                    num_workers=cfg.distributed.workers, use_gpu=use_gpu, resources_per_worker=per_worker
+                ),
+                run_config=RunConfig(
+                    name=cfg.run.name,
+                    storage_path=path,
+                    storage_filesystem=fs if storage.is_remote(cfg.run.output_dir) else None,
+                    failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                    worker_runtime_env={"env_vars": env} if env else None,
+                    callbacks=callbacks,
+                    logging_config=LoggingConfig(log_level="WARNING" if quiet else "INFO"),
+                ),
+            )
+            try:
+                result = trainer.fit()
+            except Exception as err:  # ray.train.TrainingFailedError after max_failures
+                raise TrainingFailedError(
+                    f"distributed training of {cfg.run.name!r} failed after "
+                    f"{cfg.distributed.max_failures} restart(s): {_first_line(err)}; fix the cause "
+                    "and rerun the same run.name to resume from its last checkpoint"
+                ) from err
         restarts = max(0, ray.get(attempts.get.remote()) - 1)
         live_metrics.record_failure(restarts, **live_metrics.tags_for(cfg, "driver"))
     finally:
@@ -492,6 +580,50 @@ def _fit(
     if result.checkpoint is None:
         raise TrainingFailedError(f"distributed training of {cfg.run.name!r} reported no checkpoint")
     return result, restarts
+
+
+@contextlib.contextmanager
+def _progress(meta_steps: int) -> Iterator[Any]:
+    """A progress bar and one line per validation, drawn by this (the driver) process while
+    ``fit`` blocks it; yields the feed (a `ray.util.queue.Queue`, a CPU-less actor) that rank 0
+    puts each step's metrics on. Drawn here, not printed by the worker: Ray forwards a worker's
+    output prefixed, and Ray Train 2.60 emits each ``print`` of a worker twice (its print patch
+    tees to stdout and to a console logger)."""
+    import threading
+
+    import ray
+    from ray.util.queue import Empty, Queue
+    from tqdm.auto import tqdm
+
+    feed = Queue(actor_options={"num_cpus": 0})
+    bar = tqdm(total=meta_steps, desc="starting workers", unit="step")
+    fitted = threading.Event()
+
+    def show() -> None:
+        while True:
+            try:
+                metrics = feed.get(timeout=0.5)
+            except Empty:
+                if fitted.is_set():  # everything rank 0 put is read
+                    return
+                continue
+            except Exception:  # Ray shut down under the display: stop drawing, never fail the run
+                return
+            bar.set_description("meta-train", refresh=False)
+            bar.n = int(metrics["meta_step"])  # absolute: a restarted group repeats steps
+            bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}", acc=f"{metrics['query_accuracy']:.2f}")
+            if "meta_val_accuracy" in metrics:
+                bar.write(validation_line(metrics, meta_steps))
+
+    reader = threading.Thread(target=show, name="metapeft-progress", daemon=True)
+    reader.start()
+    try:
+        yield feed
+    finally:
+        fitted.set()
+        reader.join(timeout=30)
+        bar.close()
+        ray.kill(feed.actor)
 
 
 class _AttemptCounter:
@@ -525,8 +657,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from metapeft_ray.config import validate_config
 
     cfg = validate_config(loop_config["config"])
+    if loop_config["quiet"]:
+        quiet_transformers()
+        # Ray Train logs every report at INFO through a logger under the root one (named by its
+        # file path, so `LoggingConfig` does not reach it): warnings and errors only.
+        logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    feed = loop_config["progress"] if rank == 0 else None  # a `_progress` queue, or None
     torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
     if rank == 0:
         ray.get(loop_config["attempts"].incr.remote())
@@ -550,9 +688,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step = learner.step
         if rank == 0:  # every rank holds the same all-reduced numbers
             live_metrics.record_step(metrics, **tags)
-        if rank == 0 and loop_config["progress"]:
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "meta_step")
-            print(f"meta-step {step}/{m.meta_steps} {shown}", flush=True)
+        if feed is not None:
+            feed.put_nowait(metrics)
         if step % m.checkpoint_every == 0 or step == m.meta_steps:
             _report(learner, history, rank, world)
         _test_hook(rank, step)

