@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -184,6 +185,46 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    import ray
+    from ray import serve as ray_serve
+
+    from metapeft_ray import serve
+    from metapeft_ray.distributed import connect
+
+    settings = serve.ServeSettings(
+        cache_size=args.cache_size,
+        ttl_s=args.ttl,
+        max_inits_per_replica=args.max_inits,
+        token_env=args.token_env,
+        token_file=args.token_file,
+    )
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:  # the embedded Ray's replicas read this process's environment and files
+        serve.read_token(settings.token_env, settings.token_file)
+    adapters = serve.parse_adapters(args.adapter)
+    app = serve.build_app(adapters, settings, num_replicas=args.replicas, num_cpus=args.num_cpus)
+    cfg = load_config(None, ["distributed.workers=1"])  # only its distributed.local_* size a local Ray
+    started = connect(cfg, address, quiet=not args.verbose)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop: as Ctrl-C
+    try:
+        url = serve.start(app, host=args.host, port=args.port)
+        print(f"metapeft: serving {', '.join(adapters)} on {url} (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("metapeft: stopping", file=sys.stderr)
+    finally:
+        if ray.is_initialized():
+            ray_serve.delete(serve.APP_NAME)
+            if started:
+                ray.shutdown()
+    return 0
+
+
 def _lines(lines: Iterable[str]) -> Iterator[str]:
     return (line.rstrip("\n") for line in lines if line.strip())
 
@@ -256,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--quiet", action="store_true")
     u.set_defaults(func=_cmd_tune)
 
+    _add_serve_parser(sub)
+
     c = sub.add_parser("check", help="validate a config and its data, take no resources")
     c.add_argument("--config", default="quickstart", help=CONFIG_HELP)
     c.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
@@ -311,6 +354,36 @@ def _add_submit_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--job-id", default=None, help="submission id to use (default: generated)")
     s.add_argument("--follow", action="store_true", help="stream the logs; exit 1 unless SUCCEEDED")
     s.set_defaults(func=_cmd_submit)
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser(
+        "serve",
+        help="adaptation as a service on Ray Serve: post a support set, get a task; post texts, get labels",
+        description="Serve exported inits over HTTP (see README, 'Serving adapted tasks') until "
+        "interrupted, then delete the application (and stop the embedded Ray, if one was started).",
+    )
+    v.add_argument(
+        "--adapter", action="append", default=[], required=True, metavar="NAME=PATH",
+        help="an exported init (directory or s3:// prefix) served as NAME; repeat for several",
+    )  # fmt: skip
+    v.add_argument("--host", default="127.0.0.1", help="HTTP address (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
+    )
+    v.add_argument("--token-env", default=None, metavar="VAR", help="require `Authorization: Bearer "
+                   "$VAR` on every route but /health; VAR is read on the replicas' nodes")  # fmt: skip
+    v.add_argument("--token-file", default=None, help="the same, the token read from this file")
+    v.add_argument("--cache-size", type=int, default=64, help="adapted tasks kept per replica (LRU)")
+    v.add_argument("--ttl", type=float, default=3600.0, help="seconds an adapted task is kept")
+    v.add_argument("--max-inits", type=int, default=3, help="inits loaded at once per replica")
+    v.add_argument("--replicas", type=int, default=1)
+    v.add_argument(
+        "--num-cpus", type=float, default=1, help="CPUs per replica (Ray gives it as many torch threads)"
+    )
+    v.add_argument("--verbose", action="store_true", help="Ray's own info logs too")
+    v.set_defaults(func=_cmd_serve)
 
 
 def _add_jobs_parser(sub: argparse._SubParsersAction) -> None:

@@ -5,6 +5,9 @@ cluster-config validation (defaults merged, then ray-schema.json), botocore's EC
 node_config, kubernetes-validate for core Kubernetes kinds, and the KubeRay rules that no
 schema catches. Each rule is a function returning a list of problems, so the negative tests
 can mutate a valid file and check that the rule notices.
+
+The RayService's ``serveConfigV2`` goes through Ray Serve's own config schema (as ``serve
+deploy`` checks it) and its application args through `metapeft_ray.serve.builder_args`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from metapeft_ray import metrics as metapeft_metrics
+from metapeft_ray.serve import builder_args
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_VERSION = ray.__version__
@@ -36,6 +40,7 @@ LOCAL_SCRIPT = ROOT / "cluster" / "local-multinode.sh"
 DEPLOY = ROOT / "deploy"
 RAYCLUSTER_YAML = DEPLOY / "kuberay" / "raycluster.yaml"
 RAYJOB_YAML = DEPLOY / "kuberay" / "rayjob.yaml"
+RAYSERVICE_YAML = DEPLOY / "kuberay" / "rayservice.yaml"
 PODMONITOR_YAML = DEPLOY / "prometheus" / "podmonitor.yaml"
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD_JSON = DEPLOY / "grafana" / "metapeft-dashboard.json"
@@ -61,6 +66,12 @@ RAYJOB_SPEC_KEYS = frozenset({
     "submissionMode", "submitterConfig", "submitterPodTemplate", "suspend",
     "ttlSecondsAfterFinished",
 })
+RAYSERVICE_SPEC_KEYS = frozenset({
+    "deploymentUnhealthySecondThreshold", "excludeHeadPodFromServeSvc", "rayClusterConfig",
+    "rayClusterDeletionDelaySeconds", "serveConfigV2", "serveService",
+    "serviceUnhealthySecondThreshold", "upgradeStrategy",
+})
+SERVE_IMPORT_PATH = "metapeft_ray.serve:app_builder"
 WORKER_GROUP_KEYS = ("groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams",
                      "template")
 CUSTOM_API_GROUPS = ("ray.io/", "monitoring.coreos.com/")
@@ -330,6 +341,10 @@ def ray_resource_problems(doc: dict[str, Any]) -> list[str]:
     spec = doc.get("spec", {})
     if doc["kind"] == "RayCluster":
         return ray_cluster_spec_problems(spec, where)
+    if doc["kind"] == "RayService":
+        problems = unknown_fields(spec, RAYSERVICE_SPEC_KEYS, where)
+        return problems + ray_cluster_spec_problems(spec.get("rayClusterConfig", {}), where) + (
+            serve_config_problems(spec, where))
     problems = unknown_fields(spec, RAYJOB_SPEC_KEYS, where)
     entrypoint = spec.get("entrypoint", "")
     if not re.match(r"metapeft train --config \S+", entrypoint) or "s3://" not in entrypoint:
@@ -339,6 +354,45 @@ def ray_resource_problems(doc: dict[str, Any]) -> list[str]:
     if submitter := spec.get("submitterPodTemplate"):
         problems += pod_template_errors(submitter, f"{where}/submitter")
         problems += auth_problems(f"{where}/submitter", containers(submitter)[0])
+    return problems
+
+
+def serve_config_problems(spec: dict[str, Any], where: str) -> list[str]:
+    """``serveConfigV2`` through Ray Serve's schema, each application's args through
+    `builder_args`; a proxy beyond loopback needs the token, which every Ray container must
+    read from a Secret; every Ray container exposes the proxy's port as ``serve``."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(spec.get("serveConfigV2", "")))
+    except (ValidationError, yaml.YAMLError) as err:
+        return [f"{where}: serveConfigV2: {str(err).splitlines()[0]}"]
+    problems = []
+    cluster = spec.get("rayClusterConfig", {})
+    http = config.http_options
+    for name, _, container in ray_containers(cluster):
+        ports = {p.get("name"): p.get("containerPort") for p in container.get("ports", [])}
+        if ports.get("serve") != http.port:
+            problems.append(f"{where}/{name}: no container port 'serve' = {http.port}")
+    for app in config.applications:
+        at = f"{where}/{app.name}"
+        if app.import_path != SERVE_IMPORT_PATH:
+            problems.append(f"{at}: import_path {app.import_path!r} is not {SERVE_IMPORT_PATH!r}")
+            continue
+        try:
+            _, settings = builder_args(app.args or {})
+        except ValueError as err:
+            problems.append(f"{at}: {err}")
+            continue
+        if http.host not in ("127.0.0.1", "localhost") and not (settings.token_env or settings.token_file):
+            problems.append(f"{at}: the proxy listens on {http.host} and no token guards the routes")
+        if settings.token_env:
+            problems += [f"{where}/{name}: {settings.token_env} does not come from a Secret"
+                         for name, _, c in ray_containers(cluster)
+                         if "secretKeyRef" not in env_of(c).get(settings.token_env, {}).get("valueFrom", {})]
+        problems += [f"{at}: unknown deployment {d.name!r} (the app has AdaptationServer)"
+                     for d in app.deployments if d.name != "AdaptationServer"]
     return problems
 
 
@@ -363,7 +417,7 @@ def test_core_kinds_pass_kubernetes_validate() -> None:
         assert k8s_errors(doc) == [], path
 
 
-@pytest.mark.parametrize("path", [RAYCLUSTER_YAML, RAYJOB_YAML], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [RAYCLUSTER_YAML, RAYJOB_YAML, RAYSERVICE_YAML], ids=lambda p: p.name)
 def test_kuberay_resources_follow_the_rules(path: Path) -> None:
     assert ray_resource_problems(load_one(path)) == []
 
@@ -425,6 +479,48 @@ def test_kuberay_rules_reject_broken_cluster(
     raycluster: dict[str, Any], mutate: Callable[[dict[str, Any]], None], expected: str
 ) -> None:
     broken = copy.deepcopy(raycluster)
+    mutate(broken)
+    problems = ray_resource_problems(broken)
+    assert any(expected in p for p in problems), problems
+
+
+def _edit_serve_config(edit: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+        edit(config)
+        doc["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    return mutate
+
+
+def _app_args(config: dict[str, Any]) -> dict[str, Any]:
+    return config["applications"][0]["args"]
+
+
+def _drop_worker_token(doc: dict[str, Any]) -> None:
+    worker = containers(doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"])[0]
+    worker["env"] = [e for e in worker["env"] if e["name"] != "METAPEFT_SERVE_TOKEN"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (_edit_serve_config(lambda c: _app_args(c).pop("token_env")), "no token guards the routes"),
+        (_drop_worker_token, "gpu: METAPEFT_SERVE_TOKEN does not come from a Secret"),
+        (_edit_serve_config(lambda c: c["applications"][0].update(import_path="app:x")), "import_path"),
+        (_edit_serve_config(lambda c: _app_args(c).update(cache_sise=3)), "cache_sise: unknown key"),
+        (_edit_serve_config(lambda c: _app_args(c).update(adapters={})), "adapters: a mapping"),
+        (_edit_serve_config(lambda c: c["http_options"].update(port="http")), "serveConfigV2: "),
+        (_edit_serve_config(lambda c: c["http_options"].update(port=8001)), "'serve' = 8001"),
+        (lambda d: d["spec"].update(serveConfig={}), "unknown spec field 'serveConfig'"),
+        (lambda d: d["spec"]["rayClusterConfig"].update(rayVersion="2.9.0"), "rayVersion"),
+    ],
+    ids=["no-token", "worker-token-env", "import-path", "unknown-arg", "no-adapters",
+         "serve-schema", "serve-port", "unknown-spec-field", "ray-version"],
+)
+def test_rayservice_rules_reject_a_broken_service(
+    mutate: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    broken = copy.deepcopy(load_one(RAYSERVICE_YAML))
     mutate(broken)
     problems = ray_resource_problems(broken)
     assert any(expected in p for p in problems), problems
