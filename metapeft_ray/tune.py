@@ -23,7 +23,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from metapeft_ray import storage
+from metapeft_ray import runstore, storage
 from metapeft_ray.config import PACKAGED_CONFIGS, Config, ConfigError, validate_config
 from metapeft_ray.evaluate import markdown_table
 
@@ -204,7 +204,7 @@ def trial(params: dict[str, Any], base: dict[str, Any], workers: int = 1) -> Non
     learner = MetaLearner.from_config(cfg, sampler)
     if (ckpt := tune.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
-            learner.load_state_dict(torch.load(Path(d) / "state.pt", weights_only=False))
+            learner.load_state_dict(runstore.load_state(d))
     n_params = sum(p.numel() for p in learner.params.values())
     tags = {**live_metrics.tags_for(cfg, 0), "run": tune.get_context().get_trial_name()}
     live_metrics.instrument_episodes(learner, **tags)
@@ -213,7 +213,7 @@ def trial(params: dict[str, Any], base: dict[str, Any], workers: int = 1) -> Non
         if OBJECTIVE not in metrics:
             continue
         with tempfile.TemporaryDirectory() as d:
-            torch.save(learner.state_dict(), Path(d) / "state.pt")
+            runstore.save_state(d, learner.state_dict())
             tune.report(
                 {**metrics, "trainable_params": n_params, "status": "ok"},
                 checkpoint=tune.Checkpoint.from_directory(d),
@@ -378,7 +378,8 @@ def run_search(
     from ray.tune.schedulers import ASHAScheduler
 
     from metapeft_ray.distributed import cluster_view, connect
-    from metapeft_ray.recipes import finish, staged
+    from metapeft_ray.recipes import finish
+    from metapeft_ray.runstore import staged
     from metapeft_ray.train import MetaLearner, prepare_sampler
 
     space = load_space(space_path, base)
@@ -472,7 +473,7 @@ def run_search(
 
             ckpt = Checkpoint(row["checkpoint_path"], filesystem=fs)
         with ckpt.as_directory() as d:
-            learner.load_state_dict(torch.load(Path(d) / "state.pt", weights_only=False))
+            learner.load_state_dict(runstore.load_state(d))
         stopped_at = learner.step
         history = list(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every))
         val = history[-1][OBJECTIVE] if history else row[OBJECTIVE]

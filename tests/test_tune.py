@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from metapeft_ray import runstore
 from metapeft_ray.config import ConfigError, load_config
 from metapeft_ray.tune import base_point, load_space, pareto_front
 from tests.conftest import S3_BUCKET
@@ -150,7 +151,7 @@ def checkpoint_steps(exp: Path) -> dict[str, set[int]]:
     steps: dict[str, set[int]] = {}
     for path in exp.glob("*/**/checkpoint_*/state.pt"):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = runstore.load_state(path.parent)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
             continue  # a checkpoint the interrupt cut short: nothing can resume from it
         steps.setdefault(path.relative_to(exp).parts[0], set()).add(int(state["meta_step"]))
