@@ -54,8 +54,11 @@ __all__ = [
     "ClusterView",
     "RayConnectionError",
     "TrainingFailedError",
+    "check_capacity",
     "cluster_view",
+    "fit",
     "train_ray",
+    "worker_resources",
 ]
 
 CONNECT_TIMEOUT_S = 3.0
@@ -133,10 +136,10 @@ def train_ray(
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_here = connect(cfg, address, quiet=not verbose)
     try:
-        use_gpu, per_worker = _worker_resources(cfg, cluster_view())
-        _check_capacity(cfg.distributed.workers, per_worker)
+        use_gpu, per_worker = worker_resources(cfg, cluster_view())
+        check_capacity(cfg.distributed.workers, per_worker)
         t0 = time.monotonic()
-        result, restarts = _fit(cfg, use_gpu, per_worker, progress, quiet=not verbose)
+        result, restarts = fit(cfg, use_gpu, per_worker, progress, quiet=not verbose)
         fit_s = time.monotonic() - t0
     finally:
         if started_here:
@@ -210,7 +213,7 @@ def connect(cfg: Config, address: str | None, dashboard: bool = False, quiet: bo
         # The embedded Ray's size is known before it starts: check the workers fit it first.
         local = {"CPU": float(d.local_num_cpus or os.cpu_count() or 1)}
         local["GPU"] = float(torch.cuda.device_count())
-        _check_capacity(d.workers, _worker_resources(cfg, ClusterView(local))[1], nodes=[local])
+        check_capacity(d.workers, worker_resources(cfg, ClusterView(local))[1], nodes=[local])
         init_local(  # for a dashboard otherwise: `ray start --head`, then --address
             dashboard,
             quiet=quiet,
@@ -355,7 +358,7 @@ def cluster_view() -> ClusterView:
     return ClusterView(dict(ray.cluster_resources()), tuple(_autoscaler_node_types()))
 
 
-def _worker_resources(cfg: Config, cluster: ClusterView) -> tuple[bool, dict[str, float]]:
+def worker_resources(cfg: Config, cluster: ClusterView) -> tuple[bool, dict[str, float]]:
     """Whether the workers use GPUs, and one worker's resource request. ``use_gpu: auto`` asks
     for one GPU per worker when the cluster has GPUs or can scale to nodes that have them (so an
     autoscaling cluster that starts without GPU nodes, and publishes its node types, still gets
@@ -373,7 +376,7 @@ def _fits(node: Mapping[str, float], per_worker: Mapping[str, float]) -> float:
     return min((node.get(k, 0.0) // v for k, v in per_worker.items() if v > 0), default=float("inf"))
 
 
-def _check_capacity(
+def check_capacity(
     workers: int,
     per_worker: Mapping[str, float],
     nodes: list[Mapping[str, float]] | None = None,
@@ -445,7 +448,7 @@ def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
 # -- the trainer --------------------------------------------------------------------------------
 
 
-def _fit(
+def fit(
     cfg: Config,
     use_gpu: bool,
     per_worker: dict[str, float],

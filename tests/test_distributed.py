@@ -235,7 +235,7 @@ def test_bad_inputs_fail_fast(ray_cluster, base, s3_env, monkeypatch, no_trainer
 
 
 def test_capacity_counts_nodes_and_autoscaler_types(ray_cluster, monkeypatch) -> None:  # noqa: ANN001
-    check = distributed._check_capacity
+    check = distributed.check_capacity
     check(4, {"CPU": 1})  # the session cluster: one node, 4 CPUs
     with pytest.raises(distributed.ClusterCapacityError, match="at most 2"):
         check(3, {"CPU": 2})

@@ -20,7 +20,8 @@ import torch
 
 from metapeft_ray import runstore
 from metapeft_ray.config import ConfigError, load_config
-from metapeft_ray.tune import base_point, load_space, pareto_front
+from metapeft_ray.space import base_point, load_space
+from metapeft_ray.tune import pareto_front
 from tests.conftest import S3_BUCKET
 from tests.s3server import S3Server
 from tests.tiny import tiny_overrides
@@ -323,7 +324,8 @@ def test_distributed_trials_are_checked_and_sized_to_the_cluster(
     ray_cluster: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from metapeft_ray import distributed
-    from metapeft_ray.tune import TuneSettings, _distributed_concurrency
+    from metapeft_ray.space import TuneSettings
+    from metapeft_ray.tune import _distributed_concurrency
 
     # distributed.cpus_per_worker: 1; the session Ray has 4 CPUs; a meta-batch every size divides
     base = load_config("quickstart", ["meta.meta_batch_size=10"])
