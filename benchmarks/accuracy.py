@@ -9,7 +9,9 @@ Reports of the same protocol, test data and fold are merged by method and cell (
 ``run.seed``, ``eval.q_query`` and the test classes, so their episodes are the same: e.g. the
 5-way cells of a training run and the 20-way cell of a later ``metapeft evaluate``); ``PATH:ALIAS``
 renames that report's ``meta`` and ``meta_init`` rows to ``ALIAS`` and ``ALIAS_init`` (to keep an
-earlier recipe beside the shipped one). Cells of several folds pool the per-episode values; the
+earlier recipe or another meta-test inner loop beside the shipped one). An adapted row (``meta``,
+``ALIAS``) is also paired with its own init without adaptation (``meta_init``, ``ALIAS_init``):
+what the inner loop adds on the same episodes. Cells of several folds pool the per-episode values; the
 paired difference of a row uses, in each fold, the reference's values on the episodes the row
 scored (a costly baseline's prefix).
 """
@@ -29,6 +31,7 @@ from metapeft_ray.evaluate import METHOD_LABELS, mean_ci95, paired
 from common import RESULTS, environment
 
 REFERENCE = "logreg"
+INIT = "init"  # stands for an adapted row's own init, no adaptation (meta -> meta_init)
 # The frozen baseline a user who has the class names would pick: every row is also paired with it,
 # so a gain that the names alone give is not credited to meta-learning.
 NAMES_REFERENCE = "logreg_names"
@@ -84,6 +87,7 @@ def pool(reports: list[str]) -> list[dict[str, Any]]:
                     ref: results.get(ref, {}).get(cell, {}).get("per_episode", [])
                     for ref in (REFERENCE, NAMES_REFERENCE)
                 }
+                refs[INIT] = results.get(f"{method}_init", {}).get(cell, {}).get("per_episode", [])
                 cells[(protocol, dataset, cell, method)].append((stats["per_episode"], refs))
     rows = []
     for (protocol, dataset, cell, method), per_fold in cells.items():
@@ -93,7 +97,8 @@ def pool(reports: list[str]) -> list[dict[str, Any]]:
             "protocol": protocol, "dataset": dataset, "n_way": n_way, "k_shot": k_shot, "method": method,
             **mean_ci95(values), "folds": len(per_fold),
         }  # fmt: skip
-        for ref, suffix in ((REFERENCE, ""), (NAMES_REFERENCE, f"_vs_{NAMES_REFERENCE}")):
+        for ref in (REFERENCE, NAMES_REFERENCE, INIT):
+            suffix = "" if ref == REFERENCE else f"_vs_{ref}"
             if method == ref or not all(refs[ref] for _, refs in per_fold):
                 continue
             # a costly row scored a prefix of each fold's episodes: pair it with the same prefix
@@ -153,8 +158,9 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "Accuracy % ± 95 % CI over the pooled test episodes; Δ = paired difference from logistic",
         "regression on the frozen backbone on the same episodes (points ± 95 % CI); err↓ = error",
         "reduction 1 − err/err_logreg; Δnames = the same paired difference from logistic regression with",
-        "the label names (the frozen baseline that uses what the recipe uses). Rows with fewer episodes",
-        "ran on a prefix of each fold's episodes.",
+        "the label names (the frozen baseline that uses what the recipe uses); Δinit = an adapted row's",
+        "paired difference from its own init with no adaptation (what the inner loop adds). Rows with",
+        "fewer episodes ran on a prefix of each fold's episodes.",
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -182,11 +188,12 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
                         f"<br>Δ {100 * r['paired_diff_vs_logreg']:+.1f} ± {100 * r['paired_ci95']:.1f},"
                         f" err↓ {100 * r['error_reduction_vs_logreg']:+.0f} %"
                     )
-                if f"paired_diff_vs_{NAMES_REFERENCE}" in r:
-                    t += (
-                        f"<br>Δnames {100 * r[f'paired_diff_vs_{NAMES_REFERENCE}']:+.1f}"
-                        f" ± {100 * r[f'paired_ci95_vs_{NAMES_REFERENCE}']:.1f}"
-                    )
+                for ref, name in ((NAMES_REFERENCE, "names"), (INIT, "init")):
+                    if f"paired_diff_vs_{ref}" in r:
+                        t += (
+                            f"<br>Δ{name} {100 * r[f'paired_diff_vs_{ref}']:+.1f}"
+                            f" ± {100 * r[f'paired_ci95_vs_{ref}']:.1f}"
+                        )
                 texts.append(t)
             out.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(texts) + " |")
     return "\n".join(out) + "\n"

@@ -27,8 +27,6 @@ from their own process environment (the cluster nodes' environment, or the job's
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import logging
 import os
 import socket
@@ -44,17 +42,11 @@ from typing import Any
 import torch
 
 from metapeft_ray import metrics as live_metrics
-from metapeft_ray import storage
+from metapeft_ray import runstore, storage
 from metapeft_ray.config import Config, ConfigError
 from metapeft_ray.model import quiet_transformers
-from metapeft_ray.recipes import (
-    append_metrics,
-    finish,
-    run_uri,
-    staged,
-    validation_line,
-    write_run_header,
-)
+from metapeft_ray.recipes import finish, validation_line
+from metapeft_ray.runstore import run_uri, staged, write_header, write_metrics
 from metapeft_ray.train import MetaLearner, prepare_sampler
 
 __all__ = [
@@ -62,21 +54,14 @@ __all__ = [
     "ClusterView",
     "RayConnectionError",
     "TrainingFailedError",
+    "check_capacity",
     "cluster_view",
+    "fit",
     "train_ray",
+    "worker_resources",
 ]
 
-STATE_FILE = "state.pt"
-TRAINING_RECORD = "training.json"
 CONNECT_TIMEOUT_S = 3.0
-# Settings that may change when a stored run is resumed; anything else must match config.yaml.
-_RESUMABLE_KEYS = (
-    "meta.meta_steps",
-    "meta.val_every",
-    "meta.checkpoint_every",
-    "eval",
-    "distributed",
-)
 # Test hook only (never a secret): workers write their PIDs there and may hold at a step so a
 # test can kill one by PID at a known point. Forwarded to workers through the runtime env.
 TEST_PID_DIR_ENV = "METAPEFT_TEST_PID_DIR"
@@ -138,30 +123,30 @@ def train_ray(
     sampler = prepare_sampler(cfg)
     uri = run_uri(cfg)
     storage.check_writable(uri)
-    _check_resumable(cfg, uri)
-    record = _read_record(uri)
-    if record is not None and record["meta_step"] >= cfg.meta.meta_steps:
+    runstore.check_resumable(cfg, uri)
+    record = runstore.finished_training(cfg, uri)
+    if record is not None:
         return _finished(cfg, uri, record, sampler, progress)
 
     with staged(uri) as out:  # early, so an interrupted run is still checked on its rerun
-        write_run_header(cfg, sampler, out)
+        write_header(cfg, sampler, out)
 
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_here = connect(cfg, address, quiet=not verbose)
     try:
-        use_gpu, per_worker = _worker_resources(cfg, cluster_view())
-        _check_capacity(cfg.distributed.workers, per_worker)
+        use_gpu, per_worker = worker_resources(cfg, cluster_view())
+        check_capacity(cfg.distributed.workers, per_worker)
         t0 = time.monotonic()
-        result, restarts = _fit(cfg, use_gpu, per_worker, progress, quiet=not verbose)
+        result, restarts = fit(cfg, use_gpu, per_worker, progress, quiet=not verbose)
         fit_s = time.monotonic() - t0
     finally:
         if started_here:
             ray.shutdown()
 
     ckpt_name = Path(result.checkpoint.path).name
-    state = _load_state(storage.join(uri, ckpt_name))
+    state = runstore.load_state(storage.join(uri, ckpt_name))
     if restarts:
         print(
             f"metapeft: recovered from {restarts} worker-group failure(s) "
@@ -177,19 +162,14 @@ def train_ray(
         "fit_seconds": round(fit_s, 2),
     }
     # Recorded before the export: if the export fails, the rerun re-exports without Ray.
-    storage.write_text(storage.join(uri, TRAINING_RECORD), json.dumps(record, indent=2))
+    runstore.write_record(uri, record)
     return {**_export(cfg, sampler, uri, state, progress), "distributed": record}
 
 
 def _finished(cfg: Config, uri: str, record: dict[str, Any], sampler: Any, progress: bool) -> dict[str, Any]:
-    if record["meta_step"] > cfg.meta.meta_steps:
-        raise ConfigError(
-            f"run {uri} is already trained to meta-step {record['meta_step']} > "
-            f"meta.meta_steps={cfg.meta.meta_steps}; raise meta.meta_steps or choose a new run.name"
-        )
     step = record["meta_step"]
-    report, adapter = _read_json(uri, "report.json"), _read_json(uri, "adapter", "metapeft.json")
-    if report.get("meta_step") == step and adapter.get("meta_step") == step:
+    report = runstore.exported_report(uri, step)
+    if report is not None:
         print(
             f"metapeft: run {uri} already finished at meta-step {step}; not re-training "
             "(choose a new run.name, or raise meta.meta_steps to continue it)"
@@ -197,7 +177,7 @@ def _finished(cfg: Config, uri: str, record: dict[str, Any], sampler: Any, progr
         return {**report, "distributed": record}
     print(f"metapeft: run {uri} finished training at meta-step {step} but its export is missing "
           "or older; re-exporting from the final checkpoint")  # fmt: skip
-    state = _load_state(storage.join(uri, record["checkpoint"]))
+    state = runstore.load_state(storage.join(uri, record["checkpoint"]))
     return {**_export(cfg, sampler, uri, state, progress), "distributed": record}
 
 
@@ -208,62 +188,9 @@ def _export(cfg: Config, sampler: Any, uri: str, state: dict[str, Any], progress
     learner.load_state_dict(state)
     history = state["history"]
     with staged(uri) as out:
-        write_run_header(cfg, sampler, out)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        for metrics in history:
-            append_metrics(out, metrics)
+        write_header(cfg, sampler, out)
+        write_metrics(out, history)
         return finish(cfg, learner, out, history, progress)
-
-
-def _load_state(checkpoint_uri: str) -> dict[str, Any]:
-    data = storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-def _read_json(uri: str, *parts: str) -> dict[str, Any]:
-    path = storage.join(uri, *parts)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
-
-
-def _read_record(uri: str) -> dict[str, Any] | None:
-    path = storage.join(uri, TRAINING_RECORD)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else None
-
-
-def _check_resumable(cfg: Config, uri: str) -> None:
-    """A rerun of ``run.name`` continues the stored run, so it must be the same experiment."""
-    import yaml
-
-    path = storage.join(uri, "config.yaml")
-    if not storage.exists(path):
-        return
-    stored, current = (
-        _flatten(yaml.safe_load(storage.read_text(path)) or {}),
-        _flatten(cfg.to_dict()),
-    )
-    differ = sorted(
-        k
-        for k in stored.keys() | current.keys()
-        if stored.get(k) != current.get(k) and not k.startswith(_RESUMABLE_KEYS)
-    )
-    if differ:
-        shown = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in differ[:5])
-        raise ConfigError(
-            f"run {uri} exists with a different config ({shown}); rerunning a run.name resumes it, "
-            "so choose a new run.name (only meta.meta_steps, meta.val_every, "
-            "meta.checkpoint_every, "
-            "eval.* and distributed.* may change)"
-        )
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
 
 
 # -- Ray connection and capacity ----------------------------------------------------------------
@@ -286,7 +213,7 @@ def connect(cfg: Config, address: str | None, dashboard: bool = False, quiet: bo
         # The embedded Ray's size is known before it starts: check the workers fit it first.
         local = {"CPU": float(d.local_num_cpus or os.cpu_count() or 1)}
         local["GPU"] = float(torch.cuda.device_count())
-        _check_capacity(d.workers, _worker_resources(cfg, ClusterView(local))[1], nodes=[local])
+        check_capacity(d.workers, worker_resources(cfg, ClusterView(local))[1], nodes=[local])
         init_local(  # for a dashboard otherwise: `ray start --head`, then --address
             dashboard,
             quiet=quiet,
@@ -431,7 +358,7 @@ def cluster_view() -> ClusterView:
     return ClusterView(dict(ray.cluster_resources()), tuple(_autoscaler_node_types()))
 
 
-def _worker_resources(cfg: Config, cluster: ClusterView) -> tuple[bool, dict[str, float]]:
+def worker_resources(cfg: Config, cluster: ClusterView) -> tuple[bool, dict[str, float]]:
     """Whether the workers use GPUs, and one worker's resource request. ``use_gpu: auto`` asks
     for one GPU per worker when the cluster has GPUs or can scale to nodes that have them (so an
     autoscaling cluster that starts without GPU nodes, and publishes its node types, still gets
@@ -449,7 +376,7 @@ def _fits(node: Mapping[str, float], per_worker: Mapping[str, float]) -> float:
     return min((node.get(k, 0.0) // v for k, v in per_worker.items() if v > 0), default=float("inf"))
 
 
-def _check_capacity(
+def check_capacity(
     workers: int,
     per_worker: Mapping[str, float],
     nodes: list[Mapping[str, float]] | None = None,
@@ -521,7 +448,7 @@ def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
 # -- the trainer --------------------------------------------------------------------------------
 
 
-def _fit(
+def fit(
     cfg: Config,
     use_gpu: bool,
     per_worker: dict[str, float],
@@ -676,7 +603,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            state = runstore.load_state(d)
         learner.load_state_dict(state)
         history = list(state["history"])
 
@@ -710,11 +637,11 @@ def _report(learner: MetaLearner, history: list[dict[str, float]], rank: int, wo
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="metapeft-ckpt-") as d:
-        torch.save({**learner.state_dict(), "history": history, "world_size": world}, Path(d) / STATE_FILE)
+        runstore.save_state(d, {**learner.state_dict(), "history": history, "world_size": world})
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(d),
-            checkpoint_dir_name=f"checkpoint_{learner.step:06d}",
+            checkpoint_dir_name=runstore.checkpoint_name(learner.step),
         )
 
 

@@ -48,6 +48,7 @@ from metapeft_ray.config import (
     resolve_config_path,
     validate_config,
 )
+from metapeft_ray.space import load_space
 
 __all__ = [
     "COMMANDS",
@@ -219,8 +220,6 @@ def prepare_submission(
         cfg = load_config(config, overrides)
         args = ["--config", _config_argument(config or "quickstart", working_dir)]
         if command == "tune":
-            from metapeft_ray.tune import load_space
-
             load_space(space or "default", cfg)
             shipped = space is None or not Path(space).is_file()  # a shipped space's name
             args += [

@@ -23,9 +23,14 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from metapeft_ray.episodes import EpisodeSpec
+    from metapeft_ray.meta import EpisodeResult
+    from metapeft_ray.train import MetaLearner
 
 __all__ = [
     "METRICS",
@@ -365,20 +370,12 @@ def record_val(accuracy: float, *, run: str, worker: str, algorithm: str) -> Non
     backend.set("meta_val_accuracy", float(accuracy), _tags(run, worker, algorithm))
 
 
-def instrument_episodes(learner: Any, *, run: str, worker: str, algorithm: str) -> None:
-    """Time every episode ``learner`` adapts (meta-train and meta-validation) and count it.
+def instrument_episodes(learner: MetaLearner, *, run: str, worker: str, algorithm: str) -> None:
+    """Time every episode ``learner`` adapts (meta-train and meta-validation) and count it:
+    an observer on `MetaLearner.episode_observers`, which times each episode for its observers.
+    Costs nothing measurable, and records nothing when no backend is active."""
 
-    `MetaLearner` (layer 1) has no hook and must stay Ray- and metrics-free, so this wraps its
-    per-episode method on the instance; ``tests/test_metrics.py`` pins that the wrapped method
-    exists and is what ``meta_step`` and ``validate`` call. Costs one ``perf_counter`` pair per
-    episode and nothing when no backend is active.
-    """
-    episode: Callable[..., Any] = learner._episode
+    def observe(spec: EpisodeSpec, result: EpisodeResult, seconds: float) -> None:
+        record_episode(seconds, run=run, worker=worker, algorithm=algorithm)
 
-    def timed_episode(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        result = episode(*args, **kwargs)
-        record_episode(time.perf_counter() - t0, run=run, worker=worker, algorithm=algorithm)
-        return result
-
-    learner._episode = timed_episode
+    learner.episode_observers.append(observe)

@@ -2,20 +2,17 @@
 
 Artifacts of a run, under ``run.output_dir/run.name`` (a local dir or ``s3://``):
 ``config.yaml``, ``splits.json``, ``metrics.jsonl`` (one line per meta-step), ``adapter/``
-(PEFT format + metapeft.json), ``report.json`` and ``report.md`` (the meta-test table).
+(PEFT format + metapeft.json), ``report.json`` and ``report.md`` (the meta-test table); their
+names, formats and the checks of a rerun are `metapeft_ray.runstore`'s.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import Tensor
 
 from metapeft_ray import baselines, storage
@@ -33,42 +30,18 @@ from metapeft_ray.export import (
     with_learned_head,
 )
 from metapeft_ray.model import Encoder, resolve_backbone
+from metapeft_ray.runstore import (
+    ADAPTER_DIR,
+    REPORT_JSON,
+    REPORT_MD,
+    append_metrics,
+    run_uri,
+    splits_record,
+    staged,
+    write_header,
+    write_metrics,
+)
 from metapeft_ray.train import MetaLearner, inner_loop, prepare_sampler, prepare_test_sampler
-
-
-def run_uri(cfg: Config) -> str:
-    return storage.join(cfg.run.output_dir, cfg.run.name)
-
-
-@contextmanager
-def staged(uri: str) -> Iterator[Path]:
-    """A local directory for ``uri``: the directory itself, or a temp dir uploaded on success."""
-    if not storage.is_remote(uri):
-        path = Path(uri)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="metapeft-"))
-    try:
-        yield tmp
-        storage.upload_dir(tmp, uri)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_run_header(cfg: Config, learner_or_sampler: Any, out: Path) -> None:
-    sampler = getattr(learner_or_sampler, "sampler", learner_or_sampler)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    (out / "splits.json").write_text(json.dumps(splits_record(cfg, sampler), indent=2))
-
-
-def splits_record(cfg: Config, sampler: Any) -> dict[str, Any]:
-    return {"dataset": cfg.data.dataset, "val_fraction": cfg.data.val_fraction, **sampler.splits.to_dict()}
-
-
-def append_metrics(out: Path, metrics: Mapping[str, float]) -> None:
-    with (out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(dict(metrics)) + "\n")
 
 
 def validation_line(metrics: Mapping[str, float], meta_steps: int) -> str:
@@ -171,8 +144,8 @@ def evaluate_and_report(
         "config": cfg.to_dict(),
         **(extra or {}),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(f"# {title}\n\n" + markdown_table(results, title))
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=2))
+    (out / REPORT_MD).write_text(f"# {title}\n\n" + markdown_table(results, title))
     return report
 
 
@@ -195,7 +168,7 @@ def finish(
         LEARNED_HEAD: learned,
     }
     lrs = learner.inner_lrs()  # Meta-SGD's learned rates; None for the other algorithms
-    export_adapter(learner.encoder, out / "adapter", metadata, inner_lrs=lrs)
+    export_adapter(learner.encoder, out / ADAPTER_DIR, metadata, inner_lrs=lrs)
     return evaluate_and_report(
         with_learned_head(cfg, learned),
         learner.encoder,
@@ -221,8 +194,8 @@ def train_local(cfg: Config, progress: bool = True) -> dict[str, Any]:
     live_metrics.instrument_episodes(learner, **tags)
     history = []
     with staged(uri) as out:
-        write_run_header(cfg, sampler, out)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        write_header(cfg, sampler, out)
+        write_metrics(out)
         bar = tqdm(
             learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every),
             total=cfg.meta.meta_steps,

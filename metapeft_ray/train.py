@@ -32,6 +32,9 @@ from metapeft_ray.model import Encoder, encoder_from_config
 from metapeft_ray.splits import match_patterns
 
 Reduce = Callable[[Tensor], Tensor]
+EpisodeObserver = Callable[[EpisodeSpec, EpisodeResult, float], None]
+"""Called after every episode the learner adapts (meta-train and meta-validation) with its spec,
+its result and its wall time in seconds; see `MetaLearner.episode_observers`."""
 _STATS = ("query_loss", "query_accuracy")
 # Measured at validation, on the meta-val classes: a training episode would pay one more support
 # forward for `support_loss_after`.
@@ -166,6 +169,8 @@ class MetaLearner:
         else:
             raise ValueError(f"meta.outer_optimizer={outer_optimizer!r}; use adam or sgd")
         self.step = 0
+        # Metrics and benchmarks watch episodes here (`EpisodeObserver`); they never change them.
+        self.episode_observers: list[EpisodeObserver] = []
 
     @classmethod
     def from_config(
@@ -200,7 +205,8 @@ class MetaLearner:
         return self.sampler.specs("val", self.val_episodes, seed=self.seed, step=0, **self.shape)
 
     def _episode(self, spec: EpisodeSpec, meta_gradient: bool) -> EpisodeResult:
-        return self.algorithm.episode(
+        t0 = time.perf_counter()
+        result = self.algorithm.episode(
             self.encoder,
             self.params,
             self.extra,
@@ -208,6 +214,10 @@ class MetaLearner:
             self.inner,
             meta_gradient=meta_gradient,
         )
+        seconds = time.perf_counter() - t0
+        for observe in self.episode_observers:
+            observe(spec, result, seconds)
+        return result
 
     def learned_head(self) -> dict[str, float]:
         """The meta-learned head values, ``{"scale": 8.3, ...}`` (empty when none is learned)."""

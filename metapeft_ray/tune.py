@@ -1,9 +1,10 @@
 """Ray Tune search over the PEFT configuration, scored on meta-validation episodes.
 
-The search space addresses the same config tree by dotted paths (``peft.rank``,
-``peft.placement``, ``meta.inner_lr``, ...). Each trial re-validates its config (and its placement
-against the backbone's module names, on the meta device, without loading weights) before it loads
-anything; an invalid combination is recorded as *rejected* with its reason and the search goes on.
+The search space (`metapeft_ray.space`, Ray-free) addresses the same config tree by dotted paths
+(``peft.rank``, ``peft.placement``, ``meta.inner_lr``, ...). Each trial re-validates its config
+(and its placement against the backbone's module names, on the meta device, without loading
+weights) before it loads anything; an invalid combination is recorded as *rejected* with its
+reason and the search goes on.
 A trial meta-trains in one process, or is itself a distributed run (``tune.trial_workers``: a
 `TorchTrainer` inside the trial), and reports the meta-validation accuracy (never the meta-test
 classes) every ``meta.val_every`` steps with a checkpoint, so ASHA can stop weak trials early.
@@ -17,15 +18,15 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from metapeft_ray import storage
-from metapeft_ray.config import PACKAGED_CONFIGS, Config, ConfigError, validate_config
+from metapeft_ray import runstore, storage
+from metapeft_ray.config import Config, ConfigError, validate_config
 from metapeft_ray.evaluate import markdown_table
+from metapeft_ray.space import Distribution, TuneSettings, base_point, load_space
 
 OBJECTIVE = "meta_val_accuracy"
 DRIVER_MEMORY = 512 << 20  # bytes: a distributed trial's own process (torch, tokenizer, episodes)
@@ -35,142 +36,19 @@ class SearchInterrupted(RuntimeError):
     """The search stopped before every trial finished (Ctrl-C); `--resume` continues it."""
 
 
-class Distribution(BaseModel):
-    """Exactly one of: ``choice: [..]``, ``uniform: [lo, hi]``, ``loguniform: [lo, hi]``,
-    ``randint: [lo, hi]`` (hi exclusive)."""
+def to_tune(dist: Distribution, grid: bool) -> Any:
+    """The Tune sampler of one dimension of the space (``grid``: the grid searcher's)."""
+    from ray import tune
 
-    model_config = ConfigDict(extra="forbid")
-    choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Distribution:
-        given = [k for k, v in self if v is not None]
-        if len(given) != 1:
-            raise ValueError(
-                f"give exactly one of choice, uniform, loguniform, randint (got {given or 'none'})"
-            )
-        if self.choice is not None and not self.choice:
-            raise ValueError("choice needs at least one value")
-        return self
-
-    def contains(self, value: Any) -> bool:
-        if self.choice is not None:
-            return value in self.choice
-        if self.randint is not None:
-            return isinstance(value, int) and self.randint[0] <= value < self.randint[1]
-        lo, hi = self.uniform or self.loguniform  # type: ignore[misc]
-        return isinstance(value, int | float) and lo <= value <= hi
-
-    def sample_value(self) -> Any:
-        """A value of the right type, to check the dotted path against the config tree."""
-        return self.choice[0] if self.choice is not None else next(v for _, v in self if v is not None)[0]
-
-    def to_tune(self, grid: bool) -> Any:
-        from ray import tune
-
-        if self.choice is not None:
-            return tune.grid_search(self.choice) if grid else tune.choice(self.choice)
-        if grid:
-            raise ValueError("the grid searcher takes only `choice` dimensions")
-        if self.uniform:
-            return tune.uniform(*self.uniform)
-        if self.loguniform:
-            return tune.loguniform(*self.loguniform)
-        return tune.randint(*self.randint)
-
-
-class TuneSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    num_samples: int = Field(8, ge=1)
-    searcher: Literal["optuna", "random", "grid"] = "optuna"
-    scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, ge=1)
-    """In validation reports (one every ``meta.val_every`` meta-steps)."""
-    reduction_factor: float = Field(2.0, gt=1)
-    max_concurrent: int | None = Field(None, ge=1)
-    trial_cpus: float = Field(1.0, gt=0)
-    """CPUs of a single-process trial (``trial_workers: 1``)."""
-    trial_gpus: float | Literal["auto"] = "auto"
-    """GPUs of a single-process trial: a fraction (0.25: four trials share a GPU) or a whole
-    number. auto: 1 when the cluster has GPUs or can scale to nodes that have them, else 0. A
-    distributed trial's workers take theirs from ``distributed.use_gpu`` instead."""
-    trial_workers: int = Field(1, ge=1)
-    """Ray Train workers per trial. 1: a trial meta-trains in its own process (cheap, many in
-    parallel). More: each trial runs a `TorchTrainer` with that many workers (resources from
-    ``distributed.*``), Tune receives its reports through `TuneReportCallback`, the trial's own
-    process only waits (no CPU, ``DRIVER_MEMORY``), and as many trials run at once as the
-    cluster holds workers for. Needs the cluster's state API (the dashboard), checked before
-    the search starts."""
-    second_objective: Literal["trainable_params", "adapt_ms"] | None = "trainable_params"
-    compare_base: bool = True
-    """Run the base config's own values as the first trial and meta-test it next to the best one,
-    so the report says what the search gained over where it started (same budget, same
-    episodes). Skipped when a base value lies outside the space."""
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _gpus_valid(self) -> TuneSettings:
-        g = self.trial_gpus
-        if g == "auto":
-            return self
-        if g < 0 or (g > 1 and g != int(g)):
-            raise ValueError(
-                f"tune.trial_gpus={g!r}: give a fraction of one GPU (0 to 1) or a whole number of "
-                "GPUs (Ray cannot place e.g. 1.5), or auto"
-            )
-        if g > 0 and self.trial_workers > 1:
-            raise ValueError(
-                f"tune.trial_gpus={g!r} sizes a single-process trial, but tune.trial_workers="
-                f"{self.trial_workers} makes each trial a distributed run whose workers take GPUs "
-                "from distributed.use_gpu; drop tune.trial_gpus (or set it to auto)"
-            )
-        return self
-
-
-class SearchSpace(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    search: dict[str, Distribution] = Field(min_length=1)
-    tune: TuneSettings = Field(default_factory=TuneSettings)
-
-
-def load_space(path: str | Path, base: Config) -> SearchSpace:
-    """Parse and check a space file: every dotted path must exist in the config tree and take
-    the sampled type (all problems listed at once)."""
-    file = Path(path)
-    if not file.is_file() and (PACKAGED_CONFIGS / "spaces" / f"{file.stem}.yaml").is_file():
-        file = PACKAGED_CONFIGS / "spaces" / f"{file.stem}.yaml"
-    if not file.is_file():
-        raise ConfigError(f"search space {str(path)!r} not found (give a path, or `default`)")
-    try:
-        space = SearchSpace.model_validate(yaml.safe_load(file.read_text()) or {})
-    except ValidationError as err:
-        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"{file}: invalid search space:\n" + "\n".join(lines)) from None
-    problems = []
-    for key, dist in space.search.items():
-        try:
-            base.with_overrides({key: dist.sample_value()})
-        except ConfigError as err:
-            problems.append(f"  search.{key}: {str(err).splitlines()[-1].strip()}")
-    if problems:
-        raise ConfigError(f"{file}: search keys that do not fit the config tree:\n" + "\n".join(problems))
-    return space
-
-
-def base_point(base: Config, space: SearchSpace) -> dict[str, Any] | None:
-    """The base config's value of every searched key, or None if one lies outside the space."""
-    point = {}
-    for key, dist in space.search.items():
-        node: Any = base.to_dict()
-        for part in key.split("."):
-            node = node[part]
-        if not dist.contains(node):
-            return None
-        point[key] = node
-    return point
+    if dist.choice is not None:
+        return tune.grid_search(dist.choice) if grid else tune.choice(dist.choice)
+    if grid:
+        raise ValueError("the grid searcher takes only `choice` dimensions")
+    if dist.uniform:
+        return tune.uniform(*dist.uniform)
+    if dist.loguniform:
+        return tune.loguniform(*dist.loguniform)
+    return tune.randint(*dist.randint)
 
 
 def precheck(cfg: Config) -> None:
@@ -204,7 +82,7 @@ def trial(params: dict[str, Any], base: dict[str, Any], workers: int = 1) -> Non
     learner = MetaLearner.from_config(cfg, sampler)
     if (ckpt := tune.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
-            learner.load_state_dict(torch.load(Path(d) / "state.pt", weights_only=False))
+            learner.load_state_dict(runstore.load_state(d))
     n_params = sum(p.numel() for p in learner.params.values())
     tags = {**live_metrics.tags_for(cfg, 0), "run": tune.get_context().get_trial_name()}
     live_metrics.instrument_episodes(learner, **tags)
@@ -213,7 +91,7 @@ def trial(params: dict[str, Any], base: dict[str, Any], workers: int = 1) -> Non
         if OBJECTIVE not in metrics:
             continue
         with tempfile.TemporaryDirectory() as d:
-            torch.save(learner.state_dict(), Path(d) / "state.pt")
+            runstore.save_state(d, learner.state_dict())
             tune.report(
                 {**metrics, "trainable_params": n_params, "status": "ok"},
                 checkpoint=tune.Checkpoint.from_directory(d),
@@ -239,8 +117,8 @@ def _distributed_trial(cfg: Config, workers: int) -> None:
         "distributed.workers": workers, "meta.checkpoint_every": cfg.meta.val_every,
         "run.output_dir": trial_dir, "run.name": "train",
     })  # fmt: skip
-    use_gpu, per_worker = distributed._worker_resources(cfg, distributed.cluster_view())
-    distributed._fit(cfg, use_gpu, per_worker, progress=False, callbacks=[TuneReportCallback()])
+    use_gpu, per_worker = distributed.worker_resources(cfg, distributed.cluster_view())
+    distributed.fit(cfg, use_gpu, per_worker, progress=False, callbacks=[TuneReportCallback()])
 
 
 def _distributed_concurrency(base: Config, s: TuneSettings) -> int | None:
@@ -250,9 +128,9 @@ def _distributed_concurrency(base: Config, s: TuneSettings) -> int | None:
     trial waits while holding part of the cluster (``tune.max_concurrent`` lowers it)."""
     from metapeft_ray import distributed
 
-    _, per_worker = distributed._worker_resources(base, distributed.cluster_view())
+    _, per_worker = distributed.worker_resources(base, distributed.cluster_view())
     distributed.check_meta_batch(base.meta.meta_batch_size, s.trial_workers, "tune.trial_workers")
-    slots = distributed._check_capacity(s.trial_workers, per_worker, field="tune.trial_workers")
+    slots = distributed.check_capacity(s.trial_workers, per_worker, field="tune.trial_workers")
     distributed.check_state_api("tune.trial_workers")
     fit = None if math.isinf(slots) else int(slots // s.trial_workers)
     return min((x for x in (fit, s.max_concurrent) if x is not None), default=None)
@@ -378,7 +256,8 @@ def run_search(
     from ray.tune.schedulers import ASHAScheduler
 
     from metapeft_ray.distributed import cluster_view, connect
-    from metapeft_ray.recipes import finish, staged
+    from metapeft_ray.recipes import finish
+    from metapeft_ray.runstore import staged
     from metapeft_ray.train import MetaLearner, prepare_sampler
 
     space = load_space(space_path, base)
@@ -428,7 +307,7 @@ def run_search(
         )
         tuner = tune.Tuner(
             trainable,
-            param_space={k: d.to_tune(s.searcher == "grid") for k, d in space.search.items()},
+            param_space={k: to_tune(d, s.searcher == "grid") for k, d in space.search.items()},
             tune_config=tune.TuneConfig(
                 metric=OBJECTIVE, mode="max", search_alg=search_alg, scheduler=scheduler,
                 num_samples=1 if s.searcher == "grid" else s.num_samples,
@@ -472,7 +351,7 @@ def run_search(
 
             ckpt = Checkpoint(row["checkpoint_path"], filesystem=fs)
         with ckpt.as_directory() as d:
-            learner.load_state_dict(torch.load(Path(d) / "state.pt", weights_only=False))
+            learner.load_state_dict(runstore.load_state(d))
         stopped_at = learner.step
         history = list(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every))
         val = history[-1][OBJECTIVE] if history else row[OBJECTIVE]

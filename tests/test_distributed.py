@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import torch
 
-from metapeft_ray import distributed, storage
+from metapeft_ray import distributed, runstore, storage
 from metapeft_ray.config import Config, load_config
-from metapeft_ray.recipes import run_uri
+from metapeft_ray.runstore import run_uri
 from metapeft_ray.train import MetaLearner, prepare_sampler
 
 try:
@@ -55,8 +55,8 @@ def make_cfg(backbone: str, dataset: str, output_dir: str, name: str, **extra: A
 def final_state(cfg: Config) -> dict[str, Any]:
     """The run's final checkpoint (adapter, optimizer, history, the world size it ran with)."""
     uri = run_uri(cfg)
-    record = json.loads(storage.read_text(storage.join(uri, distributed.TRAINING_RECORD)))
-    return distributed._load_state(storage.join(uri, record["checkpoint"]))
+    record = runstore.read_record(uri)
+    return runstore.load_state(storage.join(uri, record["checkpoint"]))
 
 
 def final_adapter(cfg: Config) -> dict[str, torch.Tensor]:
@@ -235,7 +235,7 @@ def test_bad_inputs_fail_fast(ray_cluster, base, s3_env, monkeypatch, no_trainer
 
 
 def test_capacity_counts_nodes_and_autoscaler_types(ray_cluster, monkeypatch) -> None:  # noqa: ANN001
-    check = distributed._check_capacity
+    check = distributed.check_capacity
     check(4, {"CPU": 1})  # the session cluster: one node, 4 CPUs
     with pytest.raises(distributed.ClusterCapacityError, match="at most 2"):
         check(3, {"CPU": 2})

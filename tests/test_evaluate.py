@@ -321,3 +321,10 @@ def test_accuracy_pools_folds_episode_by_episode_and_pairs_prefixes(tmp_path: Pa
     # the same cell of one method from two reports of one fold is refused
     with pytest.raises(SystemExit, match="already come from"):
         accuracy.pool([reports[0], reports[0]])
+    # an adapted row is paired with its own init; PATH:ALIAS keeps another inner loop beside it
+    probe = report(0, {"meta": {"5w1s": [1.0, 1.0, 1.0]}, "meta_init": {"5w1s": [1.0, 0.8, 0.8]}}, "probe")
+    base = report(0, {"meta_init": {"5w1s": [0.8, 0.8, 1.0]}, "meta": {"5w1s": [1.0, 0.8, 1.0]}}, "base")
+    rows = {r["method"]: r for r in accuracy.pool([base, f"{probe}:meta_5steps"])}
+    assert rows["meta"]["paired_diff_vs_init"] == pytest.approx(0.2 / 3)  # diffs .2 0 0
+    assert rows["meta_5steps"]["paired_diff_vs_init"] == pytest.approx(0.4 / 3)  # diffs 0 .2 .2
+    assert "paired_diff_vs_init" not in rows["meta_5steps_init"]

@@ -188,6 +188,20 @@ def test_protonet_trains_on_the_prototypical_loss(tiny) -> None:  # noqa: ANN001
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
+def test_episode_observers_see_every_episode_the_learner_adapts(tiny) -> None:  # noqa: ANN001
+    """The hook metrics and benchmarks use (`MetaLearner.episode_observers`): each meta-train and
+    meta-validation episode, in order, with the result the step itself used and its wall time."""
+    learner = make_learner(tiny, "prompt", "protonet")
+    seen: list[tuple[Any, Any, float]] = []
+    learner.episode_observers.append(lambda spec, result, seconds: seen.append((spec, result, seconds)))
+    metrics = learner.meta_step()
+    learner.validate()
+    assert [spec for spec, _, _ in seen] == learner.train_specs(0) + learner.val_specs()
+    train = [r for _, r, _ in seen[: learner.meta_batch_size]]
+    assert metrics["meta_loss"] == pytest.approx(sum(r.query_loss for r in train) / len(train))
+    assert all(seconds > 0 for _, _, seconds in seen)
+
+
 # -- methods --------------------------------------------------------------------------------
 
 

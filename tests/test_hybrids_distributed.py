@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from metapeft_ray import distributed, storage
+from metapeft_ray import distributed, runstore, storage
 from metapeft_ray.config import Config, load_config
-from metapeft_ray.recipes import run_uri
+from metapeft_ray.runstore import run_uri
 from metapeft_ray.train import MetaLearner, prepare_sampler
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -52,8 +52,8 @@ def test_bottleneck_metasgd_two_workers_equal_single_process(  # noqa: ANN001
     report = distributed.train_ray(cfg, progress=False)
     assert report["meta_step"] == STEPS
     uri = run_uri(cfg)
-    record = json.loads(storage.read_text(storage.join(uri, distributed.TRAINING_RECORD)))
-    state = distributed._load_state(storage.join(uri, record["checkpoint"]))
+    record = runstore.read_record(uri)
+    state = runstore.load_state(storage.join(uri, record["checkpoint"]))
     got = {**state["adapter"], **state["extra_meta_params"]}
     want = {k: v.detach().cpu() for k, v in single.meta_params.items()}
     assert got.keys() == want.keys() and any(k.startswith("log_lr/") for k in got)

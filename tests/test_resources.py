@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from metapeft_ray.config import ConfigError, load_config
-from metapeft_ray.distributed import ClusterView, _worker_resources
-from metapeft_ray.tune import DRIVER_MEMORY, TuneSettings, load_space, trial_resources
+from metapeft_ray.distributed import ClusterView, worker_resources
+from metapeft_ray.space import TuneSettings, load_space
+from metapeft_ray.tune import DRIVER_MEMORY, trial_resources
 
 CPU_LAPTOP = ClusterView({"CPU": 2.0, "memory": 8e9})
 GPU_NODE = ClusterView({"CPU": 16.0, "GPU": 1.0})
@@ -39,7 +40,7 @@ def test_use_gpu_auto_counts_what_the_cluster_can_scale_to(
     cfg = load_config(
         "quickstart", [f"distributed.use_gpu={use_gpu}", "distributed.resources_per_worker={w: 1}"]
     )
-    got, per_worker = _worker_resources(cfg, cluster)
+    got, per_worker = worker_resources(cfg, cluster)
     assert got is expected
     assert per_worker == {"CPU": 1.0, "w": 1.0, **({"GPU": 1.0} if expected else {})}
 
@@ -51,7 +52,7 @@ def test_use_gpu_reads_yaml_booleans() -> None:
 
 def test_a_worker_keeps_its_own_gpu_request() -> None:
     cfg = load_config("quickstart", ["distributed.resources_per_worker={GPU: 0.5}"])
-    assert _worker_resources(cfg, KUBERAY_AT_ZERO) == (True, {"CPU": 1.0, "GPU": 0.5})
+    assert worker_resources(cfg, KUBERAY_AT_ZERO) == (True, {"CPU": 1.0, "GPU": 0.5})
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from metapeft_ray import runstore
 from metapeft_ray.config import ConfigError, load_config
-from metapeft_ray.tune import base_point, load_space, pareto_front
+from metapeft_ray.space import base_point, load_space
+from metapeft_ray.tune import pareto_front
 from tests.conftest import S3_BUCKET
 from tests.s3server import S3Server
 from tests.tiny import tiny_overrides
@@ -150,7 +152,7 @@ def checkpoint_steps(exp: Path) -> dict[str, set[int]]:
     steps: dict[str, set[int]] = {}
     for path in exp.glob("*/**/checkpoint_*/state.pt"):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = runstore.load_state(path.parent)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
             continue  # a checkpoint the interrupt cut short: nothing can resume from it
         steps.setdefault(path.relative_to(exp).parts[0], set()).add(int(state["meta_step"]))
@@ -322,7 +324,8 @@ def test_distributed_trials_are_checked_and_sized_to_the_cluster(
     ray_cluster: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from metapeft_ray import distributed
-    from metapeft_ray.tune import TuneSettings, _distributed_concurrency
+    from metapeft_ray.space import TuneSettings
+    from metapeft_ray.tune import _distributed_concurrency
 
     # distributed.cpus_per_worker: 1; the session Ray has 4 CPUs; a meta-batch every size divides
     base = load_config("quickstart", ["meta.meta_batch_size=10"])

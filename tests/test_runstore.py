@@ -1,0 +1,113 @@
+"""The run store (`metapeft_ray.runstore`, no Ray): checkpoints load with ``weights_only=True``
+and resume bit-for-bit for every algorithm and both outer optimisers; a stored run's
+changed-config, finished and exported checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from metapeft_ray import runstore
+from metapeft_ray.config import ConfigError, load_config
+from metapeft_ray.train import MetaLearner, prepare_sampler
+from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return str(make_tiny_backbone(root / "bert")), str(make_tiny_dataset(root / "data.jsonl"))
+
+
+# Every algorithm, both outer optimisers, and every kind of extra meta-parameter in the
+# optimiser's state (Meta-SGD's log rates, learned head values: their own param groups).
+CASES = {
+    "maml+head": {"meta.algorithm": "maml", "head.learn": ["scale"]},
+    "metasgd+head": {"meta.algorithm": "metasgd", "head.learn": ["scale"]},
+    "reptile+sgd": {"meta.algorithm": "reptile", "meta.outer_optimizer": "sgd"},
+    "protonet": {"meta.algorithm": "protonet", "meta.inner_steps": 0, "meta.first_order": True},
+}
+
+
+def _learner(tiny: tuple[str, str], overrides: dict[str, Any]) -> MetaLearner:
+    cfg = load_config(None, tiny_overrides(*tiny, **overrides))
+    return MetaLearner.from_config(cfg, prepare_sampler(cfg))
+
+
+@pytest.mark.parametrize(
+    "case",
+    # the fast tier: an SGD and an Adam state with two extra param groups; the rest is `slow`
+    [pytest.param(c, marks=() if c in ("metasgd+head", "reptile+sgd") else pytest.mark.slow) for c in CASES],
+)
+def test_checkpoint_loads_weights_only_and_resumes_bit_for_bit(tiny, case: str, tmp_path: Path) -> None:  # noqa: ANN001
+    a = _learner(tiny, CASES[case])
+    history = [a.meta_step() for _ in range(2)]
+    runstore.save_state(tmp_path, {**a.state_dict(), "history": history, "world_size": 1})
+    state = runstore.load_state(tmp_path)  # weights_only=True, map_location="cpu"
+    assert state["history"] == history and state["world_size"] == 1
+    b = _learner(tiny, CASES[case])
+    b.load_state_dict(state)
+    assert b.step == a.step == 2
+    assert b.optimizer.state_dict()["param_groups"] == a.optimizer.state_dict()["param_groups"]
+    # the optimiser's moments came back too: the next step is the same step
+    assert b.meta_step() == a.meta_step()
+    for k, v in a.meta_params.items():
+        assert torch.equal(b.meta_params[k], v), k
+
+
+def test_a_checkpoint_written_before_the_run_store_still_loads(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    """The Tune trial used to write ``torch.save(learner.state_dict(), <dir>/state.pt)`` itself."""
+    a = _learner(tiny, CASES["metasgd+head"])
+    a.meta_step()
+    torch.save(a.state_dict(), tmp_path / "state.pt")
+    b = _learner(tiny, CASES["metasgd+head"])
+    b.load_state_dict(runstore.load_state(str(tmp_path)))
+    assert b.meta_step() == a.meta_step()
+
+
+def test_load_state_refuses_pickled_objects(tmp_path: Path) -> None:
+    torch.save({"meta_step": 1, "bad": object()}, tmp_path / runstore.STATE_FILE)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        runstore.load_state(tmp_path)
+
+
+def test_changed_config_finished_and_exported_checks(tmp_path: Path) -> None:
+    cfg = load_config("quickstart", [f"run.output_dir={tmp_path}", "run.name=r", "meta.meta_steps=4"])
+    uri = runstore.run_uri(cfg)
+    assert uri == str(tmp_path / "r")
+    runstore.check_resumable(cfg, uri)  # nothing stored yet
+    assert runstore.finished_training(cfg, uri) is None
+
+    Path(uri).mkdir()
+    (Path(uri) / runstore.CONFIG_FILE).write_text(json.dumps(cfg.to_dict()))  # YAML reads JSON
+    runstore.check_resumable(cfg.with_overrides({"meta.meta_steps": 9, "eval.episodes": 7}), uri)
+    with pytest.raises(ConfigError, match=r"different config \(meta.outer_lr: .* -> 0.5\).*new run.name"):
+        runstore.check_resumable(cfg.with_overrides({"meta.outer_lr": 0.5}), uri)
+
+    runstore.write_record(uri, {"meta_step": 4, "checkpoint": runstore.checkpoint_name(4)})
+    assert runstore.read_record(uri) == {"meta_step": 4, "checkpoint": "checkpoint_000004"}
+    assert runstore.finished_training(cfg.with_overrides({"meta.meta_steps": 5}), uri) is None  # resumes
+    with pytest.raises(ConfigError, match="already trained to meta-step 4 > meta.meta_steps=3"):
+        runstore.finished_training(cfg.with_overrides({"meta.meta_steps": 3}), uri)
+    assert runstore.finished_training(cfg, uri)["meta_step"] == 4
+
+    assert runstore.exported_report(uri, 4) is None  # not exported yet
+    (Path(uri) / runstore.REPORT_JSON).write_text(json.dumps({"meta_step": 4, "results": {}}))
+    (Path(uri) / runstore.ADAPTER_DIR).mkdir()
+    (Path(uri) / runstore.ADAPTER_DIR / "metapeft.json").write_text(json.dumps({"meta_step": 3}))
+    assert runstore.exported_report(uri, 4) is None  # the adapter is older
+    (Path(uri) / runstore.ADAPTER_DIR / "metapeft.json").write_text(json.dumps({"meta_step": 4}))
+    assert runstore.exported_report(uri, 4) == {"meta_step": 4, "results": {}}
+
+
+def test_metrics_file_is_rewritten_from_a_history_and_appended(tmp_path: Path) -> None:
+    runstore.write_metrics(tmp_path, [{"meta_step": 1, "meta_loss": 0.5}])
+    runstore.append_metrics(tmp_path, {"meta_step": 2, "meta_loss": 0.25})
+    lines = (tmp_path / runstore.METRICS_FILE).read_text().splitlines()
+    assert [json.loads(x)["meta_step"] for x in lines] == [1, 2]
+    runstore.write_metrics(tmp_path)
+    assert not (tmp_path / runstore.METRICS_FILE).exists()
