@@ -190,7 +190,9 @@ class LoadedInit:
     param_lrs: dict[str, torch.Tensor] | None
 
 
-app = FastAPI(title="metapeft adaptation service")
+# No /docs, /redoc or /openapi.json: the token guards every route but /health, and those would
+# be open (the routes are in this module's docstring and the README).
+app = FastAPI(title="metapeft adaptation service", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @serve.deployment(name="AdaptationServer", max_ongoing_requests=32)

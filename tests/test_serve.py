@@ -284,6 +284,8 @@ def test_the_token_guards_every_route_but_health(client: Client) -> None:
             status, out = client(method, path, body, token=token)
             assert (status, out) == (401, {"detail": "missing or wrong bearer token"}), (path, token)
     assert client("GET", "/health", token=None)[0] == 200
+    for path in ("/docs", "/openapi.json", "/redoc"):  # FastAPI's own pages would be unguarded
+        assert client("GET", path, token=None)[0] == 404
 
 
 @pytest.mark.ray
