@@ -27,8 +27,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 # optimiser's state (Meta-SGD's log rates, learned head values: their own param groups).
 CASES = {
     "maml+head": {"meta.algorithm": "maml", "head.learn": ["scale"]},
-    "metasgd+head": {"meta.algorithm": "metasgd", "head.learn": ["scale"]},
-    "reptile+sgd": {"meta.algorithm": "reptile", "meta.outer_optimizer": "sgd"},
+    "metasgd+head": {  # first order, one step: cheap enough for the fast tier
+        "meta.algorithm": "metasgd", "head.learn": ["scale"], "meta.first_order": True, "meta.inner_steps": 1,
+    },
+    "reptile+sgd": {"meta.algorithm": "reptile", "meta.outer_optimizer": "sgd", "meta.inner_steps": 1},
     "protonet": {"meta.algorithm": "protonet", "meta.inner_steps": 0, "meta.first_order": True},
 }
 
