@@ -99,29 +99,10 @@ def adapt_and_predict(
     support: LabelledTexts,
     queries: Iterable[str],
     *,
-    steps: int,
-    lr: float,
-    scale: float,
     batch_size: int = 64,
-    param_lrs: dict[str, torch.Tensor] | None = None,
-    inner_scale: float | None = None,
-    name_weight: float | None = None,
-    views: int = 0,
-    view_drop: float = 0.3,
+    **settings: Any,
 ) -> Iterator[dict[str, Any]]:
-    """`adapt_to_support` (on the first ``next``), then `classify` each query:
-    ``{"text", "label", "confidence"}``."""
-    task = adapt_to_support(
-        encoder,
-        init,
-        support,
-        steps=steps,
-        lr=lr,
-        scale=scale,
-        param_lrs=param_lrs,
-        inner_scale=inner_scale,
-        name_weight=name_weight,
-        views=views,
-        view_drop=view_drop,
-    )
+    """`adapt_to_support` with ``settings`` (its keywords: steps, lr, scale, ...) on the first
+    ``next``, then `classify` each query: ``{"text", "label", "confidence"}``."""
+    task = adapt_to_support(encoder, init, support, **settings)
     yield from classify(encoder, task, queries, batch_size=batch_size)
