@@ -231,6 +231,11 @@ class PeftSection(_Section):
         return self
 
 
+SECOND_ORDER_ALGORITHMS = ("maml", "metasgd")
+"""The algorithms whose inner loop can be differentiated (second order unless
+``meta.first_order``); Reptile and ProtoNet never are."""
+
+
 class MetaSection(_Section):
     algorithm: Literal["maml", "metasgd", "reptile", "protonet"] = "maml"
     """maml (Proto-MAML head; second order unless first_order), metasgd (MAML with learned
@@ -275,7 +280,7 @@ class MetaSection(_Section):
     def second_order(self) -> bool:
         """Whether the inner loop's graph is differentiated (then the backbone needs eager
         attention): MAML and Meta-SGD unless first_order; Reptile and ProtoNet never."""
-        return self.algorithm in ("maml", "metasgd") and not self.first_order
+        return self.algorithm in SECOND_ORDER_ALGORITHMS and not self.first_order
 
 
 EvalMethod = Literal[

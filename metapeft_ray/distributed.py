@@ -45,8 +45,8 @@ from metapeft_ray import metrics as live_metrics
 from metapeft_ray import runstore, storage
 from metapeft_ray.config import Config, ConfigError
 from metapeft_ray.model import quiet_transformers
-from metapeft_ray.recipes import finish, validation_line
-from metapeft_ray.runstore import run_uri, staged, write_header, write_metrics
+from metapeft_ray.recipes import export_state, finished_run, training_record, validation_line
+from metapeft_ray.runstore import run_uri, staged, write_header
 from metapeft_ray.train import MetaLearner, prepare_sampler
 
 __all__ = [
@@ -126,7 +126,7 @@ def train_ray(
     runstore.check_resumable(cfg, uri)
     record = runstore.finished_training(cfg, uri)
     if record is not None:
-        return _finished(cfg, uri, record, sampler, progress)
+        return {**finished_run(cfg, uri, record, sampler, progress), "distributed": record}
 
     with staged(uri) as out:  # early, so an interrupted run is still checked on its rerun
         write_header(cfg, sampler, out)
@@ -145,52 +145,18 @@ def train_ray(
         if started_here:
             ray.shutdown()
 
-    ckpt_name = Path(result.checkpoint.path).name
-    state = runstore.load_state(storage.join(uri, ckpt_name))
+    state = runstore.load_state(storage.join(uri, Path(result.checkpoint.path).name))
     if restarts:
         print(
             f"metapeft: recovered from {restarts} worker-group failure(s) "
             f"(distributed.max_failures="
             f"{cfg.distributed.max_failures}); resumed from the last checkpoint each time"
         )
-    record = {
-        "meta_step": state["meta_step"],
-        "checkpoint": ckpt_name,
-        "workers": cfg.distributed.workers,
-        "use_gpu": use_gpu,
-        "restarts": restarts,
-        "fit_seconds": round(fit_s, 2),
-    }
-    # Recorded before the export: if the export fails, the rerun re-exports without Ray.
+    record = training_record(
+        state["meta_step"], workers=cfg.distributed.workers, fit_s=fit_s, use_gpu=use_gpu, restarts=restarts
+    )
     runstore.write_record(uri, record)
-    return {**_export(cfg, sampler, uri, state, progress), "distributed": record}
-
-
-def _finished(cfg: Config, uri: str, record: dict[str, Any], sampler: Any, progress: bool) -> dict[str, Any]:
-    step = record["meta_step"]
-    report = runstore.exported_report(uri, step)
-    if report is not None:
-        print(
-            f"metapeft: run {uri} already finished at meta-step {step}; not re-training "
-            "(choose a new run.name, or raise meta.meta_steps to continue it)"
-        )
-        return {**report, "distributed": record}
-    print(f"metapeft: run {uri} finished training at meta-step {step} but its export is missing "
-          "or older; re-exporting from the final checkpoint")  # fmt: skip
-    state = runstore.load_state(storage.join(uri, record["checkpoint"]))
-    return {**_export(cfg, sampler, uri, state, progress), "distributed": record}
-
-
-def _export(cfg: Config, sampler: Any, uri: str, state: dict[str, Any], progress: bool) -> dict[str, Any]:
-    """Driver side: the final init into a local learner, then the usual artifacts."""
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.model.device != "cpu" else "cpu")
-    learner = MetaLearner.from_config(cfg, sampler, device=device)
-    learner.load_state_dict(state)
-    history = state["history"]
-    with staged(uri) as out:
-        write_header(cfg, sampler, out)
-        write_metrics(out, history)
-        return finish(cfg, learner, out, history, progress)
+    return {**export_state(cfg, sampler, uri, state, progress), "distributed": record}
 
 
 # -- Ray connection and capacity ----------------------------------------------------------------
@@ -607,37 +573,43 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         learner.load_state_dict(state)
         history = list(state["history"])
 
-    m = cfg.meta
-    for metrics in learner.iterate(
-        m.meta_steps, val_every=m.val_every, rank=rank, world=world, reduce=_all_reduce_sum
-    ):
-        history.append(metrics)
-        step = learner.step
+    def on_step(metrics: dict[str, float]) -> None:
         if rank == 0:  # every rank holds the same all-reduced numbers
             live_metrics.record_step(metrics, **tags)
         if feed is not None:
             feed.put_nowait(metrics)
-        if step % m.checkpoint_every == 0 or step == m.meta_steps:
-            _report(learner, history, rank, world)
-        _test_hook(rank, step)
+        _test_hook(rank, learner.step)
+
+    m = cfg.meta
+    learner.run(
+        m.meta_steps,
+        val_every=m.val_every,
+        history=history,
+        on_step=on_step,
+        checkpoint_every=m.checkpoint_every,
+        on_checkpoint=lambda state: _report(learner, state, rank),
+        rank=rank,
+        world=world,
+        reduce=_all_reduce_sum,
+    )
 
 
-def _report(learner: MetaLearner, history: list[dict[str, float]], rank: int, world: int) -> None:
+def _report(learner: MetaLearner, state: dict[str, Any], rank: int) -> None:
     """Every rank calls report (a barrier); only rank 0 hands over a checkpoint. The report and
     the checkpoint record ``world_size``, the ranks the steps really ran on (a Tune trial's
     reports reach Tune through `TuneReportCallback`)."""
     import ray.train
 
     metrics = {
-        **history[-1],
+        **state["history"][-1],
         "trainable_params": sum(p.numel() for p in learner.params.values()),
-        "world_size": world,
+        "world_size": state["world_size"],
     }
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="metapeft-ckpt-") as d:
-        runstore.save_state(d, {**learner.state_dict(), "history": history, "world_size": world})
+        runstore.save_state(d, state)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(d),

@@ -164,4 +164,3 @@ def markdown_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], title
             "support_loss_before", lambda c: f"{c['support_loss_before']:.3g} → {c['support_loss_after']:.3g}"
         )
     return "\n".join(lines).lstrip("\n") + "\n"
-

@@ -93,34 +93,14 @@ def load_adapter(
 ) -> tuple[Encoder, dict[str, torch.Tensor], Config, dict[str, Any]]:
     """Rebuild the encoder of an exported init: ``(encoder with the init loaded, peft's default
     init for the fine-tuning baseline, config, metadata)``."""
-    from safetensors.torch import load_file
 
     path = local_adapter(uri)
     cfg, metadata = adapter_config(path, overrides)
     torch.manual_seed(cfg.run.seed)  # the same peft default init the training run compared with
     encoder = encoder_from_config(cfg, device=device)
     default_init = {k: v.detach().clone() for k, v in encoder.adapter_params().items()}
-    if cfg.peft.method == "bottleneck":
-        from metapeft_ray.methods.bottleneck import WEIGHTS_FILE
-
-        weights = load_file(str(path / WEIGHTS_FILE), device=str(encoder.device))
-        try:
-            encoder.model.load_adapter_weights(weights)
-        except ValueError as err:
-            raise ValueError(f"{uri}: {err}") from None
-    else:
-        from peft import set_peft_model_state_dict
-
-        weights = load_file(str(path / "adapter_model.safetensors"), device=str(encoder.device))
-        result = set_peft_model_state_dict(encoder.model, weights)
-        # Prompt learning loads its embedding strictly inside peft (under another key name).
-        missing = [
-            k
-            for k in result.missing_keys
-            if k in default_init and not METHODS[cfg.peft.method].prompt_learning
-        ]
-        if missing:
-            raise ValueError(
-                f"{uri}: adapter weights missing for {missing[:3]}; was it exported with this config?"
-            )
+    try:
+        METHODS[cfg.peft.method].load_weights(encoder.model, path, encoder.device)
+    except ValueError as err:
+        raise ValueError(f"{uri}: {err}") from None
     return encoder, default_init, cfg, metadata

@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from metapeft_ray.config import SECOND_ORDER_ALGORITHMS
+
 if TYPE_CHECKING:
     from metapeft_ray.episodes import EpisodeSpec
     from metapeft_ray.meta import EpisodeResult
@@ -127,13 +129,10 @@ def sample_names() -> set[str]:
     return prometheus_series() - {m.prometheus_name for m in METRICS if m.kind == "histogram"}
 
 
-_SECOND_ORDER_ALGORITHMS = ("maml", "metasgd")
-
-
 def algorithm_name(algorithm: str, first_order: bool) -> str:
     """The ``algorithm`` tag: ``meta.algorithm``, with ``_fo`` for the first-order variant of an
     algorithm that has a second-order one (``maml_fo``; Reptile and ProtoNet have none)."""
-    return f"{algorithm}_fo" if first_order and algorithm in _SECOND_ORDER_ALGORITHMS else algorithm
+    return f"{algorithm}_fo" if first_order and algorithm in SECOND_ORDER_ALGORITHMS else algorithm
 
 
 def tags_for(cfg: Any, worker: str | int) -> dict[str, str]:

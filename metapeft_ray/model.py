@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -179,66 +179,37 @@ def pick_device(choice: str) -> torch.device:
 
 
 def build_encoder(
+    spec: AdapterSpec,
     *,
     backbone: str,
-    placement: str | None,
-    layers: str,
-    custom_targets: list[str] | None,
-    rank: int,
-    alpha: float,
-    dropout: float,
-    max_length: int,
     normalize: bool,
     second_order: bool,
     device: torch.device,
     bf16: bool = False,
-    method: str = "lora",
-    num_virtual_tokens: int = 10,
-    bottleneck_dim: int = 16,
-    init_b_std: float = 0.01,
 ) -> Encoder:
-    """The frozen backbone wrapped with ``method``'s adapter in its default init (meta-init is the
-    learner's job: `PeftMethod.meta_init`)."""
-    if method not in METHODS:
-        raise ValueError(f"peft.method={method!r} is unknown; choose one of {', '.join(METHODS)}")
-    spec = AdapterSpec(
-        method=method,
-        placement=placement,
-        layers=layers,
-        custom_targets=tuple(custom_targets) if custom_targets else None,
-        rank=rank,
-        alpha=alpha,
-        dropout=dropout,
-        init_b_std=init_b_std,
-        num_virtual_tokens=num_virtual_tokens,
-        bottleneck_dim=bottleneck_dim,
-        max_length=max_length,
-    )
+    """The frozen backbone wrapped with ``spec.method``'s adapter in its default init (meta-init
+    is the learner's job: `PeftMethod.meta_init`)."""
+    if spec.method not in METHODS:
+        raise ValueError(f"peft.method={spec.method!r} is unknown; choose one of {', '.join(METHODS)}")
     base, tokenizer = load_backbone(backbone, eager_attention=second_order)
     hub_name = PACKAGED_HUB_ID if backbone == PACKAGED_BACKBONE else backbone
-    peft_method = METHODS[method]
+    peft_method = METHODS[spec.method]
     model = peft_method.wrap(base, spec, hub_name)
     model.to(device)
     peft_method.set_modes(model, spec)
-    return Encoder(model, tokenizer, max_length, normalize, device, bf16, spec)
+    return Encoder(model, tokenizer, spec.max_length, normalize, device, bf16, spec)
 
 
 def adapter_spec(cfg: Any) -> AdapterSpec:
-    """The flat adapter settings of a config (``peft.*`` and ``model.max_length``); with
-    ``METHODS[spec.method].wrap(backbone, spec, name)`` a caller can check a config against a
-    weightless skeleton of the backbone."""
+    """The flat adapter settings of a config: every ``peft.*`` field `AdapterSpec` has (a method's
+    new field is added to both, nowhere else), ``peft.target_modules`` as ``custom_targets`` and
+    ``model.max_length``. With ``METHODS[spec.method].wrap(backbone, spec, name)`` a caller can
+    check a config against a weightless skeleton of the backbone."""
     p = cfg.peft
+    shared = {f.name for f in fields(AdapterSpec)} & set(type(p).model_fields)
     return AdapterSpec(
-        method=p.method,
-        placement=p.placement,
-        layers=p.layers,
+        **{k: getattr(p, k) for k in shared},
         custom_targets=tuple(p.target_modules) if p.target_modules else None,
-        rank=p.rank,
-        alpha=p.alpha,
-        dropout=p.dropout,
-        init_b_std=p.init_b_std,
-        num_virtual_tokens=p.num_virtual_tokens,
-        bottleneck_dim=p.bottleneck_dim,
         max_length=cfg.model.max_length,
     )
 
@@ -258,25 +229,14 @@ def adapter_skeleton(cfg: Any, hf_config: Any = None) -> nn.Module:
 
 
 def encoder_from_config(cfg: Any, *, device: torch.device | None = None) -> Encoder:
-    """Recipe-level glue: unpack the config tree into `build_encoder`'s flat arguments."""
-    p = cfg.peft
+    """The encoder a config describes: `build_encoder` of its `adapter_spec`."""
     return build_encoder(
+        adapter_spec(cfg),
         backbone=cfg.model.backbone,
-        placement=p.placement,
-        layers=p.layers,
-        custom_targets=p.target_modules,
-        rank=p.rank,
-        alpha=p.alpha,
-        dropout=p.dropout,
-        max_length=cfg.model.max_length,
         normalize=cfg.model.normalize,
         second_order=cfg.meta.second_order,
         device=device or pick_device(cfg.model.device),
         bf16=cfg.model.bf16,
-        method=p.method,
-        num_virtual_tokens=p.num_virtual_tokens,
-        bottleneck_dim=p.bottleneck_dim,
-        init_b_std=p.init_b_std,
     )
 
 

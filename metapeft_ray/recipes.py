@@ -9,13 +9,15 @@ names, formats and the checks of a rerun are `metapeft_ray.runstore`'s.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from metapeft_ray import baselines, storage
+from metapeft_ray import baselines, runstore, storage
 from metapeft_ray import metrics as live_metrics
 from metapeft_ray.config import Config
 from metapeft_ray.episodes import EpisodeSampler
@@ -183,32 +185,96 @@ def finish(
 
 
 def train_local(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """Single-process meta-training (the debugging path; `metapeft train --local`)."""
+    """Single-process meta-training (`metapeft train --local`). Like the Ray path it checkpoints
+    every ``meta.checkpoint_every`` steps, and a rerun of the same ``run.name`` resumes from the
+    newest checkpoint (or only exports and meta-tests a run that finished training)."""
     from tqdm.auto import tqdm
 
     sampler = prepare_sampler(cfg)
     uri = run_uri(cfg)
     storage.check_writable(uri)
+    runstore.check_resumable(cfg, uri)
+    if (record := runstore.finished_training(cfg, uri)) is not None:
+        return finished_run(cfg, uri, record, sampler, progress)
     learner = MetaLearner.from_config(cfg, sampler)
+    history: list[dict[str, float]] = []
+    if (checkpoint := runstore.latest_checkpoint(uri)) is not None:
+        state = runstore.load_state(checkpoint)
+        learner.load_state_dict(state)
+        history = list(state["history"])
     tags = live_metrics.tags_for(cfg, "local")  # recorded only with --metrics-port (or on Ray)
     live_metrics.instrument_episodes(learner, **tags)
-    history = []
+    m = cfg.meta
     with staged(uri) as out:
         write_header(cfg, sampler, out)
-        write_metrics(out)
-        bar = tqdm(
-            learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every),
-            total=cfg.meta.meta_steps,
-            desc="meta-train",
-            disable=not progress,
-        )
-        for metrics in bar:
-            history.append(metrics)
+        write_metrics(out, history)
+        bar = tqdm(total=m.meta_steps, initial=learner.step, desc="meta-train", disable=not progress)
+
+        def on_step(metrics: dict[str, float]) -> None:
             append_metrics(out, metrics)
             live_metrics.record_step(metrics, **tags)
+            bar.update()
             bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}", acc=f"{metrics['query_accuracy']:.2f}")
             if progress and "meta_val_accuracy" in metrics:
-                bar.write(validation_line(metrics, cfg.meta.meta_steps))
+                bar.write(validation_line(metrics, m.meta_steps))
+
+        t0 = time.monotonic()
+        learner.run(
+            m.meta_steps,
+            val_every=m.val_every,
+            history=history,
+            on_step=on_step,
+            checkpoint_every=m.checkpoint_every,
+            on_checkpoint=lambda state: runstore.save_checkpoint(uri, state),
+        )
+        bar.close()
+        runstore.write_record(uri, training_record(learner.step, workers=1, fit_s=time.monotonic() - t0))
+        return finish(cfg, learner, out, history, progress)
+
+
+def training_record(step: int, *, workers: int, fit_s: float, **more: Any) -> dict[str, Any]:
+    """``training.json``: written when training reached ``meta.meta_steps`` (before the export,
+    so a rerun re-exports instead of re-training when the export is lost)."""
+    return {
+        "meta_step": step,
+        "checkpoint": runstore.checkpoint_name(step),
+        "workers": workers,
+        **more,
+        "fit_seconds": round(fit_s, 2),
+    }
+
+
+def finished_run(
+    cfg: Config, uri: str, record: Mapping[str, Any], sampler: EpisodeSampler, progress: bool
+) -> dict[str, Any]:
+    """A rerun of a run that finished training: its stored report, or (when the export is
+    missing or older) a new export and meta-test from its final checkpoint."""
+    step = record["meta_step"]
+    report = runstore.exported_report(uri, step)
+    if report is not None:
+        print(
+            f"metapeft: run {uri} already finished at meta-step {step}; not re-training "
+            "(choose a new run.name, or raise meta.meta_steps to continue it)"
+        )
+        return report
+    print(f"metapeft: run {uri} finished training at meta-step {step} but its export is missing "
+          "or older; re-exporting from the final checkpoint")  # fmt: skip
+    state = runstore.load_state(storage.join(uri, record["checkpoint"]))
+    return export_state(cfg, sampler, uri, state, progress)
+
+
+def export_state(
+    cfg: Config, sampler: EpisodeSampler, uri: str, state: Mapping[str, Any], progress: bool
+) -> dict[str, Any]:
+    """The artifacts of a checkpoint's final init, made on this process: header, metrics,
+    adapter, report."""
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.model.device != "cpu" else "cpu")
+    learner = MetaLearner.from_config(cfg, sampler, device=device)
+    learner.load_state_dict(dict(state))
+    history = state["history"]
+    with staged(uri) as out:
+        write_header(cfg, sampler, out)
+        write_metrics(out, history)
         return finish(cfg, learner, out, history, progress)
 
 

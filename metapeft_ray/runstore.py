@@ -7,17 +7,19 @@ A run lives under ``run.output_dir/run.name`` (a local directory or ``s3://``)::
     config.yaml                the validated config tree            `write_header`
     splits.json                dataset, val_fraction, class splits  `write_header`, `splits_record`
     metrics.jsonl              one JSON object per meta-step        `append_metrics`, `write_metrics`
-    checkpoint_<step>/state.pt the learner's state (Ray path)       `save_state`, `load_state`
-    training.json              the Ray path's training record       `write_record`, `read_record`
+    checkpoint_<step>/state.pt the learner's state                  `save_checkpoint`, `load_state`
+    training.json              the record of a finished training    `write_record`, `read_record`
     adapter/                   PEFT format + metapeft.json          `metapeft_ray.export`
     report.json, report.md     the meta-test report                 `recipes.evaluate_and_report`
 
 A checkpoint is ``MetaLearner.state_dict()`` (adapter tensors, the outer optimiser's state,
-``meta_step``, Meta-SGD's / the head's extra meta-parameters), plus on the Ray path the metric
-``history`` and the ``world_size`` it ran with: tensors and plain Python values only, so it is
-loaded with ``torch.load(weights_only=True)`` (no pickled code runs) and onto the CPU (a GPU
-run's checkpoint loads on a CPU-only driver; the optimiser moves its state to its parameters'
-device when the learner loads it).
+``meta_step``, Meta-SGD's / the head's extra meta-parameters) plus the metric ``history`` and the
+``world_size`` it ran with (`MetaLearner.run` hands it over). The local run writes it with
+`save_checkpoint` and a local rerun resumes from `latest_checkpoint`; Ray Train writes the same
+files through its own checkpoint manager and resumes from it. It holds tensors and plain Python
+values only, so it is loaded with ``torch.load(weights_only=True)`` (no pickled code runs) and
+onto the CPU (a GPU run's checkpoint loads on a CPU-only driver; the optimiser moves its state to
+its parameters' device when the learner loads it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -55,6 +58,9 @@ __all__ = [
     "append_metrics",
     "check_resumable",
     "checkpoint_name",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "save_checkpoint",
     "exported_report",
     "finished_training",
     "load_state",
@@ -138,9 +144,40 @@ def write_metrics(out: Path, history: Iterable[Mapping[str, float]] = ()) -> Non
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
+_CHECKPOINT = re.compile(r"checkpoint_\d{6}")
+
+
 def checkpoint_name(step: int) -> str:
     """The directory name of the checkpoint taken after meta-step ``step``."""
     return f"checkpoint_{step:06d}"
+
+
+def save_checkpoint(uri: str, state: Mapping[str, Any], keep: int = 2) -> str:
+    """Store ``state`` as the run's checkpoint of its ``meta_step`` under ``uri`` (local or
+    ``s3://``), then delete all but the ``keep`` newest; returns the checkpoint's URI. The new
+    one is complete before an old one goes, so an interruption never leaves the run without one."""
+    target = storage.join(uri, checkpoint_name(int(state["meta_step"])))
+    with tempfile.TemporaryDirectory(prefix="metapeft-ckpt-") as d:
+        save_state(d, state)
+        storage.upload_dir(Path(d), target)
+    for name in list_checkpoints(uri)[:-keep]:
+        storage.delete_dir(storage.join(uri, name))
+    return target
+
+
+def latest_checkpoint(uri: str) -> str | None:
+    """The URI of the run's newest checkpoint (of either path), or None when it has none."""
+    names = list_checkpoints(uri)
+    return storage.join(uri, names[-1]) if names else None
+
+
+def list_checkpoints(uri: str) -> list[str]:
+    """The run's complete checkpoint directories, oldest first."""
+    return [
+        name
+        for name in storage.list_dirs(uri)
+        if _CHECKPOINT.fullmatch(name) and storage.exists(storage.join(uri, name, STATE_FILE))
+    ]
 
 
 def save_state(directory: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:

@@ -266,6 +266,19 @@ def write_text(uri: str, text: str, encoding: str = "utf-8") -> None:
     write_bytes(uri, text.encode(encoding))
 
 
+def list_dirs(uri: str) -> list[str]:
+    """The names of the directories (S3: the prefixes) directly under ``uri``; none if it is missing."""
+    fs, path = pyarrow_filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def delete_dir(uri: str) -> None:
+    """Delete the directory (S3: every object under the prefix) ``uri`` and what it holds."""
+    fs, path = pyarrow_filesystem(uri)
+    fs.delete_dir(path)
+
+
 def upload_dir(local_dir: Path, uri: str) -> None:
     """Copy every file under ``local_dir`` to ``uri`` (S3 prefix or local directory)."""
     local_dir = Path(local_dir)

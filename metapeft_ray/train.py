@@ -288,6 +288,31 @@ class MetaLearner:
                 metrics["adapt_ms"] = 1000 * (time.perf_counter() - t0) * world / len(self.val_specs())
             yield metrics
 
+    def run(
+        self,
+        meta_steps: int,
+        *,
+        val_every: int,
+        history: list[dict[str, float]],
+        on_step: Callable[[dict[str, float]], None] = lambda metrics: None,
+        checkpoint_every: int | None = None,
+        on_checkpoint: Callable[[dict[str, Any]], None] = lambda state: None,
+        rank: int = 0,
+        world: int = 1,
+        reduce: Reduce = _no_reduce,
+    ) -> list[dict[str, float]]:
+        """The training loop that every path drives with its own callbacks (the local run, each
+        Ray Train worker, a Tune trial): `iterate` up to ``meta_steps``, each step's metrics
+        appended to ``history``; every ``checkpoint_every`` steps and at the last,
+        ``on_checkpoint(state)`` with ``state`` = `state_dict` + ``history`` + ``world_size``
+        (what `runstore.save_state` stores and a resumed run loads); then ``on_step(metrics)``."""
+        for metrics in self.iterate(meta_steps, val_every=val_every, rank=rank, world=world, reduce=reduce):
+            history.append(metrics)
+            if checkpoint_every and (self.step % checkpoint_every == 0 or self.step == meta_steps):
+                on_checkpoint({**self.state_dict(), "history": history, "world_size": world})
+            on_step(metrics)
+        return history
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue bit-for-bit (episodes are rebuilt from specs)."""
         state: dict[str, Any] = {

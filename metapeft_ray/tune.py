@@ -80,22 +80,35 @@ def trial(params: dict[str, Any], base: dict[str, Any], workers: int = 1) -> Non
         max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
     )
     learner = MetaLearner.from_config(cfg, sampler)
+    history: list[dict[str, float]] = []
     if (ckpt := tune.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
-            learner.load_state_dict(runstore.load_state(d))
+            state = runstore.load_state(d)
+        learner.load_state_dict(state)
+        history = list(state.get("history", []))  # checkpoints before 2026-12 have none
     n_params = sum(p.numel() for p in learner.params.values())
     tags = {**live_metrics.tags_for(cfg, 0), "run": tune.get_context().get_trial_name()}
     live_metrics.instrument_episodes(learner, **tags)
-    for metrics in learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every):
-        live_metrics.record_step(metrics, **tags)  # meta_val_accuracy included on report steps
-        if OBJECTIVE not in metrics:
-            continue
+
+    def report(state: dict[str, Any]) -> None:
+        """A report to Tune with a checkpoint at every validation step (as a distributed trial's,
+        whose ``meta.checkpoint_every`` is ``meta.val_every``): a scheduler may stop the trial
+        there, and a paused or failed trial resumes from it."""
         with tempfile.TemporaryDirectory() as d:
-            runstore.save_state(d, learner.state_dict())
+            runstore.save_state(d, state)
             tune.report(
-                {**metrics, "trainable_params": n_params, "status": "ok"},
+                {**state["history"][-1], "trainable_params": n_params, "status": "ok"},
                 checkpoint=tune.Checkpoint.from_directory(d),
             )
+
+    learner.run(
+        cfg.meta.meta_steps,
+        val_every=cfg.meta.val_every,
+        history=history,
+        on_step=lambda metrics: live_metrics.record_step(metrics, **tags),
+        checkpoint_every=cfg.meta.val_every,
+        on_checkpoint=report,
+    )
 
 
 def experiment_uri(cfg: Config) -> str:

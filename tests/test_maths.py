@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from metapeft_ray.data import load_dataset
 from metapeft_ray.episodes import ClassSplits, EpisodeSampler
 from metapeft_ray.meta import adapt, episode_tensors, head_logits, proto_head, run_episode
+from metapeft_ray.methods import AdapterSpec
 from metapeft_ray.model import PlacementError, build_encoder, meta_init_lora, target_modules
 from tests.tiny import make_tiny_backbone, make_tiny_dataset
 
@@ -25,14 +26,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def _encoder(backbone: str, placement: str = "attn_qv", layers: str = "all", rank: int = 4):
     torch.manual_seed(0)
     return build_encoder(
+        AdapterSpec(placement=placement, layers=layers, rank=rank, alpha=8, dropout=0.0, max_length=16),
         backbone=backbone,
-        placement=placement,
-        layers=layers,
-        custom_targets=None,
-        rank=rank,
-        alpha=8,
-        dropout=0.0,
-        max_length=16,
         normalize=True,
         second_order=True,
         device=torch.device("cpu"),

@@ -28,7 +28,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 CASES = {
     "maml+head": {"meta.algorithm": "maml", "head.learn": ["scale"]},
     "metasgd+head": {  # first order, one step: cheap enough for the fast tier
-        "meta.algorithm": "metasgd", "head.learn": ["scale"], "meta.first_order": True, "meta.inner_steps": 1,
+        "meta.algorithm": "metasgd",
+        "head.learn": ["scale"],
+        "meta.first_order": True,
+        "meta.inner_steps": 1,
     },
     "reptile+sgd": {"meta.algorithm": "reptile", "meta.outer_optimizer": "sgd", "meta.inner_steps": 1},
     "protonet": {"meta.algorithm": "protonet", "meta.inner_steps": 0, "meta.first_order": True},
@@ -113,3 +116,59 @@ def test_metrics_file_is_rewritten_from_a_history_and_appended(tmp_path: Path) -
     assert [json.loads(x)["meta_step"] for x in lines] == [1, 2]
     runstore.write_metrics(tmp_path)
     assert not (tmp_path / runstore.METRICS_FILE).exists()
+
+
+def test_local_run_checkpoints_resumes_after_a_crash_and_is_not_retrained(  # noqa: ANN001
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local path drives the same loop as Ray Train: checkpoints every
+    ``meta.checkpoint_every`` steps, the newest two kept; a rerun after a crash resumes at the
+    step after the last checkpoint and ends where an uninterrupted run ends."""
+    from metapeft_ray.recipes import train_local
+
+    def cfg(name: str, **extra: Any):  # noqa: ANN202
+        over = {"meta.meta_steps": 5, "meta.checkpoint_every": 2, "eval.episodes": 1, **extra}
+        where = [f"run.output_dir={tmp_path}", f"run.name={name}"]
+        return load_config(None, [*tiny_overrides(*tiny, **over), *where])
+
+    reference = train_local(cfg("straight"), progress=False)
+    straight = runstore.load_state(runstore.latest_checkpoint(str(tmp_path / "straight")))
+    assert runstore.list_checkpoints(str(tmp_path / "straight")) == ["checkpoint_000004", "checkpoint_000005"]
+
+    real_step, steps_run, crash = MetaLearner.meta_step, [], [True]
+
+    def watched_step(self: MetaLearner, **kw: Any) -> dict[str, float]:
+        if crash[0] and self.step == 3:  # the 4th meta-step, after the checkpoint of step 2
+            raise RuntimeError("node lost")
+        steps_run.append(self.step + 1)
+        return real_step(self, **kw)
+
+    monkeypatch.setattr(MetaLearner, "meta_step", watched_step)
+    with pytest.raises(RuntimeError, match="node lost"):
+        train_local(cfg("crashed"), progress=False)
+    assert runstore.latest_checkpoint(str(tmp_path / "crashed")).endswith("checkpoint_000002")
+    crash[0] = False
+    steps_run.clear()
+    report = train_local(cfg("crashed"), progress=False)
+    assert steps_run == [3, 4, 5]  # resumed after the checkpoint of step 2, not from 0
+    resumed = runstore.load_state(runstore.latest_checkpoint(str(tmp_path / "crashed")))
+
+    def untimed(history: list[dict[str, float]]) -> list[dict[str, float]]:
+        return [{k: v for k, v in m.items() if k != "adapt_ms"} for m in history]  # wall time
+
+    def scores(report: dict[str, Any]) -> dict[str, Any]:
+        return {m: {c: r["per_episode"] for c, r in cells.items()} for m, cells in report["results"].items()}
+
+    assert untimed(resumed["history"]) == untimed(straight["history"])
+    for k, v in straight["adapter"].items():
+        assert torch.equal(resumed["adapter"][k], v), k
+    lines = (tmp_path / "crashed" / runstore.METRICS_FILE).read_text().splitlines()
+    assert [json.loads(x)["meta_step"] for x in lines] == [1, 2, 3, 4, 5]
+    assert scores(report) == scores(reference)
+
+    # Finished: a rerun trains nothing and returns the stored report.
+    steps_run.clear()
+    assert scores(train_local(cfg("crashed"), progress=False)) == scores(report)
+    assert steps_run == []
+    with pytest.raises(ConfigError, match="meta.outer_lr"):
+        train_local(cfg("crashed", **{"meta.outer_lr": 0.5}), progress=False)

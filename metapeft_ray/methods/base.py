@@ -6,8 +6,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 
@@ -57,3 +59,17 @@ class PeftMethod(ABC):
         """``last_hidden_state`` of the backbone alone (the adapter switched off)."""
         with model.disable_adapter():
             return model(**batch).last_hidden_state
+
+    def load_weights(self, model: nn.Module, path: Path, device: torch.device) -> None:
+        """Load the adapter weights that ``model.save_pretrained(path)`` exported (peft's
+        ``adapter_model.safetensors`` by default) into ``model``; `ValueError` if some are missing."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "adapter_model.safetensors"), device=str(device))
+        own = dict(model.named_parameters())
+        result = set_peft_model_state_dict(model, weights)
+        # Prompt learning loads its embedding strictly inside peft (under another key name).
+        missing = [k for k in result.missing_keys if k in own and own[k].requires_grad]
+        if missing and not self.prompt_learning:
+            raise ValueError(f"adapter weights missing for {missing[:3]}; was it exported with this config?")

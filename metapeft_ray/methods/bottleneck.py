@@ -166,6 +166,11 @@ class Bottleneck(PeftMethod):
             backbone, matched_modules(backbone, targets), spec.bottleneck_dim, base_model_name
         )
 
+    def load_weights(self, model: nn.Module, path: Path, device: torch.device) -> None:
+        from safetensors.torch import load_file
+
+        model.load_adapter_weights(load_file(str(path / WEIGHTS_FILE), device=str(device)))
+
     def meta_init(self, params: Mapping[str, Tensor], spec: AdapterSpec, seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
