@@ -115,9 +115,10 @@ def checkpoint_blocks(model: nn.Module, name: str = "the backbone") -> int:
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not blocks:
         raise ValueError(
-            f"model.activation_checkpointing=true: {name} has no transformer blocks that transformers "
-            "marks as checkpointable (transformers.modeling_layers.GradientCheckpointingLayer, "
-            "transformers >= 4.52); set model.activation_checkpointing=false"
+            f"model.activation_checkpointing=true: {name} has no transformer blocks that this transformers "
+            "version marks as checkpointable (transformers.modeling_layers.GradientCheckpointingLayer, "
+            "added in 4.52 and adopted by more architectures since); upgrade transformers or set "
+            "model.activation_checkpointing=false"
         )
     for block in blocks:
         # An instance attribute: the class's forward, its parameter names and hooks stay as they are.

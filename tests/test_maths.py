@@ -23,7 +23,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 def _encoder(
-    backbone: str, placement: str = "attn_qv", layers: str = "all", rank: int = 4, checkpointing: bool = False
+    backbone: str,
+    placement: str | None = "attn_qv",
+    layers: str = "all",
+    rank: int = 4,
+    checkpointing: bool = False,
+    method: str = "lora",
 ):
     torch.manual_seed(0)
     return build_encoder(
@@ -39,6 +44,7 @@ def _encoder(
         second_order=True,
         device=torch.device("cpu"),
         activation_checkpointing=checkpointing,
+        method=method,
     )
 
 
@@ -221,14 +227,25 @@ def test_bf16_autocast_meta_gradients_stay_close_to_fp32(setup) -> None:  # noqa
     assert (a - b).norm() / a.norm() < 0.1
 
 
-@pytest.mark.parametrize("wrt", ["adapter", "every_weight"])
-def test_activation_checkpointing_keeps_the_second_order_meta_gradient(tiny, setup, wrt: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    ("method", "wrt"),
+    [("lora", "adapter"), ("lora", "every_weight"), ("dora", "adapter"), ("ia3", "adapter"),
+     ("bottleneck", "adapter"), ("prompt", "adapter")],
+)  # fmt: skip
+def test_activation_checkpointing_keeps_the_meta_gradient(tiny, setup, method: str, wrt: str) -> None:  # noqa: ANN001
     """model.activation_checkpointing recomputes each block in the backward, under the inner
     loop's double backward too, with the fast weights (not the module's own) substituted: the
-    meta-gradient equals the one from kept activations. ``every_weight``: the whole backbone as
-    meta-parameters, as bench_memory's full-model contender runs it."""
-    enc, params, _, episode = setup
-    checkpointed = _encoder(tiny[0], checkpointing=True)
+    meta-gradient equals the one from kept activations, for every method that supports it
+    (prefix tuning is refused at load). ``every_weight``: the whole backbone as meta-parameters,
+    as bench_memory's full-model contender runs it."""
+    from metapeft_ray.config import DEFAULT_PLACEMENT
+    from metapeft_ray.methods import METHODS
+
+    *_, episode = setup
+    placement = DEFAULT_PLACEMENT[method]
+    enc, checkpointed = (_encoder(tiny[0], placement, method=method, checkpointing=c) for c in (False, True))
+    params = enc.adapter_params()
+    METHODS[method].meta_init(params, enc.spec, 0)
     if wrt == "every_weight":
         params = {n: p.detach().clone().requires_grad_() for n, p in enc.model.named_parameters()
                   if ".pooler." not in n}  # fmt: skip
@@ -236,7 +253,7 @@ def test_activation_checkpointing_keeps_the_second_order_meta_gradient(tiny, set
     grads, calls = {}, {}
     for name, e in (("kept", enc), ("checkpointed", checkpointed)):
         runs: list[int] = []
-        attention = e.model.get_submodule("base_model.model.encoder.layer.1.attention")
+        attention = next(m for n, m in e.model.named_modules() if n.endswith("encoder.layer.1.attention"))
         hook = attention.register_forward_hook(lambda *_, r=runs: r.append(1))
         try:
             grads[name] = run_episode(e, params, episode, **kw).grads
