@@ -38,12 +38,18 @@ def workload(*overrides: str) -> Config:
     return load_config(None, ["data.dataset=banking77", "run.seed=0", "meta.inner_steps=1", *overrides])
 
 
-RANDOM_BACKBONES = {"bert-base-random": {}}  # BertConfig() defaults: BERT-base, 110 M parameters
+RANDOM_BACKBONES = {
+    "bert-base-random": {},  # BertConfig() defaults: BERT-base, 110 M parameters
+    "bert-large-random": {  # BERT-large, 335 M parameters
+        "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+    },
+}  # fmt: skip
 
 
 def backbone_path(name: str) -> str:
-    """``name`` itself, or for ``bert-base-random`` a randomly initialised BERT-base saved once
-    under the temp dir with the packaged MiniLM's tokenizer (the same uncased WordPiece vocabulary):
+    """``name`` itself, or for ``bert-base-random`` / ``bert-large-random`` a randomly initialised
+    BERT-base / BERT-large saved once under the temp dir with the packaged MiniLM's tokenizer (the
+    same uncased WordPiece vocabulary):
     for measurements that depend on a backbone's shape, not its weights (memory, time)."""
     if name not in RANDOM_BACKBONES:
         return name

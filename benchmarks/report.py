@@ -131,11 +131,16 @@ def plot_time_memory(results: dict[str, dict[str, Any] | None], path: Path) -> b
             ax.legend(fontsize=8)
         elif name == "memory":
             rows = r["rows"]
-            short = {"all-MiniLM-L6-v2": "MiniLM", "bert-base-random": "BERT-base"}
+            short = {
+                "all-MiniLM-L6-v2": "MiniLM",
+                "bert-base-random": "BERT-base",
+                "bert-large-random": "BERT-large",
+            }
             labels = [
                 f"{short.get(x['backbone'], x['backbone'])} {x['params']} K={x['inner_steps']}" for x in rows
             ]
-            colors = ["tab:green" if x["params"] == "lora" else "tab:gray" for x in rows]
+            palette = {"lora": "tab:green", "lora+ckpt": "tab:olive"}
+            colors = [palette.get(x["params"], "tab:gray") for x in rows]
             ax.bar(labels, [x["peak_mib"] for x in rows], color=colors)
             ax.set(ylabel="peak MiB above the loaded model", title="Second-order MAML memory")
         elif name == "latency":

@@ -78,6 +78,10 @@ class ModelSection(_Section):
     bf16: bool = False
     """bf16 autocast of the backbone forward (on the run's device: a GPU, or the CPU, where it is
     slower than fp32 and only useful to test the path)."""
+    activation_checkpointing: bool = False
+    """Keep only each transformer block's input for the backward and recompute the block there
+    (non-reentrant checkpointing, exact through second-order MAML's double backward): less
+    memory for the activations, one more forward of the backbone per backward."""
 
 
 HeadValue = Literal["scale", "inner_scale", "name_weight"]
@@ -431,6 +435,17 @@ class Config(_Section):
                 "head.learn has inner_scale, which acts on the query loss only through the inner "
                 "gradients: first-order MAML and ProtoNet treat those as constants, so it would never "
                 "move; use second-order maml/metasgd (meta.first_order=false) or drop inner_scale"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _checkpointing_fits_the_method(self) -> Config:
+        if self.model.activation_checkpointing and self.peft.method == "prefix":
+            raise ValueError(
+                "model.activation_checkpointing=true does not work with peft.method=prefix: prefix tuning "
+                "passes its virtual keys and values to every block in a cache that the block extends, so "
+                "recomputing the block in the backward extends it twice (a shape error); use another "
+                "method or set model.activation_checkpointing=false"
             )
         return self
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from metapeft_ray.methods import METHODS, AdapterSpec
 from metapeft_ray.methods.lora import meta_init_lora, wrap_with_lora
@@ -36,6 +37,7 @@ __all__ = [
     "PlacementError",
     "adapter_skeleton",
     "build_encoder",
+    "checkpoint_blocks",
     "encoder_from_config",
     "load_backbone",
     "matched_modules",
@@ -72,9 +74,11 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def load_backbone(name: str, *, eager_attention: bool) -> tuple[nn.Module, Any]:
+def load_backbone(
+    name: str, *, eager_attention: bool, activation_checkpointing: bool = False
+) -> tuple[nn.Module, Any]:
     """The frozen backbone and its tokenizer. Eager attention for second order: the fused SDPA
-    kernels have no double backward."""
+    kernels have no double backward. ``activation_checkpointing``: `checkpoint_blocks`."""
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_backbone(name)
@@ -87,7 +91,69 @@ def load_backbone(name: str, *, eager_attention: bool) -> tuple[nn.Module, Any]:
             f"{PACKAGED_BACKBONE!r} (packaged, offline), a local model directory, or a hub id"
         ) from None
     model.requires_grad_(False)
+    if activation_checkpointing:
+        checkpoint_blocks(model, name)
     return model.eval(), tokenizer
+
+
+def checkpoint_blocks(model: nn.Module, name: str = "the backbone") -> int:
+    """Keep only each transformer block's inputs for the backward and recompute the rest there
+    (torch's non-reentrant checkpoint, which also recomputes under the double backward of
+    second-order MAML). Returns the number of blocks.
+
+    The blocks are the modules transformers marks as checkpointable. Each block's tensors
+    (parameters and buffers) are read when it runs, i.e. the adapter or backbone tensors that
+    `functional_call` substitutes, and handed to the checkpoint, which substitutes them again
+    for the recomputation: that runs in the backward, after `functional_call` has put the
+    module's own tensors back. (transformers' own ``gradient_checkpointing_enable`` recomputes
+    with the module's own tensors, so the inner loop's fast weights would be silently replaced
+    by the init, and it checkpoints only in training mode.)"""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers before 4.52
+        GradientCheckpointingLayer = ()  # noqa: N806
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise ValueError(
+            f"model.activation_checkpointing=true: {name} has no transformer blocks that this transformers "
+            "version marks as checkpointable (transformers.modeling_layers.GradientCheckpointingLayer, "
+            "added in 4.52 and adopted by more architectures since); upgrade transformers or set "
+            "model.activation_checkpointing=false"
+        )
+    for block in blocks:
+        # An instance attribute: the class's forward, its parameter names and hooks stay as they are.
+        block.forward = _CheckpointedForward(block)
+    return len(blocks)
+
+
+class _CheckpointedForward:
+    """A block's forward that recomputes its activations in the backward (`checkpoint_blocks`)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.replay = _Replay(block)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.replay(*args, **kwargs)
+        block = self.replay.block
+        tensors = {f"block.{n}": t for n, t in (*block.named_parameters(), *block.named_buffers())}
+        return checkpoint(_replay, self.replay, tensors, *args, use_reentrant=False, **kwargs)
+
+
+class _Replay(nn.Module):
+    """``block``'s own forward, as a module that `functional_call` can substitute tensors into."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.block_forward = block.forward
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.block_forward(*args, **kwargs)
+
+
+def _replay(replay: _Replay, tensors: dict[str, Tensor], *args: Any, **kwargs: Any) -> Any:
+    return functional_call(replay, tensors, args, kwargs)
 
 
 @dataclass
@@ -186,12 +252,15 @@ def build_encoder(
     second_order: bool,
     device: torch.device,
     bf16: bool = False,
+    activation_checkpointing: bool = False,
 ) -> Encoder:
     """The frozen backbone wrapped with ``spec.method``'s adapter in its default init (meta-init
     is the learner's job: `PeftMethod.meta_init`)."""
     if spec.method not in METHODS:
         raise ValueError(f"peft.method={spec.method!r} is unknown; choose one of {', '.join(METHODS)}")
-    base, tokenizer = load_backbone(backbone, eager_attention=second_order)
+    base, tokenizer = load_backbone(
+        backbone, eager_attention=second_order, activation_checkpointing=activation_checkpointing
+    )
     hub_name = PACKAGED_HUB_ID if backbone == PACKAGED_BACKBONE else backbone
     peft_method = METHODS[spec.method]
     model = peft_method.wrap(base, spec, hub_name)
@@ -237,6 +306,7 @@ def encoder_from_config(cfg: Any, *, device: torch.device | None = None) -> Enco
         second_order=cfg.meta.second_order,
         device=device or pick_device(cfg.model.device),
         bf16=cfg.model.bf16,
+        activation_checkpointing=cfg.model.activation_checkpointing,
     )
 
 

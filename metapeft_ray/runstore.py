@@ -83,10 +83,13 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 ADAPTER_DIR = "adapter"
 # Settings that may change when a stored run is resumed; anything else must match config.yaml.
+# model.activation_checkpointing changes memory and time, not the maths: a run that ran out of
+# memory resumes with it on.
 RESUMABLE_KEYS = (
     "meta.meta_steps",
     "meta.val_every",
     "meta.checkpoint_every",
+    "model.activation_checkpointing",
     "eval",
     "distributed",
 )
@@ -227,7 +230,7 @@ def check_resumable(cfg: Config, uri: str) -> None:
         raise ConfigError(
             f"run {uri} exists with a different config ({shown}); rerunning a run.name resumes it, "
             "so choose a new run.name (only meta.meta_steps, meta.val_every, "
-            "meta.checkpoint_every, "
+            "meta.checkpoint_every, model.activation_checkpointing, "
             "eval.* and distributed.* may change)"
         )
 

@@ -75,12 +75,23 @@ SERVE_IMPORT_PATH = "metapeft_ray.serve:app_builder"
 WORKER_GROUP_KEYS = ("groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams",
                      "template")
 CUSTOM_API_GROUPS = ("ray.io/", "monitoring.coreos.com/")
+# Where the head's dashboard finds Prometheus and Grafana (its Metrics tab embeds the panels).
+HEAD_DASHBOARD_ENV = ("RAY_PROMETHEUS_HOST", "RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST")
+# KubeRay's own token authentication (spec.authOptions) arrived in this operator version.
+AUTH_OPTIONS_SINCE = (1, 5, 1)
+# The label naming a Ray cluster in Prometheus, and the dashboard variable that filters on it.
+CLUSTER_LABEL = "ray_io_cluster"
+CLUSTER_FILTER = f'{CLUSTER_LABEL}=~"$cluster"'
 
 
 # --- helpers ---------------------------------------------------------------------------------
 
 def load_docs(path: Path) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    return load_docs_text(path.read_text())
+
+
+def load_docs_text(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
 
 
 def load_one(path: Path) -> dict[str, Any]:
@@ -321,6 +332,10 @@ def ray_cluster_spec_problems(spec: dict[str, Any], where: str) -> list[str]:
         at = f"{where}/{name}"
         problems += group_problems(at, group, container)
         if name == "head":
+            env = env_of(container)
+            problems += [f"{at}: {key} is not an http(s) URL in the head's env"
+                         for key in HEAD_DASHBOARD_ENV
+                         if not str(env.get(key, {}).get("value", "")).startswith(("http://", "https://"))]
             continue
         problems += [f"{at}: missing {k}" for k in WORKER_GROUP_KEYS if k not in group]
         replicas = [group.get(k, 0) for k in ("minReplicas", "replicas", "maxReplicas")]
@@ -346,6 +361,10 @@ def ray_resource_problems(doc: dict[str, Any]) -> list[str]:
         return problems + ray_cluster_spec_problems(spec.get("rayClusterConfig", {}), where) + (
             serve_config_problems(spec, where))
     problems = unknown_fields(spec, RAYJOB_SPEC_KEYS, where)
+    # A retry resubmits the same run.name, which resumes from the last checkpoint: retry.
+    backoff = spec.get("backoffLimit")
+    if not isinstance(backoff, int) or isinstance(backoff, bool) or backoff < 1:
+        problems.append(f"{where}: backoffLimit {backoff!r} is not an integer >= 1")
     entrypoint = spec.get("entrypoint", "")
     if not re.match(r"metapeft train --config \S+", entrypoint) or "s3://" not in entrypoint:
         problems.append(f"{where}: entrypoint is not `metapeft train --config ...` to s3://")
@@ -396,6 +415,20 @@ def serve_config_problems(spec: dict[str, Any], where: str) -> list[str]:
     return problems
 
 
+def operator_problems(text: str) -> list[str]:
+    """A KubeRay file names the oldest operator it needs (``KubeRay operator >= X.Y``) and uses
+    ``authOptions`` only if that operator has it: an older operator's CRD drops the unknown
+    field silently and the cluster starts without a token."""
+    match = re.search(r"KubeRay operator >= (\d+(?:\.\d+)*)", text)
+    if not match:
+        return ["no `KubeRay operator >= X.Y` in the file's comments"]
+    minimum = tuple(int(x) for x in match.group(1).split("."))
+    if minimum < AUTH_OPTIONS_SINCE and list(values_of(load_docs_text(text), "authOptions")):
+        since = ".".join(map(str, AUTH_OPTIONS_SINCE))
+        return [f"authOptions needs KubeRay >= {since}, the file targets >= {match.group(1)}"]
+    return []
+
+
 @pytest.fixture(scope="module")
 def raycluster() -> dict[str, Any]:
     return load_one(RAYCLUSTER_YAML)
@@ -420,6 +453,18 @@ def test_core_kinds_pass_kubernetes_validate() -> None:
 @pytest.mark.parametrize("path", [RAYCLUSTER_YAML, RAYJOB_YAML, RAYSERVICE_YAML], ids=lambda p: p.name)
 def test_kuberay_resources_follow_the_rules(path: Path) -> None:
     assert ray_resource_problems(load_one(path)) == []
+
+
+@pytest.mark.parametrize("path", [RAYCLUSTER_YAML, RAYJOB_YAML, RAYSERVICE_YAML], ids=lambda p: p.name)
+def test_kuberay_files_declare_their_operator_version(path: Path) -> None:
+    assert operator_problems(path.read_text()) == []
+
+
+def test_auth_options_are_refused_below_the_operator_that_has_them() -> None:
+    text = RAYCLUSTER_YAML.read_text().replace("spec:\n", "spec:\n  authOptions:\n    mode: token\n", 1)
+    assert any("authOptions needs KubeRay >= 1.5.1" in p for p in operator_problems(text))
+    assert operator_problems(text.replace("KubeRay operator >= 1.3", "KubeRay operator >= 1.5.1")) == []
+    assert operator_problems("kind: RayCluster\n") != []
 
 
 def values_of(node: Any, key: str) -> Iterator[Any]:
@@ -448,6 +493,13 @@ def _set_start_param(doc: dict[str, Any], value: Any) -> None:
     doc["spec"]["workerGroupSpecs"][0]["rayStartParams"]["num-cpus"] = value
 
 
+def _drop_head_env(key: str) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        head = containers(doc["spec"]["headGroupSpec"]["template"])[0]
+        head["env"] = [e for e in head["env"] if e["name"] != key]
+    return mutate
+
+
 def _drop_gpu(doc: dict[str, Any]) -> None:
     for c in containers(doc["spec"]["workerGroupSpecs"][0]["template"]):
         for section in c["resources"].values():
@@ -470,15 +522,37 @@ def _drop_gpu(doc: dict[str, Any]) -> None:
          "Additional properties are not allowed"),
         (lambda d: containers(d["spec"]["headGroupSpec"]["template"])[0].pop("env"),
          "RAY_AUTH_MODE"),
+        (_drop_head_env("RAY_GRAFANA_HOST"), "head: RAY_GRAFANA_HOST"),
+        (_drop_head_env("RAY_PROMETHEUS_HOST"), "head: RAY_PROMETHEUS_HOST"),
     ],
     ids=["int-start-param", "bool-start-param", "ray-version", "unknown-spec-field",
          "no-max-replicas", "no-gpu-limit", "no-shm-volume", "image-version",
-         "pod-template-schema", "no-auth-env"],
+         "pod-template-schema", "no-auth-env", "no-grafana-host", "no-prometheus-host"],
 )
 def test_kuberay_rules_reject_broken_cluster(
     raycluster: dict[str, Any], mutate: Callable[[dict[str, Any]], None], expected: str
 ) -> None:
     broken = copy.deepcopy(raycluster)
+    mutate(broken)
+    problems = ray_resource_problems(broken)
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["spec"].pop("backoffLimit"), "backoffLimit None"),
+        (lambda d: d["spec"].update(backoffLimit=0), "backoffLimit 0"),
+        (lambda d: d["spec"].update(backoffLimit="2"), "backoffLimit '2'"),
+        (lambda d: _drop_head_env("RAY_GRAFANA_HOST")(
+            {"spec": d["spec"]["rayClusterSpec"]}), "head: RAY_GRAFANA_HOST"),
+    ],
+    ids=["no-backoff-limit", "zero-backoff-limit", "string-backoff-limit", "no-grafana-host"],
+)
+def test_rayjob_rules_reject_a_broken_job(
+    mutate: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    broken = copy.deepcopy(load_one(RAYJOB_YAML))
     mutate(broken)
     problems = ray_resource_problems(broken)
     assert any(expected in p for p in problems), problems
@@ -563,6 +637,10 @@ def dashboard_problems(dashboard: dict[str, Any]) -> list[str]:
         if not exprs:
             problems.append(f"panel {panel.get('title')!r} has no targets")
         for expr in exprs:
+            unfiltered = [m.group(0) for m in re.finditer(r"\bray_metapeft_\w+(\{[^}]*\})?", expr)
+                          if CLUSTER_FILTER not in (m.group(1) or "")]
+            problems += [f"{panel.get('title')!r}: {s!r} is not filtered by {CLUSTER_FILTER}"
+                         for s in unfiltered]
             names = set(re.findall(r"\bray_metapeft_\w+", expr))
             if not names:
                 problems.append(f"{panel.get('title')!r}: {expr!r} reads no ray_metapeft_ metric")
@@ -571,6 +649,11 @@ def dashboard_problems(dashboard: dict[str, Any]) -> list[str]:
             seen |= names
     missing = {m for m in METRICS if not any(s.startswith(m) for s in seen)}
     problems += [f"no panel shows {m}" for m in sorted(missing)]
+    variables = {v.get("name"): v for v in dashboard.get("templating", {}).get("list", [])}
+    if f", {CLUSTER_LABEL})" not in variables.get("cluster", {}).get("definition", ""):
+        problems.append(f"no template variable `cluster` listing the values of {CLUSTER_LABEL}")
+    if CLUSTER_FILTER not in variables.get("run", {}).get("definition", ""):
+        problems.append(f"the `run` variable's values are not filtered by {CLUSTER_FILTER}")
     return problems
 
 
@@ -596,17 +679,45 @@ def dashboard_labels(dashboard: dict[str, Any]) -> set[str]:
 
 def test_grafana_dashboard_uses_only_declared_tag_keys() -> None:
     labels = dashboard_labels(json.loads(DASHBOARD_JSON.read_text()))
-    assert {"run", "worker", "le"} <= labels
-    assert labels <= {*metapeft_metrics.TAG_KEYS, "le"}
+    assert {"run", "worker", "le", CLUSTER_LABEL} <= labels
+    assert labels <= {*metapeft_metrics.TAG_KEYS, "le", CLUSTER_LABEL}
+
+
+def test_every_scrape_sets_the_cluster_label() -> None:
+    """The dashboard's `cluster` variable filters on a label that Ray does not set: the PodMonitors
+    (KubeRay) and the VM scrape config must add it to every target."""
+    for monitor in load_docs(PODMONITOR_YAML):
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            targets = [r["targetLabel"] for r in endpoint.get("relabelings", [])]
+            assert CLUSTER_LABEL in targets, (monitor["metadata"]["name"], endpoint["port"])
+    for job in yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"]:
+        relabels = {r["target_label"]: r for r in job.get("relabel_configs", [])}
+        assert relabels.get(CLUSTER_LABEL, {}).get("replacement"), job["job_name"]
 
 
 @pytest.mark.parametrize(
     ("expr", "expected"),
-    [("up", "reads no ray_metapeft_ metric"), ("ray_metapeft_meta_los", "unknown metric")],
+    [("up", "reads no ray_metapeft_ metric"), ("ray_metapeft_meta_los", "unknown metric"),
+     ('max(ray_metapeft_meta_step{run=~"$run"})', "is not filtered by ray_io_cluster"),
+     ("max(ray_metapeft_meta_step)", "is not filtered by ray_io_cluster")],
 )
 def test_grafana_rules_reject_foreign_or_misspelled_metrics(expr: str, expected: str) -> None:
     dashboard = json.loads(DASHBOARD_JSON.read_text())
     dashboard["panels"][0]["targets"][0]["expr"] = expr
+    assert any(expected in p for p in dashboard_problems(dashboard))
+
+
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [("cluster", "no template variable `cluster`"), ("run", "`run` variable's values")],
+)
+def test_grafana_rules_reject_a_dashboard_without_the_cluster_variable(
+    variable: str, expected: str
+) -> None:
+    dashboard = json.loads(DASHBOARD_JSON.read_text())
+    for v in dashboard["templating"]["list"]:
+        if v["name"] == variable:
+            v["definition"] = "label_values(ray_metapeft_meta_step, run)"
     assert any(expected in p for p in dashboard_problems(dashboard))
 
 

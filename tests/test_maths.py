@@ -23,14 +23,24 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return str(make_tiny_backbone(root / "bert")), str(make_tiny_dataset(root / "data.jsonl"))
 
 
-def _encoder(backbone: str, placement: str = "attn_qv", layers: str = "all", rank: int = 4):
+def _encoder(
+    backbone: str,
+    placement: str | None = "attn_qv",
+    layers: str = "all",
+    rank: int = 4,
+    checkpointing: bool = False,
+    method: str = "lora",
+):
     torch.manual_seed(0)
     return build_encoder(
-        AdapterSpec(placement=placement, layers=layers, rank=rank, alpha=8, dropout=0.0, max_length=16),
+        AdapterSpec(
+            method=method, placement=placement, layers=layers, rank=rank, alpha=8, dropout=0.0, max_length=16
+        ),
         backbone=backbone,
         normalize=True,
         second_order=True,
         device=torch.device("cpu"),
+        activation_checkpointing=checkpointing,
     )
 
 
@@ -211,3 +221,53 @@ def test_bf16_autocast_meta_gradients_stay_close_to_fp32(setup) -> None:  # noqa
     assert not torch.equal(a, b)  # autocast really ran in bf16
     assert F.cosine_similarity(a, b, dim=0) > 0.99
     assert (a - b).norm() / a.norm() < 0.1
+
+
+@pytest.mark.parametrize(
+    ("method", "wrt"),
+    [("lora", "adapter"), ("lora", "every_weight"), ("dora", "adapter"), ("ia3", "adapter"),
+     ("bottleneck", "adapter"), ("prompt", "adapter")],
+)  # fmt: skip
+def test_activation_checkpointing_keeps_the_meta_gradient(tiny, setup, method: str, wrt: str) -> None:  # noqa: ANN001
+    """model.activation_checkpointing recomputes each block in the backward, under the inner
+    loop's double backward too, with the fast weights (not the module's own) substituted: the
+    meta-gradient equals the one from kept activations, for every method that supports it
+    (prefix tuning is refused at load). ``every_weight``: the whole backbone as meta-parameters,
+    as bench_memory's full-model contender runs it."""
+    from metapeft_ray.config import DEFAULT_PLACEMENT
+    from metapeft_ray.methods import METHODS
+
+    *_, episode = setup
+    placement = DEFAULT_PLACEMENT[method]
+    enc, checkpointed = (_encoder(tiny[0], placement, method=method, checkpointing=c) for c in (False, True))
+    params = enc.adapter_params()
+    METHODS[method].meta_init(params, enc.spec, 0)
+    if wrt == "every_weight":
+        params = {n: p.detach().clone().requires_grad_() for n, p in enc.model.named_parameters()
+                  if ".pooler." not in n}  # fmt: skip
+    kw = {"steps": 2, "lr": 0.5, "scale": 10.0, "first_order": False, "meta_gradient": True}
+    grads, calls = {}, {}
+    for name, e in (("kept", enc), ("checkpointed", checkpointed)):
+        runs: list[int] = []
+        attention = next(m for n, m in e.model.named_modules() if n.endswith("encoder.layer.1.attention"))
+        hook = attention.register_forward_hook(lambda *_, r=runs: r.append(1))
+        try:
+            grads[name] = run_episode(e, params, episode, **kw).grads
+        finally:
+            hook.remove()
+        calls[name] = len(runs)
+    assert calls["checkpointed"] > calls["kept"]  # the block really ran again in the backward
+    assert grads["checkpointed"].keys() == grads["kept"].keys()
+    for name, kept in grads["kept"].items():
+        torch.testing.assert_close(grads["checkpointed"][name], kept, rtol=1e-5, atol=1e-7)
+
+
+def test_activation_checkpointing_is_a_validated_config_switch() -> None:
+    from metapeft_ray.config import load_config
+
+    assert load_config(None, []).model.activation_checkpointing is False
+    assert load_config(None, ["model.activation_checkpointing=true"]).model.activation_checkpointing
+    with pytest.raises(ValueError, match="model.activation_checkpointing"):
+        load_config(None, ["model.activation_checkpointing=sometimes"])
+    with pytest.raises(ValueError, match="does not work with peft.method=prefix"):
+        load_config(None, ["model.activation_checkpointing=true", "peft.method=prefix"])

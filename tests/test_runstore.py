@@ -90,6 +90,8 @@ def test_changed_config_finished_and_exported_checks(tmp_path: Path) -> None:
     Path(uri).mkdir()
     (Path(uri) / runstore.CONFIG_FILE).write_text(json.dumps(cfg.to_dict()))  # YAML reads JSON
     runstore.check_resumable(cfg.with_overrides({"meta.meta_steps": 9, "eval.episodes": 7}), uri)
+    # a run that ran out of memory resumes with activation checkpointing (the same maths)
+    runstore.check_resumable(cfg.with_overrides({"model.activation_checkpointing": True}), uri)
     with pytest.raises(ConfigError, match=r"different config \(meta.outer_lr: .* -> 0.5\).*new run.name"):
         runstore.check_resumable(cfg.with_overrides({"meta.outer_lr": 0.5}), uri)
 
