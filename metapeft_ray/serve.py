@@ -292,6 +292,7 @@ class AdaptationServer:
         # must not run one encoder at once: one computation at a time per replica (it uses all
         # of torch's intra-op threads anyway).
         self._compute = asyncio.Lock()
+        self._adapting: dict[str, asyncio.Future[AdaptedTask]] = {}
 
         # Functions, not methods: serve.multiplexed and serve.batch keep state on them, and
         # these take their bounds from the settings.
@@ -413,12 +414,18 @@ class AdaptationServer:
         return task
 
     async def _adapted(self, key: str, spec: TaskSpec) -> tuple[AdaptedTask, bool]:
-        """The task this replica adapted before (True), or adapts now and keeps (False)."""
+        """The task this replica adapted before (True), or adapts now and keeps (False). Requests
+        that miss the same task meanwhile wait for that one adaptation (shielded: a client that
+        goes away does not cancel it for the others)."""
         task = self.tasks.get(key)
         record_task_cache(task is not None, init=spec.init)
         if task is not None:
             return task, True
-        task = await self._adapt(spec)
+        pending = self._adapting.get(key)
+        if pending is None:
+            pending = self._adapting[key] = asyncio.ensure_future(self._adapt(spec))
+            pending.add_done_callback(lambda _: self._adapting.pop(key, None))
+        task = await asyncio.shield(pending)
         self.tasks.put(key, task)
         return task, False
 
