@@ -17,8 +17,8 @@ hits go to `metrics` (``ray_metapeft_serve_*``).
 
 Routes (JSON):
 
-- ``GET /health`` -> ``{"status": "ok", "inits", "tasks", "threads"}`` (never needs the token;
-  ``tasks``: adapted tasks in this replica)
+- ``GET /health`` -> ``{"status": "ok", "inits", "tasks", "adaptations", "threads"}`` (never
+  needs the token; ``tasks``: adapted tasks in this replica, ``adaptations``: inner loops it ran)
 - ``GET /inits`` -> ``{"inits": [{"name", "backbone", "method", "rank", ...}]}``
 - ``POST /tasks`` ``{"init", "texts", "labels", "steps"?}`` -> ``{"task_id", "classes", ...}``
 - ``POST /tasks/{task_id}/classify`` ``{"texts", "top_k"?}`` -> ``{"predictions": [...], "batch"}``
@@ -293,6 +293,7 @@ class AdaptationServer:
         # of torch's intra-op threads anyway).
         self._compute = asyncio.Lock()
         self._adapting: dict[str, asyncio.Future[AdaptedTask]] = {}
+        self.adaptations = 0  # inner loops run by this replica, for /health
 
         # Functions, not methods: serve.multiplexed and serve.batch keep state on them, and
         # these take their bounds from the settings.
@@ -411,6 +412,7 @@ class AdaptationServer:
             )
         )
         record_serve_seconds("adaptation", time.perf_counter() - start, init=spec.init)
+        self.adaptations += 1
         return task
 
     async def _adapted(self, key: str, spec: TaskSpec) -> tuple[AdaptedTask, bool]:
@@ -464,6 +466,7 @@ class AdaptationServer:
             "status": "ok",
             "inits": len(self.infos),
             "tasks": len(self.tasks),
+            "adaptations": self.adaptations,
             "threads": torch.get_num_threads(),
         }
 

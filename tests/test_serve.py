@@ -359,6 +359,19 @@ def test_concurrent_classify_requests_of_a_task_are_batched_and_answered_as_alon
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_concurrent_posts_of_one_new_task_share_one_adaptation(client: Client) -> None:
+    body = {"init": "a", **SUPPORT, "steps": 3}
+    before = client("GET", "/health", token=None)[1]["adaptations"]
+    with ThreadPoolExecutor(4) as pool:
+        posts = list(pool.map(lambda _: client("POST", "/tasks", body), range(4)))
+    assert [status for status, _ in posts] == [200] * 4
+    assert len({out["task_id"] for _, out in posts}) == 1
+    assert len({tuple(out["support_loss"]) for _, out in posts}) == 1
+    assert client("GET", "/health", token=None)[1]["adaptations"] == before + 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_task_created_through_one_replica_is_classified_through_another(
     client: Client, inits: dict[str, str], settings: ServeSettings
 ) -> None:
