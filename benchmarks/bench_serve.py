@@ -157,7 +157,7 @@ def free_port() -> int:
 def run(args: argparse.Namespace, uri: str, work: Workload, deadline: float) -> dict[str, Any]:
     from ray import serve
 
-    from metapeft_ray.serve import ServeSettings, build_app, start
+    from metapeft_ray.serve import APP_NAME, ServeSettings, build_app, start
 
     tasks, texts = work.tasks, work.texts
     port, rows, info = free_port(), {}, {}
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace, uri: str, work: Workload, deadline: float) -> 
             rows[f"classify {CLASSIFY_TEXTS} texts, no batching"] = phase(
                 url, classify, args.concurrency, deadline
             )
-        serve.delete("metapeft")
+        serve.delete(APP_NAME)
     return {"rows": rows, "info": info, "dataset": work.cfg.data.dataset, "backbone": work.cfg.model.backbone}
 
 
