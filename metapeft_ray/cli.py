@@ -199,6 +199,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cache_size=args.cache_size,
         ttl_s=args.ttl,
         max_inits_per_replica=args.max_inits,
+        max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000,
         token_env=args.token_env,
         token_file=args.token_file,
     )
@@ -375,9 +377,16 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--token-env", default=None, metavar="VAR", help="require `Authorization: Bearer "
                    "$VAR` on every route but /health; VAR is read on the replicas' nodes")  # fmt: skip
     v.add_argument("--token-file", default=None, help="the same, the token read from this file")
-    v.add_argument("--cache-size", type=int, default=64, help="adapted tasks kept per replica (LRU)")
-    v.add_argument("--ttl", type=float, default=3600.0, help="seconds an adapted task is kept")
+    v.add_argument("--cache-size", type=int, default=64, help="tasks kept (LRU), in the app and per replica")
+    v.add_argument("--ttl", type=float, default=3600.0, help="seconds a task is kept after it was posted")
     v.add_argument("--max-inits", type=int, default=3, help="inits loaded at once per replica")
+    v.add_argument(
+        "--max-batch-size", type=int, default=8,
+        help="classify requests a replica computes together (per task; 1: no batching)",
+    )  # fmt: skip
+    v.add_argument(
+        "--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill after its first one"
+    )
     v.add_argument("--replicas", type=int, default=1)
     v.add_argument(
         "--num-cpus", type=float, default=1, help="CPUs per replica (Ray gives it as many torch threads)"

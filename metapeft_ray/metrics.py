@@ -1,8 +1,10 @@
-"""Training metrics for Prometheus: one set of names, recorded from Ray workers, drivers and
-long ``--local`` runs. Importing this module never imports Ray.
+"""Metrics for Prometheus: one set of names, recorded from Ray workers, drivers, long
+``--local`` runs and the Serve replicas of ``metapeft serve``. Importing this module never
+imports Ray.
 
-Every metric is named ``metapeft_<name>`` and carries the tag keys :data:`TAG_KEYS`
-(``run``, ``worker``, ``algorithm``). Where they appear:
+Every metric is named ``metapeft_<name>``. Training metrics (:data:`METRICS`) carry the tag keys
+:data:`TAG_KEYS` (``run``, ``worker``, ``algorithm``); serving metrics (:data:`SERVE_METRICS`,
+``metapeft_serve_*``) carry :data:`SERVE_TAG_KEYS` (``init``). Where they appear:
 
 * On Ray (workers and drivers), through ``ray.util.metrics``: each node's
   ``--metrics-export-port`` serves them as ``ray_metapeft_<name>`` (counters with ``_total``,
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 __all__ = [
     "METRICS",
     "PREFIX",
+    "SERVE_METRICS",
+    "SERVE_TAG_KEYS",
     "TAG_KEYS",
     "MetricSpec",
     "algorithm_name",
@@ -45,7 +49,9 @@ __all__ = [
     "prometheus_series",
     "record_episode",
     "record_failure",
+    "record_serve_seconds",
     "record_step",
+    "record_task_cache",
     "record_val",
     "sample_names",
     "serve_local",
@@ -57,6 +63,7 @@ RAY_EXPORT_PREFIX = "ray_"
 """Prefix Ray's exporter puts before every ``ray.util.metrics`` name; the local exporter uses it
 too, so Prometheus queries and the Grafana dashboard are the same for both."""
 TAG_KEYS = ("run", "worker", "algorithm")
+SERVE_TAG_KEYS = ("init",)
 # Inner-loop (one episode's adaptation) latency, seconds: from a tiny CPU model (~10 ms) up to
 # many second-order steps of a large backbone.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -70,6 +77,7 @@ class MetricSpec:
     """Without the prefix; counters without ``_total`` (the exporters add it)."""
     kind: Kind
     description: str
+    tag_keys: tuple[str, ...] = TAG_KEYS
 
     @property
     def full_name(self) -> str:
@@ -106,27 +114,49 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("worker_failures", "counter", "worker-group restarts after a worker failure"),
     MetricSpec("inner_loop_seconds", "histogram", "wall time of one episode's inner loop"),
 )
-_BY_NAME = {m.name: m for m in METRICS}
+# `metapeft serve`: recorded in the replicas, tagged by the init's name.
+SERVE_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "serve_adaptation_seconds", "histogram",
+        "wall time of adapting an init to a support set (a new task, a task rebuilt by another "
+        "replica, a one-shot request)", SERVE_TAG_KEYS,
+    ),
+    MetricSpec(
+        "serve_classify_seconds", "histogram",
+        "wall time of classifying one request's texts, the wait for its batch included", SERVE_TAG_KEYS,
+    ),
+    MetricSpec(
+        "serve_task_cache_hits", "counter",
+        "task requests a replica answered from its cache of adapted tasks", SERVE_TAG_KEYS,
+    ),
+    MetricSpec(
+        "serve_task_cache_misses", "counter",
+        "task requests a replica had to adapt for (a new task, or one made or evicted elsewhere)",
+        SERVE_TAG_KEYS,
+    ),
+)  # fmt: skip
+_BY_NAME = {m.name: m for m in (*METRICS, *SERVE_METRICS)}
 
 
-def prometheus_names() -> set[str]:
-    """Metric names as Prometheus shows them (``ray_metapeft_meta_loss``, ...)."""
-    return {m.prometheus_name for m in METRICS}
+def prometheus_names(specs: tuple[MetricSpec, ...] = METRICS) -> set[str]:
+    """Metric names as Prometheus shows them (``ray_metapeft_meta_loss``, ...); of the training
+    metrics unless ``specs`` says otherwise (``METRICS + SERVE_METRICS``: all of them)."""
+    return {m.prometheus_name for m in specs}
 
 
-def prometheus_series() -> set[str]:
+def prometheus_series(specs: tuple[MetricSpec, ...] = METRICS) -> set[str]:
     """Every series name a query may use: the names plus the histograms' bucket/sum/count."""
-    return prometheus_names() | {
+    return prometheus_names(specs) | {
         f"{m.prometheus_name}_{suffix}"
-        for m in METRICS
+        for m in specs
         if m.kind == "histogram"
         for suffix in ("bucket", "sum", "count")
     }
 
 
-def sample_names() -> set[str]:
+def sample_names(specs: tuple[MetricSpec, ...] = METRICS) -> set[str]:
     """The sample names a scrape of ``/metrics`` shows (a histogram only as bucket/sum/count)."""
-    return prometheus_series() - {m.prometheus_name for m in METRICS if m.kind == "histogram"}
+    return prometheus_series(specs) - {m.prometheus_name for m in specs if m.kind == "histogram"}
 
 
 def algorithm_name(algorithm: str, first_order: bool) -> str:
@@ -200,11 +230,11 @@ class _RayBackend(_Backend):
         from ray.util import metrics as rm
 
         if spec.kind == "gauge":
-            return rm.Gauge(spec.full_name, spec.description, tag_keys=TAG_KEYS)
+            return rm.Gauge(spec.full_name, spec.description, tag_keys=spec.tag_keys)
         if spec.kind == "counter":
-            return rm.Counter(spec.full_name, spec.description, tag_keys=TAG_KEYS)
+            return rm.Counter(spec.full_name, spec.description, tag_keys=spec.tag_keys)
         return rm.Histogram(
-            spec.full_name, spec.description, boundaries=list(LATENCY_BUCKETS), tag_keys=TAG_KEYS
+            spec.full_name, spec.description, boundaries=list(LATENCY_BUCKETS), tag_keys=spec.tag_keys
         )
 
     def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
@@ -257,7 +287,7 @@ class _PrometheusBackend(_Backend):
 
         # prometheus_client appends _total to counters itself, as Ray's exporter does.
         name = RAY_EXPORT_PREFIX + spec.full_name
-        kw = {"labelnames": TAG_KEYS, "registry": self.registry}
+        kw = {"labelnames": spec.tag_keys, "registry": self.registry}
         if spec.kind == "gauge":
             return pc.Gauge(name, spec.description, **kw)
         if spec.kind == "counter":
@@ -378,3 +408,18 @@ def instrument_episodes(learner: MetaLearner, *, run: str, worker: str, algorith
         record_episode(seconds, run=run, worker=worker, algorithm=algorithm)
 
     learner.episode_observers.append(observe)
+
+
+def record_serve_seconds(what: Literal["adaptation", "classify"], seconds: float, *, init: str) -> None:
+    """A Serve replica adapted an init to a support set, or classified one request's texts, in
+    ``seconds``."""
+    backend = _backend()
+    if backend is not None:
+        backend.observe(f"serve_{what}_seconds", float(seconds), {"init": init})
+
+
+def record_task_cache(hit: bool, *, init: str) -> None:
+    """A Serve replica found the adapted task it needed in its cache (``hit``), or adapted it."""
+    backend = _backend()
+    if backend is not None:
+        backend.inc(f"serve_task_cache_{'hits' if hit else 'misses'}", 1.0, {"init": init})

@@ -49,9 +49,10 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 
 METRICS_PORT = 8080
 # The metric names as Prometheus shows them (ray_ + metapeft_ prefix, counters with _total),
-# declared once in metapeft_ray.metrics, which records them.
-METRICS = metapeft_metrics.prometheus_names()
-METRIC_SERIES = metapeft_metrics.prometheus_series()
+# declared once in metapeft_ray.metrics, which records them: training's and serving's.
+ALL_METRICS = metapeft_metrics.METRICS + metapeft_metrics.SERVE_METRICS
+METRICS = metapeft_metrics.prometheus_names(ALL_METRICS)
+METRIC_SERIES = metapeft_metrics.prometheus_series(ALL_METRICS)
 
 # Known spec fields of KubeRay's ray.io/v1 types (ray-operator/apis/ray/v1/*_types.go).
 RAYCLUSTER_SPEC_KEYS = frozenset({
@@ -72,6 +73,7 @@ RAYSERVICE_SPEC_KEYS = frozenset({
     "serviceUnhealthySecondThreshold", "upgradeStrategy",
 })
 SERVE_IMPORT_PATH = "metapeft_ray.serve:app_builder"
+SERVE_DEPLOYMENTS = ("AdaptationServer", "TaskStore")  # the store holds the app's tasks: one replica
 WORKER_GROUP_KEYS = ("groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams",
                      "template")
 CUSTOM_API_GROUPS = ("ray.io/", "monitoring.coreos.com/")
@@ -410,8 +412,12 @@ def serve_config_problems(spec: dict[str, Any], where: str) -> list[str]:
             problems += [f"{where}/{name}: {settings.token_env} does not come from a Secret"
                          for name, _, c in ray_containers(cluster)
                          if "secretKeyRef" not in env_of(c).get(settings.token_env, {}).get("valueFrom", {})]
-        problems += [f"{at}: unknown deployment {d.name!r} (the app has AdaptationServer)"
-                     for d in app.deployments if d.name != "AdaptationServer"]
+        problems += [f"{at}: unknown deployment {d.name!r} (the app has {', '.join(SERVE_DEPLOYMENTS)})"
+                     for d in app.deployments if d.name not in SERVE_DEPLOYMENTS]
+        problems += [f"{at}: TaskStore has num_replicas {d.num_replicas}: it is the tasks' one copy"
+                     for d in app.deployments if d.name == "TaskStore"
+                     and ({"num_replicas", "autoscaling_config"} & d.model_fields_set)
+                     and d.num_replicas != 1]
     return problems
 
 
@@ -585,11 +591,17 @@ def _drop_worker_token(doc: dict[str, Any]) -> None:
         (_edit_serve_config(lambda c: _app_args(c).update(adapters={})), "adapters: a mapping"),
         (_edit_serve_config(lambda c: c["http_options"].update(port="http")), "serveConfigV2: "),
         (_edit_serve_config(lambda c: c["http_options"].update(port=8001)), "'serve' = 8001"),
+        (_edit_serve_config(lambda c: c["applications"][0]["deployments"].append(
+            {"name": "TaskStore", "num_replicas": 2})), "TaskStore has num_replicas 2"),
+        (_edit_serve_config(lambda c: c["applications"][0]["deployments"].append({"name": "Store"})),
+         "unknown deployment 'Store'"),
+        (_edit_serve_config(lambda c: _app_args(c).update(max_batch_size=0)), "max_batch_size=0"),
         (lambda d: d["spec"].update(serveConfig={}), "unknown spec field 'serveConfig'"),
         (lambda d: d["spec"]["rayClusterConfig"].update(rayVersion="2.9.0"), "rayVersion"),
     ],
     ids=["no-token", "worker-token-env", "import-path", "unknown-arg", "no-adapters",
-         "serve-schema", "serve-port", "unknown-spec-field", "ray-version"],
+         "serve-schema", "serve-port", "store-replicas", "unknown-deployment", "batch-size",
+         "unknown-spec-field", "ray-version"],
 )
 def test_rayservice_rules_reject_a_broken_service(
     mutate: Callable[[dict[str, Any]], None], expected: str
@@ -680,7 +692,7 @@ def dashboard_labels(dashboard: dict[str, Any]) -> set[str]:
 def test_grafana_dashboard_uses_only_declared_tag_keys() -> None:
     labels = dashboard_labels(json.loads(DASHBOARD_JSON.read_text()))
     assert {"run", "worker", "le", CLUSTER_LABEL} <= labels
-    assert labels <= {*metapeft_metrics.TAG_KEYS, "le", CLUSTER_LABEL}
+    assert labels <= {*metapeft_metrics.TAG_KEYS, *metapeft_metrics.SERVE_TAG_KEYS, "le", CLUSTER_LABEL}
 
 
 def test_every_scrape_sets_the_cluster_label() -> None:

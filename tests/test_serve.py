@@ -1,16 +1,21 @@
 """Adaptation as a service: a real Serve application on the session's local Ray, over HTTP.
 
 One application per module (Serve starts once): two tiny inits, a task cache of one, a bearer
-token from a file, small request limits so that every bad-request kind is cheap to send."""
+token from a file, small request limits so that every bad-request kind is cheap to send, and a
+batch wait long enough that concurrent requests surely meet. One test adds a second, 2-replica
+application beside it for as long as it runs."""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,7 @@ from metapeft_ray.data import LabelledTexts
 from metapeft_ray.export import export_adapter, load_adapter
 from metapeft_ray.meta import Adapted
 from metapeft_ray.model import encoder_from_config
-from metapeft_ray.serve import ServeSettings, TaskCache, parse_adapters, read_token, task_id
+from metapeft_ray.serve import ServeSettings, TaskCache, builder_args, parse_adapters, read_token, task_id
 from metapeft_ray.train import inner_loop
 from tests.tiny import tiny_overrides
 
@@ -46,10 +51,10 @@ def _task(name: str) -> AdaptedTask:
 def test_task_cache_evicts_least_recently_used_and_expires_after_ttl() -> None:
     now = [0.0]
     cache = TaskCache(2, ttl_s=10.0, clock=lambda: now[0])
-    cache.put("a", "i", _task("a"))
-    cache.put("b", "i", _task("b"))
+    cache.put("a", _task("a"))
+    cache.put("b", _task("b"))
     assert cache.get("a") is not None  # a is now the most recent
-    cache.put("c", "i", _task("c"))
+    cache.put("c", _task("c"))
     assert cache.get("b") is None and cache.get("a") is not None and len(cache) == 2
     now[0] = 10.5
     assert cache.get("a") is None and cache.get("c") is None and len(cache) == 0
@@ -85,6 +90,24 @@ def test_adapter_specs_and_token_sources_are_checked(tmp_path: Path, monkeypatch
         read_token(None, str(tmp_path / "t"))
 
 
+def test_batch_settings_are_checked_from_the_cli_and_the_builder_args() -> None:
+    assert ServeSettings(max_batch_size=1, batch_wait_s=0).max_batch_size == 1  # batching off
+    for kw, reason in (
+        ({"max_batch_size": 0}, "max_batch_size=0: give 1 (no batching) to 32"),
+        ({"max_batch_size": 33}, "max_batch_size=33"),
+        ({"batch_wait_s": -0.1}, "batch_wait_s=-0.1 must be 0 or more"),
+        ({"ttl_s": 0.0}, "ttl_s=0.0 must be positive"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            ServeSettings(**kw)
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            builder_args({"adapters": {"a": "/x"}, **kw})
+    _, settings = builder_args({"adapters": {"a": "/x"}, "max_batch_size": 16, "batch_wait_s": 0})
+    assert (settings.max_batch_size, settings.batch_wait_s) == (16, 0.0)
+    with pytest.raises(ValueError, match="batch_wait_s: 'x' is not a number"):
+        builder_args({"adapters": {"a": "/x"}, "batch_wait_s": "x"})
+
+
 def test_serve_cli_refuses_bad_adapters_and_a_missing_token_before_starting_anything(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -96,6 +119,7 @@ def test_serve_cli_refuses_bad_adapters_and_a_missing_token_before_starting_anyt
         (["--adapter", "a"], "expected NAME=PATH"),
         (["--adapter", f"a={tmp_path}"], f"--adapter a={tmp_path}: {tmp_path}: no metapeft.json"),
         (["--adapter", f"a={tmp_path}", "--token-env", "METAPEFT_TEST_TOKEN"], "the variable is unset"),
+        (["--adapter", f"a={tmp_path}", "--max-batch-size", "0"], "max_batch_size=0: give 1"),
     ):
         assert main(["serve", *argv]) == 2
         err = capsys.readouterr().err
@@ -142,19 +166,21 @@ class Client:
 
 
 @pytest.fixture(scope="module")
-def client(
-    ray_cluster: dict[str, str], inits: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Client]:
+def settings(tmp_path_factory: pytest.TempPathFactory) -> ServeSettings:
+    token_file = tmp_path_factory.mktemp("token") / "token"
+    token_file.write_text(TOKEN + "\n")
+    return ServeSettings(
+        cache_size=1, max_texts=12, max_text_chars=200, max_steps=5, max_body_bytes=20_000,
+        max_batch_size=8, batch_wait_s=0.25, token_file=str(token_file),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def client(ray_cluster: dict[str, str], inits: dict[str, str], settings: ServeSettings) -> Iterator[Client]:
     from ray import serve
 
     from metapeft_ray.serve import build_app, start
 
-    token_file = tmp_path_factory.mktemp("token") / "token"
-    token_file.write_text(TOKEN + "\n")
-    settings = ServeSettings(
-        cache_size=1, max_texts=12, max_text_chars=200, max_steps=5, max_body_bytes=20_000,
-        token_file=str(token_file),
-    )  # fmt: skip
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -309,3 +335,112 @@ def test_latency_of_task_creation_and_classify(client: Client) -> None:
         assert client("POST", f"/tasks/{key['task_id']}/classify", {"texts": texts})[0] == 200
         timings["classify 12"].append(time.perf_counter() - start)
     print({k: f"median {sorted(v)[len(v) // 2] * 1000:.0f} ms" for k, v in timings.items()})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_concurrent_classify_requests_of_a_task_are_batched_and_answered_as_alone(client: Client) -> None:
+    """Requests of different lengths, texts and top_k: in one batch their texts share encoder
+    passes (padded to the longest), and each still gets what it gets alone."""
+    key = client("POST", "/tasks", {"init": "a", **SUPPORT})[1]["task_id"]
+    long = "why is my card still not here it has been two weeks since i ordered it"
+    bodies = [{"texts": [*QUERIES[i % 3 :], long][: 1 + i % 4], "top_k": 1 + i % 3} for i in range(6)]
+    alone = []
+    for body in bodies:
+        status, out = client("POST", f"/tasks/{key}/classify", body)
+        assert (status, out["batch"]) == (200, 1), out
+        alone.append(out["predictions"])
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: client("POST", f"/tasks/{key}/classify", b), bodies))
+    assert [status for status, _ in together] == [200] * len(bodies)
+    assert max(out["batch"] for _, out in together) > 1, [out["batch"] for _, out in together]
+    assert [out["predictions"] for _, out in together] == alone
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_concurrent_posts_of_one_new_task_share_one_adaptation(client: Client) -> None:
+    body = {"init": "a", **SUPPORT, "steps": 3}
+    before = client("GET", "/health", token=None)[1]["adaptations"]
+    with ThreadPoolExecutor(4) as pool:
+        posts = list(pool.map(lambda _: client("POST", "/tasks", body), range(4)))
+    assert [status for status, _ in posts] == [200] * 4
+    assert len({out["task_id"] for _, out in posts}) == 1
+    assert len({tuple(out["support_loss"]) for _, out in posts}) == 1
+    assert client("GET", "/health", token=None)[1]["adaptations"] == before + 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_task_created_through_one_replica_is_classified_through_another(
+    client: Client, inits: dict[str, str], settings: ServeSettings
+) -> None:
+    """A second application with 2 replicas: classify the task until both the replica that
+    created it (``cached``) and the other one (it adapts the task from the app's store) have
+    answered; the answers are identical."""
+    from ray import serve
+
+    from metapeft_ray.serve import build_app, start
+
+    port = int(client.url.rsplit(":", 1)[1])
+    app = build_app({"a": inits["a"]}, replace(settings, cache_size=4), num_replicas=2, num_cpus=0.25)
+    two = Client(start(app, port=port, route_prefix="/two", name="two"))
+    try:
+        status, created = two("POST", "/tasks", {"init": "a", **SUPPORT})
+        assert status == 200, created
+        answers: dict[bool, list] = {True: [], False: []}
+        for _ in range(40):
+            status, out = two("POST", f"/tasks/{created['task_id']}/classify", {"texts": QUERIES})
+            assert status == 200, out
+            answers[out["cached"]].append(out["predictions"])
+            if answers[True] and answers[False]:
+                break
+        assert answers[True] and answers[False], "40 requests all reached one replica"
+        assert all(p == answers[True][0] for p in answers[True] + answers[False])
+    finally:
+        serve.delete("two")
+
+
+def _serve_samples(ray_cluster: dict[str, str]) -> dict[str, float]:
+    """``{"name{init}": value}`` of the ray_metapeft_serve_* samples on the node's metrics port
+    (summed over the replicas that recorded them)."""
+    import ray
+
+    node = ray.nodes()[0]
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    samples: dict[str, float] = {}
+    for m in re.finditer(r"^(ray_metapeft_serve_\w+)\{([^}]*)\} (\S+)$", text, flags=re.M):
+        init = re.search(r'init="([^"]*)"', m.group(2))
+        le = re.search(r'le="([^"]*)"', m.group(2))
+        if le is None and init is not None:
+            name = f"{m.group(1)}{{{init.group(1)}}}"
+            samples[name] = samples.get(name, 0.0) + float(m.group(3))
+    return samples
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_metrics_reach_the_nodes_metrics_endpoint(client: Client, ray_cluster: dict[str, str]) -> None:
+    """Both latencies and both cache outcomes of init b, on Ray's metrics export port (Ray
+    pushes them every 10 s); then one more cached classify raises the hit count."""
+    from metapeft_ray.metrics import SERVE_METRICS, sample_names
+
+    def wait_for(ok: Callable[[dict[str, float]], bool]) -> dict[str, float]:
+        deadline = time.monotonic() + 60
+        samples = _serve_samples(ray_cluster)
+        while not ok(samples) and time.monotonic() < deadline:
+            time.sleep(1)
+            samples = _serve_samples(ray_cluster)
+        return samples
+
+    x, y = ({"init": "b", **SUPPORT, "steps": steps} for steps in (0, 1))
+    for body in (x, y, x, x):  # the cache holds one task: y evicts x, the third post adapts x again
+        key = client("POST", "/tasks", body)[1]["task_id"]
+    assert client("POST", f"/tasks/{key}/classify", {"texts": QUERIES})[1]["cached"] is True
+    want = {f"{name}{{b}}" for name in sample_names(SERVE_METRICS) if not name.endswith("_bucket")}
+    samples = wait_for(lambda s: want <= set(s))
+    assert want <= set(samples), sorted(want - set(samples))
+    hits = "ray_metapeft_serve_task_cache_hits_total{b}"
+    assert client("POST", f"/tasks/{key}/classify", {"texts": QUERIES})[1]["cached"] is True
+    assert wait_for(lambda s: s[hits] > samples[hits])[hits] > samples[hits]
