@@ -347,9 +347,13 @@ def check_capacity(
     per_worker: Mapping[str, float],
     nodes: list[Mapping[str, float]] | None = None,
     field: str = "distributed.workers, --workers",
+    types: list[tuple[Mapping[str, float], int]] | None = None,
 ) -> float:
     """Fail before the trainer starts when ``workers`` can never be placed (``field`` names the
     setting to lower); else return how many such workers the cluster can hold (inf: unbounded).
+    ``nodes`` (each node's total resources) and ``types`` (the autoscaler's node types, as in
+    `ClusterView`) describe the cluster; without ``nodes`` they are read from the connected Ray
+    (``ray.nodes()``, public, and `_autoscaler_node_types`), so the decision is tested without Ray.
 
     Compared with the cluster's *total* resources (not what is free now: busy resources free up,
     and Ray queues the worker group until they do), node by node, since a worker cannot span
@@ -363,11 +367,9 @@ def check_capacity(
 
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         types = _autoscaler_node_types()
-    else:  # the embedded local Ray, before it starts: one node, no autoscaler
-        types = []
     now = sum(_fits(n, per_worker) for n in nodes)
     bound, source = now, "the cluster's nodes"
-    if types:
+    if types:  # none given: a cluster without autoscaler (the embedded local Ray before it starts)
         # max_count -1: unbounded; 0 * inf would be nan, so a type that fits no worker adds 0.
         grown = sum(
             (float("inf") if count == -1 else count) * fit
@@ -399,7 +401,9 @@ def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
     (KubeRay / cluster launcher with autoscaler v2); empty when there is none. Private Ray API,
     pinned ray version; any failure means "no autoscaler known". Ray 2.60 has no public API for
     this (``ray.autoscaler.sdk`` takes a launcher YAML, or requests resources); Ray Train reads
-    the same record for its own capacity check (``get_max_resources_from_cluster_config``)."""
+    the same record for its own capacity check (``get_max_resources_from_cluster_config``), and
+    Ray Data for its autoscaling. The only private Ray state the capacity checks read: the nodes
+    and resources come from ``ray.nodes()`` and ``ray.cluster_resources()``."""
     try:
         import ray._private.state
 
