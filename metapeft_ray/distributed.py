@@ -599,9 +599,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _report(learner: MetaLearner, state: dict[str, Any], rank: int) -> None:
-    """Every rank calls report (a barrier); only rank 0 hands over a checkpoint. The report and
-    the checkpoint record ``world_size``, the ranks the steps really ran on (a Tune trial's
-    reports reach Tune through `TuneReportCallback`)."""
+    """Every rank calls report (a barrier); only rank 0 hands over a checkpoint, uploaded in the
+    background (``CheckpointUploadMode.ASYNC``) while the ranks go on with the next steps: Ray
+    Train registers it once it is in storage, deletes the local copy, and lets the worker end only
+    after its last upload. The report and the checkpoint record ``world_size``, the ranks the
+    steps really ran on (a Tune trial's reports reach Tune through `TuneReportCallback`)."""
     import ray.train
 
     metrics = {
@@ -612,13 +614,14 @@ def _report(learner: MetaLearner, state: dict[str, Any], rank: int) -> None:
     if rank != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="metapeft-ckpt-") as d:
-        runstore.save_state(d, state)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(d),
-            checkpoint_dir_name=runstore.checkpoint_name(learner.step),
-        )
+    d = tempfile.mkdtemp(prefix="metapeft-ckpt-")  # Ray Train deletes it after the upload
+    runstore.save_state(d, state)
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(d),
+        checkpoint_dir_name=runstore.checkpoint_name(learner.step),
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+    )
 
 
 def _test_hook(rank: int, step: int) -> None:

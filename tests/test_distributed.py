@@ -136,6 +136,8 @@ def test_resume_equals_uninterrupted_and_finished_is_not_rerun(  # noqa: ANN001
 ) -> None:
     distributed.train_ray(base("resume", **{"meta.meta_steps": 2}), progress=False)
     cfg = base("resume")
+    # uploaded in the background (CheckpointUploadMode.ASYNC), and in storage when fit returned
+    assert (Path(run_uri(cfg)) / "checkpoint_000002" / "state.pt").is_file()
     report = distributed.train_ray(cfg, progress=False)
     assert report["meta_step"] == STEPS
     assert_same(final_adapter(cfg), reference)
