@@ -426,7 +426,8 @@ def fit(
     callbacks: list[Any] | None = None,
     quiet: bool = False,
 ) -> tuple[Any, int]:
-    """``TorchTrainer.fit`` of the worker loop; returns the result and the worker-group restarts.
+    """``TorchTrainer.fit`` of the worker loop; returns the result and the worker-group restarts
+    (each also counted live in ``ray_metapeft_worker_failures_total``, see `_FailureCounter`).
     ``progress``: rank 0 feeds its steps to a bar drawn here (`_progress`); ``quiet``: Ray Train
     and the workers (their root logger, transformers) log only warnings and errors."""
     import ray
@@ -435,17 +436,12 @@ def fit(
 
     fs, path = storage.pyarrow_filesystem(cfg.run.output_dir)
     env = {k: v for k, v in os.environ.items() if k == TEST_PID_DIR_ENV}
-    attempts = ray.remote(_AttemptCounter).options(num_cpus=0).remote()
+    failures = ray.remote(_FailureCounter).options(num_cpus=0).remote(live_metrics.tags_for(cfg, "driver"))
     try:
         with _progress(cfg.meta.meta_steps) if progress else contextlib.nullcontext() as feed:
             trainer = TorchTrainer(
                 train_loop_per_worker,
-                train_loop_config={
-                    "config": cfg.to_dict(),
-                    "progress": feed,
-                    "attempts": attempts,
-                    "quiet": quiet,
-                },
+                train_loop_config={"config": cfg.to_dict(), "progress": feed, "quiet": quiet},
                 scaling_config=ScalingConfig(
                     num_workers=cfg.distributed.workers, use_gpu=use_gpu, resources_per_worker=per_worker
                 ),
@@ -456,7 +452,7 @@ def fit(
                     failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2),
                     worker_runtime_env={"env_vars": env} if env else None,
-                    callbacks=callbacks,
+                    callbacks=[*(callbacks or []), _count_failures(failures)],
                     logging_config=LoggingConfig(log_level="WARNING" if quiet else "INFO"),
                 ),
             )
@@ -468,10 +464,10 @@ def fit(
                     f"{cfg.distributed.max_failures} restart(s): {_first_line(err)}; fix the cause "
                     "and rerun the same run.name to resume from its last checkpoint"
                 ) from err
-        restarts = max(0, ray.get(attempts.get.remote()) - 1)
-        live_metrics.record_failure(restarts, **live_metrics.tags_for(cfg, "driver"))
+        # fit succeeded, so the group restarted after each failure
+        restarts = ray.get(failures.get.remote())
     finally:
-        ray.kill(attempts)
+        ray.kill(failures)
     if result.error is not None:
         raise TrainingFailedError(f"distributed training of {cfg.run.name!r} failed: {result.error}")
     if result.checkpoint is None:
@@ -523,19 +519,35 @@ def _progress(meta_steps: int) -> Iterator[Any]:
         ray.kill(feed.actor)
 
 
-class _AttemptCounter:
-    """How many times the worker group started in one fit (restarts = count - 1); a tiny Ray
-    actor (``ray.remote(_AttemptCounter)``) so the count survives the workers it counts."""
+class _FailureCounter:
+    """The worker-group failures of one fit, counted live: a tiny Ray actor (``ray.remote``, no
+    CPU) that lives for the whole fit, told of each failure by `_count_failures` on the Train
+    controller. It holds the run's ``ray_metapeft_worker_failures_total``: at 0 from the start
+    (so Prometheus' ``increase()`` sees the first failure), one more per failure as it happens."""
 
-    def __init__(self) -> None:
-        self.n = 0
+    def __init__(self, tags: dict[str, str]) -> None:
+        self.n, self.tags = 0, tags
+        live_metrics.record_failure(0, **tags)
 
-    def incr(self) -> int:
+    def add(self) -> None:
         self.n += 1
-        return self.n
+        live_metrics.record_failure(1, **self.tags)
 
     def get(self) -> int:
         return self.n
+
+
+def _count_failures(counter: Any) -> Any:
+    """A ``ray.train.UserCallback`` for `_FailureCounter` ``counter``: Ray Train calls its
+    ``after_exception`` on the controller once per failed worker group (each poll that finds
+    failed workers leads to one restart, or to the end of the run past ``max_failures``)."""
+    import ray.train
+
+    class CountFailures(ray.train.UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            counter.add.remote()  # no wait: the controller's loop is asyncio
+
+    return CountFailures()
 
 
 # -- the worker ---------------------------------------------------------------------------------
@@ -563,8 +575,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     feed = loop_config["progress"] if rank == 0 else None  # a `_progress` queue, or None
     torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
-    if rank == 0:
-        ray.get(loop_config["attempts"].incr.remote())
 
     learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=ray.train.torch.get_device())
     tags = live_metrics.tags_for(cfg, rank)  # ray_metapeft_* on each node's metrics port
