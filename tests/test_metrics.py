@@ -121,8 +121,9 @@ def test_a_failure_counter_starts_at_zero(local_exporter: int) -> None:
 
 
 class _Recorded(metrics._RayBackend):
-    """Ray's backend with each metric object replaced by a recorder of its ``set`` calls, and
-    no refresh thread (the test calls `refresh_once`, what the thread does every interval)."""
+    """Ray's backend with each metric object replaced by a recorder of its ``set`` calls (``inc``
+    and ``observe`` do nothing), and no refresh thread (the test calls `refresh_once`, what the
+    thread does every interval)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -133,7 +134,7 @@ class _Recorded(metrics._RayBackend):
         def record(value: float, tags: dict[str, str]) -> None:
             self.sets.append((spec.name, tags["run"], value))
 
-        return SimpleNamespace(set=record)
+        return SimpleNamespace(set=record, inc=lambda *a, **k: None, observe=lambda *a, **k: None)
 
 
 def test_a_finished_trials_gauges_are_not_kept_alive(monkeypatch: pytest.MonkeyPatch) -> None:
