@@ -347,9 +347,13 @@ def check_capacity(
     per_worker: Mapping[str, float],
     nodes: list[Mapping[str, float]] | None = None,
     field: str = "distributed.workers, --workers",
+    types: list[tuple[Mapping[str, float], int]] | None = None,
 ) -> float:
     """Fail before the trainer starts when ``workers`` can never be placed (``field`` names the
     setting to lower); else return how many such workers the cluster can hold (inf: unbounded).
+    ``nodes`` (each node's total resources) and ``types`` (the autoscaler's node types, as in
+    `ClusterView`) describe the cluster; without ``nodes`` they are read from the connected Ray
+    (``ray.nodes()``, public, and `_autoscaler_node_types`), so the decision is tested without Ray.
 
     Compared with the cluster's *total* resources (not what is free now: busy resources free up,
     and Ray queues the worker group until they do), node by node, since a worker cannot span
@@ -363,11 +367,9 @@ def check_capacity(
 
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         types = _autoscaler_node_types()
-    else:  # the embedded local Ray, before it starts: one node, no autoscaler
-        types = []
     now = sum(_fits(n, per_worker) for n in nodes)
     bound, source = now, "the cluster's nodes"
-    if types:
+    if types:  # none given: a cluster without autoscaler (the embedded local Ray before it starts)
         # max_count -1: unbounded; 0 * inf would be nan, so a type that fits no worker adds 0.
         grown = sum(
             (float("inf") if count == -1 else count) * fit
@@ -399,7 +401,9 @@ def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
     (KubeRay / cluster launcher with autoscaler v2); empty when there is none. Private Ray API,
     pinned ray version; any failure means "no autoscaler known". Ray 2.60 has no public API for
     this (``ray.autoscaler.sdk`` takes a launcher YAML, or requests resources); Ray Train reads
-    the same record for its own capacity check (``get_max_resources_from_cluster_config``)."""
+    the same record for its own capacity check (``get_max_resources_from_cluster_config``), and
+    Ray Data for its autoscaling. The only private Ray state the capacity checks read: the nodes
+    and resources come from ``ray.nodes()`` and ``ray.cluster_resources()``."""
     try:
         import ray._private.state
 
@@ -422,7 +426,8 @@ def fit(
     callbacks: list[Any] | None = None,
     quiet: bool = False,
 ) -> tuple[Any, int]:
-    """``TorchTrainer.fit`` of the worker loop; returns the result and the worker-group restarts.
+    """``TorchTrainer.fit`` of the worker loop; returns the result and the worker-group restarts
+    (each also counted live in ``ray_metapeft_worker_failures_total``, see `_FailureCounter`).
     ``progress``: rank 0 feeds its steps to a bar drawn here (`_progress`); ``quiet``: Ray Train
     and the workers (their root logger, transformers) log only warnings and errors."""
     import ray
@@ -431,17 +436,12 @@ def fit(
 
     fs, path = storage.pyarrow_filesystem(cfg.run.output_dir)
     env = {k: v for k, v in os.environ.items() if k == TEST_PID_DIR_ENV}
-    attempts = ray.remote(_AttemptCounter).options(num_cpus=0).remote()
+    failures = ray.remote(_FailureCounter).options(num_cpus=0).remote(live_metrics.tags_for(cfg, "driver"))
     try:
         with _progress(cfg.meta.meta_steps) if progress else contextlib.nullcontext() as feed:
             trainer = TorchTrainer(
                 train_loop_per_worker,
-                train_loop_config={
-                    "config": cfg.to_dict(),
-                    "progress": feed,
-                    "attempts": attempts,
-                    "quiet": quiet,
-                },
+                train_loop_config={"config": cfg.to_dict(), "progress": feed, "quiet": quiet},
                 scaling_config=ScalingConfig(
                     num_workers=cfg.distributed.workers, use_gpu=use_gpu, resources_per_worker=per_worker
                 ),
@@ -452,7 +452,7 @@ def fit(
                     failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2),
                     worker_runtime_env={"env_vars": env} if env else None,
-                    callbacks=callbacks,
+                    callbacks=[*(callbacks or []), _count_failures(failures)],
                     logging_config=LoggingConfig(log_level="WARNING" if quiet else "INFO"),
                 ),
             )
@@ -464,10 +464,10 @@ def fit(
                     f"{cfg.distributed.max_failures} restart(s): {_first_line(err)}; fix the cause "
                     "and rerun the same run.name to resume from its last checkpoint"
                 ) from err
-        restarts = max(0, ray.get(attempts.get.remote()) - 1)
-        live_metrics.record_failure(restarts, **live_metrics.tags_for(cfg, "driver"))
+        # fit succeeded, so the group restarted after each failure
+        restarts = ray.get(failures.get.remote())
     finally:
-        ray.kill(attempts)
+        ray.kill(failures)
     if result.error is not None:
         raise TrainingFailedError(f"distributed training of {cfg.run.name!r} failed: {result.error}")
     if result.checkpoint is None:
@@ -519,19 +519,35 @@ def _progress(meta_steps: int) -> Iterator[Any]:
         ray.kill(feed.actor)
 
 
-class _AttemptCounter:
-    """How many times the worker group started in one fit (restarts = count - 1); a tiny Ray
-    actor (``ray.remote(_AttemptCounter)``) so the count survives the workers it counts."""
+class _FailureCounter:
+    """The worker-group failures of one fit, counted live: a tiny Ray actor (``ray.remote``, no
+    CPU) that lives for the whole fit, told of each failure by `_count_failures` on the Train
+    controller. It holds the run's ``ray_metapeft_worker_failures_total``: at 0 from the start
+    (so Prometheus' ``increase()`` sees the first failure), one more per failure as it happens."""
 
-    def __init__(self) -> None:
-        self.n = 0
+    def __init__(self, tags: dict[str, str]) -> None:
+        self.n, self.tags = 0, tags
+        live_metrics.record_failure(0, **tags)
 
-    def incr(self) -> int:
+    def add(self) -> None:
         self.n += 1
-        return self.n
+        live_metrics.record_failure(1, **self.tags)
 
     def get(self) -> int:
         return self.n
+
+
+def _count_failures(counter: Any) -> Any:
+    """A ``ray.train.UserCallback`` for `_FailureCounter` ``counter``: Ray Train calls its
+    ``after_exception`` on the controller once per failed worker group (each poll that finds
+    failed workers leads to one restart, or to the end of the run past ``max_failures``)."""
+    import ray.train
+
+    class CountFailures(ray.train.UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            counter.add.remote()  # no wait: the controller's loop is asyncio
+
+    return CountFailures()
 
 
 # -- the worker ---------------------------------------------------------------------------------
@@ -559,8 +575,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     feed = loop_config["progress"] if rank == 0 else None  # a `_progress` queue, or None
     torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
-    if rank == 0:
-        ray.get(loop_config["attempts"].incr.remote())
 
     learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=ray.train.torch.get_device())
     tags = live_metrics.tags_for(cfg, rank)  # ray_metapeft_* on each node's metrics port
@@ -595,9 +609,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _report(learner: MetaLearner, state: dict[str, Any], rank: int) -> None:
-    """Every rank calls report (a barrier); only rank 0 hands over a checkpoint. The report and
-    the checkpoint record ``world_size``, the ranks the steps really ran on (a Tune trial's
-    reports reach Tune through `TuneReportCallback`)."""
+    """Every rank calls report (a barrier); only rank 0 hands over a checkpoint, uploaded in the
+    background (``CheckpointUploadMode.ASYNC``) while the ranks go on with the next steps: Ray
+    Train registers it once it is in storage, deletes the local copy, and lets the worker end only
+    after its last upload. The report and the checkpoint record ``world_size``, the ranks the
+    steps really ran on (a Tune trial's reports reach Tune through `TuneReportCallback`)."""
     import ray.train
 
     metrics = {
@@ -608,13 +624,14 @@ def _report(learner: MetaLearner, state: dict[str, Any], rank: int) -> None:
     if rank != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="metapeft-ckpt-") as d:
-        runstore.save_state(d, state)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(d),
-            checkpoint_dir_name=runstore.checkpoint_name(learner.step),
-        )
+    d = tempfile.mkdtemp(prefix="metapeft-ckpt-")  # Ray Train deletes it after the upload
+    runstore.save_state(d, state)
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(d),
+        checkpoint_dir_name=runstore.checkpoint_name(learner.step),
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+    )
 
 
 def _test_hook(rank: int, step: int) -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "record_step",
     "record_task_cache",
     "record_val",
+    "release",
     "sample_names",
     "serve_local",
     "tags_for",
@@ -111,7 +112,7 @@ _GAUGE_HELP = {
 METRICS: tuple[MetricSpec, ...] = (
     *(MetricSpec(name, "gauge", _GAUGE_HELP[name]) for name in STEP_GAUGES),
     MetricSpec("episodes", "counter", "few-shot episodes adapted (meta-train and meta-validation)"),
-    MetricSpec("worker_failures", "counter", "worker-group restarts after a worker failure"),
+    MetricSpec("worker_failures", "counter", "worker-group failures (each restarts it from a checkpoint)"),
     MetricSpec("inner_loop_seconds", "histogram", "wall time of one episode's inner loop"),
 )
 # `metapeft serve`: recorded in the replicas, tagged by the init's name.
@@ -204,11 +205,14 @@ class _Backend(ABC):
 
     @abstractmethod
     def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
-        """Backend-specific."""
+        """Backend-specific; ``value`` 0 makes the counter's series exist at 0."""
 
     @abstractmethod
     def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
         """Backend-specific."""
+
+    def release(self, tags: Mapping[str, str]) -> None:  # noqa: B027 (only Ray's backend needs it)
+        """Stop keeping the gauges of ``tags`` alive."""
 
 
 class _RayBackend(_Backend):
@@ -218,7 +222,9 @@ class _RayBackend(_Backend):
     for two export intervals (``RAY_metrics_report_interval_ms``, 10 s by default), even while
     the process lives; a meta-step slower than that would make the gauges blink in and out of
     Prometheus. Re-setting them every interval keeps a live worker's last values visible, as a
-    Prometheus gauge is expected to behave; they leave the export when the worker exits.
+    Prometheus gauge is expected to behave. They leave the export when the worker exits, or two
+    intervals after the run that set them `release`s them: a Tune actor reused for the next
+    trial must not keep the last trial's gauges alive.
     """
 
     def __init__(self) -> None:
@@ -261,13 +267,25 @@ class _RayBackend(_Backend):
                     self._last.clear()
                     self._refresher = None
                 return
-            with self._lock:
-                last = list(self._last.items())
-            for (name, tags), value in last:
-                self.get(name).set(value, tags=dict(tags))
+            self.refresh_once()
+
+    def refresh_once(self) -> None:
+        """Re-set every kept gauge to its last value."""
+        with self._lock:
+            last = list(self._last.items())
+        for (name, tags), value in last:
+            self.get(name).set(value, tags=dict(tags))
+
+    def release(self, tags: Mapping[str, str]) -> None:
+        key = tuple(sorted(tags.items()))
+        with self._lock:
+            self._last = {k: v for k, v in self._last.items() if k[1] != key}
 
     def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
-        self.get(name).inc(value, tags=dict(tags))
+        if value == 0:  # Counter.inc refuses 0; the record it wraps creates the series at 0
+            self.get(name)._record(0.0, tags=dict(tags))
+        else:
+            self.get(name).inc(value, tags=dict(tags))
 
     def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
         self.get(name).observe(value, tags=dict(tags))
@@ -298,7 +316,7 @@ class _PrometheusBackend(_Backend):
         self.get(name).labels(**tags).set(value)
 
     def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
-        self.get(name).labels(**tags).inc(value)
+        self.get(name).labels(**tags).inc(value)  # labels() alone creates the series at 0
 
     def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
         self.get(name).labels(**tags).observe(value)
@@ -384,11 +402,23 @@ def record_episode(seconds: float, *, run: str, worker: str, algorithm: str) -> 
 
 
 def record_failure(count: int = 1, *, run: str, worker: str, algorithm: str) -> None:
-    """``count`` worker-group restarts (a worker died and the group resumed from a checkpoint)."""
+    """``count`` worker-group failures (a worker died; the group restarts from the last
+    checkpoint while ``distributed.max_failures`` allows). ``count=0`` at the start of a run makes
+    the series exist at 0, so that Prometheus' ``increase()`` counts the first failure (a series
+    that first appears at 1 shows an increase of 0)."""
     backend = _backend()
-    if backend is None or count <= 0:
+    if backend is None or count < 0:
         return
     backend.inc("worker_failures", float(count), _tags(run, worker, algorithm))
+
+
+def release(*, run: str, worker: str, algorithm: str) -> None:
+    """The run of these tags has ended in a process that lives on (a Tune trial in a reused
+    actor): stop keeping its gauges alive, so that they leave Ray's export about two export
+    intervals later instead of showing its last values for ever. Counters and histograms stay."""
+    backend = _backend()
+    if backend is not None:
+        backend.release(_tags(run, worker, algorithm))
 
 
 def record_val(accuracy: float, *, run: str, worker: str, algorithm: str) -> None:

@@ -101,14 +101,17 @@ def trial(params: dict[str, Any], base: dict[str, Any], workers: int = 1) -> Non
                 checkpoint=tune.Checkpoint.from_directory(d),
             )
 
-    learner.run(
-        cfg.meta.meta_steps,
-        val_every=cfg.meta.val_every,
-        history=history,
-        on_step=lambda metrics: live_metrics.record_step(metrics, **tags),
-        checkpoint_every=cfg.meta.val_every,
-        on_checkpoint=report,
-    )
+    try:
+        learner.run(
+            cfg.meta.meta_steps,
+            val_every=cfg.meta.val_every,
+            history=history,
+            on_step=lambda metrics: live_metrics.record_step(metrics, **tags),
+            checkpoint_every=cfg.meta.val_every,
+            on_checkpoint=report,
+        )
+    finally:  # finished, failed, or stopped (Tune ends a stopped trial's report with SystemExit)
+        live_metrics.release(**tags)  # the actor may be reused: its gauges must not outlive it
 
 
 def experiment_uri(cfg: Config) -> str:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,8 @@ def test_resume_equals_uninterrupted_and_finished_is_not_rerun(  # noqa: ANN001
 ) -> None:
     distributed.train_ray(base("resume", **{"meta.meta_steps": 2}), progress=False)
     cfg = base("resume")
+    # uploaded in the background (CheckpointUploadMode.ASYNC), and in storage when fit returned
+    assert (Path(run_uri(cfg)) / "checkpoint_000002" / "state.pt").is_file()
     report = distributed.train_ray(cfg, progress=False)
     assert report["meta_step"] == STEPS
     assert_same(final_adapter(cfg), reference)
@@ -162,21 +166,48 @@ def test_resume_equals_uninterrupted_and_finished_is_not_rerun(  # noqa: ANN001
         distributed.train_ray(base("resume", **{"meta.inner_lr": 0.5}), progress=False)
 
 
+def exported_failures(run: str) -> float | None:
+    """``ray_metapeft_worker_failures_total`` of ``run`` as the session Ray's nodes serve it on
+    their metrics export ports now (the sum over the processes that record it); None: no series."""
+    import ray
+
+    found = []
+    for node in ray.nodes():
+        if node["Alive"]:
+            url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            series = rf'^ray_metapeft_worker_failures_total\{{[^}}]*\brun="{re.escape(run)}"[^}}]*\}} (\S+)$'
+            found += [float(v) for v in re.findall(series, text, flags=re.M)]
+    return sum(found) if found else None
+
+
+def wait_for_failures(run: str, want: float, timeout: float = 60) -> float | None:
+    """Poll `exported_failures` until it reads ``want`` (Ray exports every 10 s by default)."""
+    deadline = time.monotonic() + timeout
+    while (got := exported_failures(run)) != want and time.monotonic() < deadline:
+        time.sleep(1)
+    return got
+
+
 def test_killed_worker_is_recovered(  # noqa: ANN001
     ray_cluster, base, reference, tmp_path, monkeypatch
 ) -> None:
-    """SIGKILL rank 1 by PID after step 3 (checkpoint at 2): the group restarts from step 2."""
+    """SIGKILL rank 1 by PID after step 3 (checkpoint at 2): the group restarts from step 2.
+    The failure counter is read live from the node's metrics port: at 0 while the run is under
+    way, 1 after the restart (a series that first appeared at 1 would show no increase)."""
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     (pid_dir / "hold-step3").touch()  # both ranks wait after step 3 until the kill is done
     monkeypatch.setenv(distributed.TEST_PID_DIR_ENV, str(pid_dir))
     killed: list[int] = []
+    before_kill: list[float | None] = []
 
     def killer() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
             found = list(pid_dir.glob("rank1-step3-*.pid"))
             if found:
+                before_kill.append(wait_for_failures("killed", 0))  # the ranks hold meanwhile
                 pid = int(found[0].read_text())
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -189,7 +220,9 @@ def test_killed_worker_is_recovered(  # noqa: ANN001
     report = distributed.train_ray(cfg, progress=False)
     thread.join(timeout=10)
     assert killed, "the worker never reached step 3"
+    assert before_kill == [0]
     assert report["distributed"]["restarts"] == 1
+    assert wait_for_failures("killed", 1) == 1
     assert_same(final_adapter(cfg), reference)
     pids_after = {int(p.read_text()) for p in pid_dir.glob("rank1-step4-*.pid")}
     assert pids_after and killed[0] not in pids_after  # step 4 ran in a new worker process

@@ -11,8 +11,11 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -106,6 +109,49 @@ def test_local_exporter_serves_every_metric_with_its_tags(local_exporter: int) -
     assert value(samples, "ray_metapeft_inner_loop_seconds_count", **TAGS) == 2
     assert value(samples, "ray_metapeft_inner_loop_seconds_sum", **TAGS) == pytest.approx(3.2)
     assert value(samples, "ray_metapeft_inner_loop_seconds_bucket", le="0.25", **TAGS) == 1
+
+
+def test_a_failure_counter_starts_at_zero(local_exporter: int) -> None:
+    """``record_failure(0)`` at the start of a run: the series exists at 0 before any failure, so
+    Prometheus' ``increase()`` counts the first one (Ray's side: tests/test_distributed.py)."""
+    metrics.record_failure(0, **TAGS)
+    assert value(scrape(local_exporter), "ray_metapeft_worker_failures_total", **TAGS) == 0
+    metrics.record_failure(1, **TAGS)
+    assert value(scrape(local_exporter), "ray_metapeft_worker_failures_total", **TAGS) == 1
+
+
+class _Recorded(metrics._RayBackend):
+    """Ray's backend with each metric object replaced by a recorder of its ``set`` calls (``inc``
+    and ``observe`` do nothing), and no refresh thread (the test calls `refresh_once`, what the
+    thread does every interval)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets: list[tuple[str, str, float]] = []
+        self._refresher = threading.Thread(target=lambda: None)  # never started
+
+    def _create(self, spec: metrics.MetricSpec) -> Any:
+        def record(value: float, tags: dict[str, str]) -> None:
+            self.sets.append((spec.name, tags["run"], value))
+
+        return SimpleNamespace(set=record, inc=lambda *a, **k: None, observe=lambda *a, **k: None)
+
+
+def test_a_finished_trials_gauges_are_not_kept_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray's backend re-sets every gauge's last value each export interval so a slow step does
+    not drop it; a Tune actor reused for the next trial must stop doing so for the last trial's
+    gauges once it `release`s them (tune.trial does, however the trial ends)."""
+    backend = _Recorded()
+    monkeypatch.setattr(metrics, "_backend", lambda: backend)
+    first, second = {**TAGS, "run": "trial_1"}, {**TAGS, "run": "trial_2"}
+    metrics.record_step({"meta_loss": 0.5}, **first)
+    backend.refresh_once()
+    assert backend.sets[-1] == ("meta_loss", "trial_1", 0.5)  # kept alive while the trial runs
+    metrics.release(**first)
+    metrics.record_step({"meta_loss": 0.25}, **second)
+    backend.sets.clear()
+    backend.refresh_once()
+    assert backend.sets == [("meta_loss", "trial_2", 0.25)]
 
 
 def test_local_exporter_busy_port_is_a_clear_error(local_exporter: int) -> None:

@@ -1,12 +1,14 @@
 """What a run asks the cluster for, decided from a described cluster (no Ray): GPU workers when
-the cluster has GPUs or can scale to nodes that have them, and the resources of one Tune trial."""
+the cluster has GPUs or can scale to nodes that have them, the resources of one Tune trial, and
+whether the workers can ever be placed (nodes as ``ray.nodes()`` gives them, plus the node types
+an autoscaler may add)."""
 
 from __future__ import annotations
 
 import pytest
 
 from metapeft_ray.config import ConfigError, load_config
-from metapeft_ray.distributed import ClusterView, worker_resources
+from metapeft_ray.distributed import ClusterCapacityError, ClusterView, check_capacity, worker_resources
 from metapeft_ray.space import TuneSettings, load_space
 from metapeft_ray.tune import DRIVER_MEMORY, trial_resources
 
@@ -90,3 +92,26 @@ def test_trial_gpus_errors_name_the_field_the_value_and_the_fix(tmp_path) -> Non
     space.write_text("search:\n  peft.rank: {choice: [4]}\ntune: {trial_gpus: 1, trial_workers: 2}\n")
     with pytest.raises(ConfigError, match=r"tune.trial_gpus=1.*trial_workers=2.*distributed.use_gpu"):
         load_space(space, base)
+
+
+def test_capacity_is_counted_node_by_node() -> None:
+    two_nodes = [{"CPU": 4.0}, {"CPU": 3.0}]
+    assert check_capacity(3, {"CPU": 2}, nodes=two_nodes) == 3  # 2 + 1: a worker cannot span nodes
+    with pytest.raises(ClusterCapacityError, match=r"at most 3 \(cluster total CPU=7\); use at most 3 "):
+        check_capacity(4, {"CPU": 2}, nodes=two_nodes)
+    with pytest.raises(ClusterCapacityError, match=r"no node \(type\) can hold even one worker"):
+        check_capacity(1, {"CPU": 1, "GPU": 1}, nodes=two_nodes)
+    with pytest.raises(ClusterCapacityError, match=r"tune.trial_workers"):
+        check_capacity(8, {"CPU": 1}, nodes=two_nodes, field="tune.trial_workers")
+
+
+def test_capacity_counts_what_the_autoscaler_may_add() -> None:
+    head = [{"CPU": 0.0, "memory": 4e9}]
+    gpu_group = [({"CPU": 8.0, "GPU": 1.0}, 4)]
+    assert check_capacity(4, {"CPU": 1, "GPU": 1}, nodes=head, types=gpu_group) == 4
+    with pytest.raises(ClusterCapacityError, match=r"nodes and the autoscaler's node types hold at most 4"):
+        check_capacity(5, {"CPU": 1, "GPU": 1}, nodes=head, types=gpu_group)
+    unbounded = [({"CPU": 8.0, "GPU": 8.0}, -1)]
+    assert check_capacity(100, {"CPU": 1, "GPU": 1}, nodes=head, types=unbounded) == float("inf")
+    with pytest.raises(ClusterCapacityError, match="no node"):  # no type brings a TPU
+        check_capacity(1, {"CPU": 1, "TPU": 1}, nodes=head, types=unbounded)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,6 +103,48 @@ def test_pareto_front_keeps_only_undominated_trials() -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_a_stopped_trial_releases_its_gauges(  # noqa: ANN001
+    tiny_backbone, tiny_dataset, tmp_path, monkeypatch
+) -> None:
+    """Tune stops a trial by raising SystemExit in its report and may then reuse its actor for
+    the next trial: the trial's gauges must leave Ray's gauge refresh (`metrics.release`) however
+    it ends. Without Ray: the Tune session calls are replaced, and metrics go to a recorder."""
+    from ray import tune as ray_tune
+
+    from metapeft_ray import metrics, tune
+    from tests.test_metrics import _Recorded
+
+    backend = _Recorded()
+    monkeypatch.setattr(metrics, "_backend", lambda: backend)
+    context = SimpleNamespace(
+        get_trial_name=lambda: "trial_x",
+        get_trial_resources=lambda: SimpleNamespace(required_resources={"CPU": 1}),
+    )
+    monkeypatch.setattr(ray_tune, "get_context", lambda: context)
+    monkeypatch.setattr(ray_tune, "get_checkpoint", lambda: None)
+
+    reports: list[object] = []
+
+    def stop(*args: object, **kwargs: object) -> None:  # the second report: ASHA stops the trial
+        reports.append(args)
+        if len(reports) == 2:
+            assert backend._last, "the trial set no gauge before it was stopped"
+            raise SystemExit(0)  # what Tune's report does in a trial it stops
+
+    monkeypatch.setattr(ray_tune, "report", stop)
+    base = _base(tiny_backbone, tiny_dataset, tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit):
+            tune.trial({}, base=base.to_dict())
+    finally:
+        torch.set_num_threads(threads)  # a trial sets its own
+    assert backend._last == {}
+    backend.sets.clear()
+    backend.refresh_once()
+    assert backend.sets == []
+
+
 def test_search_rejects_stops_early_and_exports_the_best(
     ray_cluster: dict[str, str], tiny_backbone: str, tiny_dataset: str, tmp_path: Path
 ) -> None:
