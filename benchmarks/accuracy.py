@@ -94,9 +94,14 @@ def pool(reports: list[str]) -> list[dict[str, Any]]:
         n_way, k_shot = (int(x) for x in cell.rstrip("s").split("w"))
         values = [v for vals, _ in per_fold for v in vals]
         row = {
-            "protocol": protocol, "dataset": dataset, "n_way": n_way, "k_shot": k_shot, "method": method,
-            **mean_ci95(values), "folds": len(per_fold),
-        }  # fmt: skip
+            "protocol": protocol,
+            "dataset": dataset,
+            "n_way": n_way,
+            "k_shot": k_shot,
+            "method": method,
+            **mean_ci95(values),
+            "folds": len(per_fold),
+        }
         for ref in (REFERENCE, NAMES_REFERENCE, INIT):
             suffix = "" if ref == REFERENCE else f"_vs_{ref}"
             if method == ref or not all(refs[ref] for _, refs in per_fold):
@@ -117,15 +122,18 @@ def pool(reports: list[str]) -> list[dict[str, Any]]:
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     """One line per cell: the recipe (``meta``) against logistic regression without and with the
     label names, and the best fine-tuning baseline (by its paired difference from logreg)."""
+
     def pct(r: dict[str, Any] | None, key: str = "mean", ci: str = "ci95", sign: str = "") -> str:
         return "—" if r is None or key not in r else f"{100 * r[key]:{sign}.1f} ± {100 * r[ci]:.1f}"
 
     out = [
-        "", "## Summary", "",
+        "",
+        "## Summary",
+        "",
         "| protocol | test data | cell | logreg | logreg + names | meta | meta Δ vs logreg (err↓) "
         "| meta Δ vs logreg + names | best fine-tune baseline Δ vs logreg |",
         "|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     by_cell: dict[tuple[str, str, int, int], dict[str, dict[str, Any]]] = defaultdict(dict)
     for r in rows:
         by_cell[(r["protocol"], r["dataset"], r["k_shot"], r["n_way"])][r["method"]] = r
@@ -133,8 +141,10 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         meta = m.get("meta")
         costly = [m[c] for c in COSTLY_METHODS if c in m and "paired_diff_vs_logreg" in m[c]]
         best = max(costly, key=lambda r: r["paired_diff_vs_logreg"], default=None)
-        err = "" if meta is None or "error_reduction_vs_logreg" not in meta else (
-            f" ({100 * meta['error_reduction_vs_logreg']:+.0f} %)"
+        err = (
+            ""
+            if meta is None or "error_reduction_vs_logreg" not in meta
+            else (f" ({100 * meta['error_reduction_vs_logreg']:+.0f} %)")
         )
         best_text = "—"
         if best is not None:

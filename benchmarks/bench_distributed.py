@@ -34,14 +34,20 @@ from common import workload, write_result
 
 def bench_config(args: argparse.Namespace) -> Config:
     return workload(
-        f"model.backbone={args.backbone}", f"data.dataset={args.dataset}",
-        "episode.n_way=5", "episode.k_shot=1", "episode.q_query=5", "meta.first_order=true",
-        f"meta.meta_batch_size={args.meta_batch}", "meta.val_every=100000",
-    )  # fmt: skip
+        f"model.backbone={args.backbone}",
+        f"data.dataset={args.dataset}",
+        "episode.n_way=5",
+        "episode.k_shot=1",
+        "episode.q_query=5",
+        "meta.first_order=true",
+        f"meta.meta_batch_size={args.meta_batch}",
+        "meta.val_every=100000",
+    )
 
 
-def timed_steps(learner: MetaLearner, warmup: int, steps: int, rank: int = 0, world: int = 1,
-                reduce: Any = None) -> dict[str, float]:  # fmt: skip
+def timed_steps(
+    learner: MetaLearner, warmup: int, steps: int, rank: int = 0, world: int = 1, reduce: Any = None
+) -> dict[str, float]:
     """Run warm-up + timed meta-steps; returns wall and inner-loop seconds per timed step."""
     inner = [0.0]  # seconds in the per-episode unit (the inner loop + meta-gradient)
 
@@ -94,7 +100,7 @@ def run_ray(cfg: Config, workers: int, args: argparse.Namespace) -> dict[str, An
             "warmup": args.warmup,
             "steps": args.steps,
             "fit_called_at": time.time(),
-        },  # fmt: skip
+        },
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=f"bench-{workers}w-{os.getpid()}", storage_path=args.storage),
     )
@@ -134,8 +140,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster
     import ray
 
-    ray.init(num_cpus=num_cpus, object_store_memory=200 << 20, include_dashboard=False,
-             log_to_driver=False)  # fmt: skip
+    ray.init(num_cpus=num_cpus, object_store_memory=200 << 20, include_dashboard=False, log_to_driver=False)
     try:
         for w in args.workers:
             rows[f"Ray, {w} worker{'s' if w > 1 else ''}"] = run_ray(cfg, w, args)
@@ -145,20 +150,24 @@ def main() -> None:
     learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=torch.device("cpu"))
     rows["single process, again"] = timed_steps(learner, args.warmup, args.steps)
     base = (rows["single process"]["wall_per_step"] + rows["single process, again"]["wall_per_step"]) / 2
-    md = [f"Workload: {cfg.model.backbone} on {cfg.data.dataset}, 5-way 1-shot, 5 queries/class, "
-          f"first-order, 1 inner step, meta-batch {cfg.meta.meta_batch_size}; {args.warmup} warm-up "
-          f"+ {args.steps} timed meta-steps; {args.threads} thread(s) per process; 1-min load average "
-          f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (other processes skew the ratios).",
-          "",
-          "| mode | meta-steps/s | vs single (mean) | s/step | inner loops s/step | outside inner loops "
-          "s/step | worker start s |",
-          "|---|---|---|---|---|---|---|"]  # fmt: skip
+    md = [
+        f"Workload: {cfg.model.backbone} on {cfg.data.dataset}, 5-way 1-shot, 5 queries/class, "
+        f"first-order, 1 inner step, meta-batch {cfg.meta.meta_batch_size}; {args.warmup} warm-up "
+        f"+ {args.steps} timed meta-steps; {args.threads} thread(s) per process; 1-min load average "
+        f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (other processes skew the ratios).",
+        "",
+        "| mode | meta-steps/s | vs single (mean) | s/step | inner loops s/step | outside inner loops "
+        "s/step | worker start s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         wall, inner = r["wall_per_step"], r["inner_per_step"]
         r["speedup"] = base / wall
         start = f"{r['worker_start_s']:.1f}" if "worker_start_s" in r else "-"
-        md.append(f"| {name} | {1 / wall:.3f} | {base / wall:.2f}x | {wall:.2f} | {inner:.2f} | "
-                  f"{wall - inner:.3f} ({100 * (wall - inner) / wall:.1f} %) | {start} |")  # fmt: skip
+        md.append(
+            f"| {name} | {1 / wall:.3f} | {base / wall:.2f}x | {wall:.2f} | {inner:.2f} | "
+            f"{wall - inner:.3f} ({100 * (wall - inner) / wall:.1f} %) | {start} |"
+        )
     md.append("")
     for name, r in rows.items():
         if "inner_per_rank" in r:

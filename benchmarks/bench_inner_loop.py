@@ -62,9 +62,15 @@ VERDICTS = {"below": "meets", "above": "misses", "straddles": "inconclusive"}
 
 
 def floor_episode(
-    encoder: Encoder, params: Mapping[str, Tensor], episode: Episode, *, steps: int, lr: float, scale: float,
+    encoder: Encoder,
+    params: Mapping[str, Tensor],
+    episode: Episode,
+    *,
+    steps: int,
+    lr: float,
+    scale: float,
     second_order: bool,
-) -> dict[str, Tensor]:  # fmt: skip
+) -> dict[str, Tensor]:
     """The meta-gradient ``d L_query / d params`` by the bare passes (see the module docstring)."""
     dev = encoder.device
     support, query = encoder.tokenize(episode.support_texts), encoder.tokenize(episode.query_texts)
@@ -95,9 +101,15 @@ def floor_episode(
 
 
 def ours_episode(
-    encoder: Encoder, params: Mapping[str, Tensor], episode: Episode, *, steps: int, lr: float, scale: float,
+    encoder: Encoder,
+    params: Mapping[str, Tensor],
+    episode: Episode,
+    *,
+    steps: int,
+    lr: float,
+    scale: float,
     second_order: bool,
-) -> dict[str, Tensor]:  # fmt: skip
+) -> dict[str, Tensor]:
     """One episode's contribution exactly as `MetaLearner.meta_step` gets it."""
     inner = InnerLoop(steps, lr, scale, first_order=not second_order)
     result = MAML().episode(encoder, params, {}, episode, inner, meta_gradient=True)
@@ -140,15 +152,36 @@ class Row:
 
 
 def measure(
-    cfg: Config, encoder: Encoder, params: Mapping[str, Tensor], episodes: list[Episode], *, order: str,
-    shots: int, steps: int, repeats: int,
-) -> Row:  # fmt: skip
+    cfg: Config,
+    encoder: Encoder,
+    params: Mapping[str, Tensor],
+    episodes: list[Episode],
+    *,
+    order: str,
+    shots: int,
+    steps: int,
+    repeats: int,
+) -> Row:
     """Seconds per episode of each contender, alternating contenders episode by episode, with
     the ratio ours / floor over the (episode, repeat) pairs."""
-    ours = partial(ours_episode, encoder, params, steps=steps, lr=cfg.meta.inner_lr,
-                   scale=cfg.head.scale, second_order=order == "second")  # fmt: skip
-    floor = partial(floor_episode, encoder, params, steps=steps, lr=cfg.meta.inner_lr,
-                    scale=cfg.head.scale, second_order=order == "second")  # fmt: skip
+    ours = partial(
+        ours_episode,
+        encoder,
+        params,
+        steps=steps,
+        lr=cfg.meta.inner_lr,
+        scale=cfg.head.scale,
+        second_order=order == "second",
+    )
+    floor = partial(
+        floor_episode,
+        encoder,
+        params,
+        steps=steps,
+        lr=cfg.meta.inner_lr,
+        scale=cfg.head.scale,
+        second_order=order == "second",
+    )
     contenders: dict[str, Callable[[Episode], object]] = {
         "ours": ours,
         "floor": floor,
@@ -167,9 +200,20 @@ def measure(
     pr = paired_ratio(times["ours"], times["floor"])
     verdict = VERDICTS[against(pr["ratio"], pr["ci95"], TARGET_FIRST_ORDER)] if order == "first" else None
     return Row(
-        order, shots, steps, mean(times["ours"]), mean(times["floor"]), pr["ratio"], pr["ci95"], pr["pairs"],
-        verdict, mean(times["tokenize"]), diff, times["ours"], times["floor"],
-    )  # fmt: skip
+        order,
+        shots,
+        steps,
+        mean(times["ours"]),
+        mean(times["floor"]),
+        pr["ratio"],
+        pr["ci95"],
+        pr["pairs"],
+        verdict,
+        mean(times["tokenize"]),
+        diff,
+        times["ours"],
+        times["floor"],
+    )
 
 
 def summary(rows: list[Row]) -> str:
@@ -230,10 +274,21 @@ def main() -> None:
         for shots in args.shots:
             episodes = fixed_episodes(cfg, args.episodes, k_shot=shots)
             for steps in args.inner_steps:
-                row = measure(cfg, encoder, params, episodes, order=order, shots=shots, steps=steps,
-                              repeats=args.repeats)  # fmt: skip
-                print(f"{order} {shots}s K={steps}: ratio {row.ratio:.3f} ± {row.ratio_ci95:.3f} "
-                      f"({row.pairs} pairs) {row.verdict or ''}", flush=True)  # fmt: skip
+                row = measure(
+                    cfg,
+                    encoder,
+                    params,
+                    episodes,
+                    order=order,
+                    shots=shots,
+                    steps=steps,
+                    repeats=args.repeats,
+                )
+                print(
+                    f"{order} {shots}s K={steps}: ratio {row.ratio:.3f} ± {row.ratio_ci95:.3f} "
+                    f"({row.pairs} pairs) {row.verdict or ''}",
+                    flush=True,
+                )
                 rows.append(row)
     print(f"total {time.perf_counter() - t0:.0f} s")
     payload = {

@@ -101,10 +101,16 @@ def timed_task(model: Model, episode: Episode, steps: int) -> tuple[float, float
         start = time.perf_counter()
         preds = list(
             adapt_and_predict(
-                encoder, model.init, support, queries, steps=steps, lr=model.cfg.meta.inner_lr,
-                scale=model.cfg.head.scale, param_lrs=model.param_lrs,
+                encoder,
+                model.init,
+                support,
+                queries,
+                steps=steps,
+                lr=model.cfg.meta.inner_lr,
+                scale=model.cfg.head.scale,
+                param_lrs=model.param_lrs,
             )
-        )  # fmt: skip
+        )
         end = time.perf_counter()
     finally:
         del encoder.tokenize  # the instance attribute; the method shows again
@@ -118,9 +124,14 @@ def measure(model: Model, episodes: list[Episode], *, shots: int, steps: int, th
     times = np.array([timed_task(model, ep, steps) for ep in episodes[1:]])
     total = times.sum(1)
     return Row(
-        shots, steps, threads, float(np.median(times[:, 0])), float(np.median(times[:, 1])),
-        float(np.median(total)), float(np.percentile(total, 90)),
-    )  # fmt: skip
+        shots,
+        steps,
+        threads,
+        float(np.median(times[:, 0])),
+        float(np.median(times[:, 1])),
+        float(np.median(total)),
+        float(np.percentile(total, 90)),
+    )
 
 
 def markdown(rows: list[Row], model: Model, load_s: float, cold_s: float, args: argparse.Namespace) -> str:

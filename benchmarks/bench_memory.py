@@ -81,9 +81,15 @@ def contender_params(encoder: Encoder, lora: dict[str, Tensor], which: str) -> d
 
 def meta_gradient(cfg: Config, encoder: Encoder, params: dict[str, Tensor], episode: Episode) -> None:
     run_episode(
-        encoder, params, episode, steps=cfg.meta.inner_steps, lr=cfg.meta.inner_lr,
-        scale=cfg.head.scale, first_order=False, meta_gradient=True,
-    )  # fmt: skip
+        encoder,
+        params,
+        episode,
+        steps=cfg.meta.inner_steps,
+        lr=cfg.meta.inner_lr,
+        scale=cfg.head.scale,
+        first_order=False,
+        meta_gradient=True,
+    )
 
 
 def timed_episode(cfg: Config, encoder: Encoder, params: dict[str, Tensor], episode: Episode) -> float:
@@ -97,9 +103,12 @@ def timed_episode(cfg: Config, encoder: Encoder, params: dict[str, Tensor], epis
 def run_contender(backbone: str, which: str, shots: int, steps: int, repeats: int, device: str) -> Row:
     """One contender in this (fresh) process: peak of the first episode, then median s/episode."""
     cfg = workload(
-        f"model.backbone={backbone_path(backbone)}", "meta.first_order=false", f"meta.inner_steps={steps}",
-        f"model.device={device}", f"model.activation_checkpointing={which.endswith('+ckpt')}",
-    )  # fmt: skip
+        f"model.backbone={backbone_path(backbone)}",
+        "meta.first_order=false",
+        f"meta.inner_steps={steps}",
+        f"model.device={device}",
+        f"model.activation_checkpointing={which.endswith('+ckpt')}",
+    )
     encoder, lora = meta_encoder(cfg)
     params = contender_params(encoder, lora, which)
     episodes = fixed_episodes(cfg, 1 + repeats, k_shot=shots)
@@ -116,10 +125,23 @@ def run_contender(backbone: str, which: str, shots: int, steps: int, repeats: in
 def spawn_contender(backbone: str, which: str, steps: int, args: argparse.Namespace) -> Row:
     """Re-invoke this script for one contender; its result is the last line of its stdout."""
     cmd = [
-        sys.executable, __file__, "--contender", which, "--backbones", backbone, "--inner-steps", str(steps),
-        "--shots", str(args.shots), "--repeats", str(args.repeats), "--threads", str(args.threads),
-        "--device", args.device,
-    ]  # fmt: skip
+        sys.executable,
+        __file__,
+        "--contender",
+        which,
+        "--backbones",
+        backbone,
+        "--inner-steps",
+        str(steps),
+        "--shots",
+        str(args.shots),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return Row(**json.loads(out.strip().splitlines()[-1]))
 

@@ -84,9 +84,16 @@ def ours(encoder: Encoder, params: Params, cfg: Config, order: str) -> EpisodeFn
     def episode_grads(episode: Episode) -> Params:
         m = cfg.meta
         result = run_episode(
-            encoder, params, episode, steps=m.inner_steps, lr=m.inner_lr, scale=cfg.head.scale,
-            first_order=order == "first", meta_gradient=True, track_support_after=False,
-        )  # fmt: skip
+            encoder,
+            params,
+            episode,
+            steps=m.inner_steps,
+            lr=m.inner_lr,
+            scale=cfg.head.scale,
+            first_order=order == "first",
+            meta_gradient=True,
+            track_support_after=False,
+        )
         assert result.grads is not None
         return result.grads
 
@@ -236,20 +243,30 @@ CONTENDERS = {
         Contender("ours", "meta.run_episode", "second", ours),
         Contender("ours", "meta.run_episode", "first", ours),
         Contender("control", "the peers' loop, p - lr * g by hand", "second", control),
-        Contender("control", "the peers' loop, p - lr * g by hand, inner grads without create_graph", "first",
-                  control),
+        Contender(
+            "control",
+            "the peers' loop, p - lr * g by hand, inner grads without create_graph",
+            "first",
+            control,
+        ),
         Contender("higher", "innerloop_ctx(peft_model, SGD(adapter params))", "second", higher_innerloop_ctx),
         Contender("higher", "monkeypatch(peft_model.get_base_model())", "second", higher_monkeypatch),
-        Contender("higher", "get_diff_optim(SGD).step(loss, params=...) + functional_call", "second",
-                  higher_diffopt),
-        Contender("higher", "get_diff_optim(SGD, track_higher_grads=False), grad w.r.t. adapted",
-                  "first", higher_diffopt),
+        Contender(
+            "higher", "get_diff_optim(SGD).step(loss, params=...) + functional_call", "second", higher_diffopt
+        ),
+        Contender(
+            "higher",
+            "get_diff_optim(SGD, track_higher_grads=False), grad w.r.t. adapted",
+            "first",
+            higher_diffopt,
+        ),
         Contender("torchopt", "MetaSGD(peft_model).step(loss)", "second", torchopt_metasgd),
         Contender("torchopt", "sgd + apply_updates + functional_call", "second", torchopt_functional),
-        Contender("torchopt", "sgd + apply_updates, inner grads without create_graph", "first",
-                  torchopt_functional),
+        Contender(
+            "torchopt", "sgd + apply_updates, inner grads without create_graph", "first", torchopt_functional
+        ),
     ]
-}  # fmt: skip
+}
 
 
 def short_error(err: BaseException) -> str:
@@ -323,13 +340,21 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         return {"status": "error", "error": short_error(err)}
     vs_ours, vs_control = (paired_ratio(times["contender"], times[k]) for k in ("ours", "control"))
     return {
-        "status": "ok", "error": None, "forwards": forwards["contender"],
-        "ours_forwards": forwards["ours"], "control_forwards": forwards["control"],
-        "episode_s": median(times["contender"]), "pairs": vs_ours["pairs"],
-        "time_ratio_vs_ours": vs_ours["ratio"], "time_ratio_vs_ours_ci95": vs_ours["ci95"],
-        "time_ratio_vs_control": vs_control["ratio"], "time_ratio_vs_control_ci95": vs_control["ci95"],
-        "peak_mib": max(peaks), "max_abs_diff": max(diffs), "cosine": min(cosines),
-    }  # fmt: skip
+        "status": "ok",
+        "error": None,
+        "forwards": forwards["contender"],
+        "ours_forwards": forwards["ours"],
+        "control_forwards": forwards["control"],
+        "episode_s": median(times["contender"]),
+        "pairs": vs_ours["pairs"],
+        "time_ratio_vs_ours": vs_ours["ratio"],
+        "time_ratio_vs_ours_ci95": vs_ours["ci95"],
+        "time_ratio_vs_control": vs_control["ratio"],
+        "time_ratio_vs_control_ci95": vs_control["ci95"],
+        "peak_mib": max(peaks),
+        "max_abs_diff": max(diffs),
+        "cosine": min(cosines),
+    }
 
 
 def run_isolated(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -401,8 +426,11 @@ def findings(rows: dict[str, dict[str, Any]]) -> list[str]:
             f"{hf['cosine']:.2f} with ours), while torchopt's inner gradients without `create_graph` "
             f"keep that path (cosine {tf['cosine']:.6f})."
         )
-    controls = [f"{speed(r, 'ours')} at {order} order ({work(r, 'ours')})" for (lib, order), r in ok.items()
-                if lib == "control"]  # fmt: skip
+    controls = [
+        f"{speed(r, 'ours')} at {order} order ({work(r, 'ours')})"
+        for (lib, order), r in ok.items()
+        if lib == "control"
+    ]
     if controls:
         out.append(
             "The control (the peers' loop with the update `p - lr * g` written by hand) against ours: "
@@ -472,10 +500,21 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {name: run_isolated(name, args, Path(tmp)) for name in CONTENDERS}
     empty = dict.fromkeys(
-        ["forwards", "ours_forwards", "control_forwards", "episode_s", "pairs", "time_ratio_vs_ours",
-         "time_ratio_vs_ours_ci95", "time_ratio_vs_control", "time_ratio_vs_control_ci95", "peak_mib",
-         "max_abs_diff", "cosine"]
-    )  # fmt: skip
+        [
+            "forwards",
+            "ours_forwards",
+            "control_forwards",
+            "episode_s",
+            "pairs",
+            "time_ratio_vs_ours",
+            "time_ratio_vs_ours_ci95",
+            "time_ratio_vs_control",
+            "time_ratio_vs_control_ci95",
+            "peak_mib",
+            "max_abs_diff",
+            "cosine",
+        ]
+    )
     rows = {
         name: {"library": c.library, "api": c.api, "order": c.order, **empty, **results[name]}
         for name, c in CONTENDERS.items()

@@ -72,8 +72,15 @@ def allreduce_s(nbytes: float, workers: int, gbps: float, latency_s: float) -> f
     return 2 * (workers - 1) * latency_s + 2 * (workers - 1) / workers * nbytes / (gbps * 1e9)
 
 
-def step_s(nbytes: float, workers: int, meta_batch: int, episode_s: float, update_s: float, gbps: float,
-           latency_s: float) -> float:  # fmt: skip
+def step_s(
+    nbytes: float,
+    workers: int,
+    meta_batch: int,
+    episode_s: float,
+    update_s: float,
+    gbps: float,
+    latency_s: float,
+) -> float:
     return (
         math.ceil(meta_batch / workers) * episode_s + allreduce_s(nbytes, workers, gbps, latency_s) + update_s
     )
@@ -98,11 +105,16 @@ def main(argv: list[str] | None = None) -> None:
     for backbone, config in backbones().items():
         for method in METHODS:
             frozen, adapter, tensors = adapter_sizes(config, method)
-            rows.append({
-                "backbone": backbone, "method": method, "frozen_params": frozen, "adapter_params": adapter,
-                "allreduce_bytes": 8 * (adapter + N_STATS),
-                "allreduce_bytes_metasgd": 8 * (adapter + tensors + N_STATS),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "backbone": backbone,
+                    "method": method,
+                    "frozen_params": frozen,
+                    "adapter_params": adapter,
+                    "allreduce_bytes": 8 * (adapter + N_STATS),
+                    "allreduce_bytes_metasgd": 8 * (adapter + tensors + N_STATS),
+                }
+            )
 
     lat, upd = args.latency_us * 1e-6, args.update_ms / 1e3
     ref = rows[0]["frozen_params"]
@@ -111,11 +123,18 @@ def main(argv: list[str] | None = None) -> None:
         ep = args.episode_ms / 1e3 * row["frozen_params"] / ref  # compute ~ parameter count
         one = step_s(row["allreduce_bytes"], 1, args.meta_batch, ep, upd, 0, lat)
         for gbps in args.link_gbps:
-            speedups.append({
-                "backbone": row["backbone"], "method": row["method"], "link_gbps": gbps, "episode_s": ep,
-                "speedup": {w: one / step_s(row["allreduce_bytes"], w, args.meta_batch, ep, upd, gbps, lat)
-                            for w in args.workers},
-            })  # fmt: skip
+            speedups.append(
+                {
+                    "backbone": row["backbone"],
+                    "method": row["method"],
+                    "link_gbps": gbps,
+                    "episode_s": ep,
+                    "speedup": {
+                        w: one / step_s(row["allreduce_bytes"], w, args.meta_batch, ep, upd, gbps, lat)
+                        for w in args.workers
+                    },
+                }
+            )
 
     md = [
         "## What one meta-step communicates",

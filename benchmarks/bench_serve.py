@@ -163,9 +163,11 @@ def run(args: argparse.Namespace, uri: str, work: Workload, deadline: float) -> 
     port, rows, info = free_port(), {}, {}
     for batched in (True, False):
         settings = ServeSettings(
-            cache_size=max(64, 2 * args.requests), max_texts=CLASSIFY_TEXTS,
-            max_batch_size=args.max_batch_size if batched else 1, batch_wait_s=args.batch_wait_ms / 1000,
-        )  # fmt: skip
+            cache_size=max(64, 2 * args.requests),
+            max_texts=CLASSIFY_TEXTS,
+            max_batch_size=args.max_batch_size if batched else 1,
+            batch_wait_s=args.batch_wait_ms / 1000,
+        )
         url = start(build_app({"init": uri}, settings, num_cpus=args.replica_cpus), port=port)
         t0 = time.perf_counter()
         status, warm = post(f"{url}/tasks", support(tasks[-1]), 600)
@@ -245,9 +247,13 @@ def main() -> int:
         os.environ.update({"RAY_AUTH_MODE": "disabled", "HOME": str(scratch)})
         try:
             ray.init(
-                num_cpus=args.num_cpus, object_store_memory=200 << 20, include_dashboard=False,
-                _node_ip_address="127.0.0.1", _temp_dir=ray_temp, log_to_driver=False,
-            )  # fmt: skip
+                num_cpus=args.num_cpus,
+                object_store_memory=200 << 20,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                _temp_dir=ray_temp,
+                log_to_driver=False,
+            )
         finally:
             if home is not None:
                 os.environ["HOME"] = home
@@ -261,8 +267,12 @@ def main() -> int:
             ray.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(ray_temp, ignore_errors=True)
-    write_result("serve", {**result, "settings": {k: str(v) for k, v in vars(args).items()}},
-                 markdown(result, args), args.out_dir)  # fmt: skip
+    write_result(
+        "serve",
+        {**result, "settings": {k: str(v) for k, v in vars(args).items()}},
+        markdown(result, args),
+        args.out_dir,
+    )
     lost = {name: r["lost"] for name, r in result["rows"].items() if r["answered"] < r["requests"]}
     if lost:
         print(f"requests lost: {lost}", file=sys.stderr)

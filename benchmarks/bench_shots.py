@@ -31,10 +31,21 @@ def adapter_of_fold(runs: Path, fold: int, train: list[str]) -> Path:
     adapter = runs / f"banking77_fold{fold}" / "adapter"
     if not adapter.is_dir():
         subprocess.run(
-            [sys.executable, "-m", "metapeft_ray.cli", "train", "--local", "--config", "banking77",
-             f"data.fold={fold}", f"run.name=banking77_fold{fold}", f"run.output_dir={runs}", *train],
+            [
+                sys.executable,
+                "-m",
+                "metapeft_ray.cli",
+                "train",
+                "--local",
+                "--config",
+                "banking77",
+                f"data.fold={fold}",
+                f"run.name=banking77_fold{fold}",
+                f"run.output_dir={runs}",
+                *train,
+            ],
             check=True,
-        )  # fmt: skip
+        )
     return adapter
 
 

@@ -41,9 +41,12 @@ def workload(*overrides: str) -> Config:
 RANDOM_BACKBONES = {
     "bert-base-random": {},  # BertConfig() defaults: BERT-base, 110 M parameters
     "bert-large-random": {  # BERT-large, 335 M parameters
-        "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
     },
-}  # fmt: skip
+}
 
 
 def backbone_path(name: str) -> str:

@@ -118,10 +118,22 @@ def adapted_scorer(
 
     def score(episode: Episode) -> dict[str, float]:
         r = run_episode(
-            encoder, init, episode, steps=steps, lr=lr, scale=scale, first_order=True,
-            meta_gradient=False, track_support_after=True, param_lrs=param_lrs, optimizer=optimizer,
-            inner_scale=inner_scale, name_weight=name_weight, views=views, view_drop=view_drop,
-        )  # fmt: skip
+            encoder,
+            init,
+            episode,
+            steps=steps,
+            lr=lr,
+            scale=scale,
+            first_order=True,
+            meta_gradient=False,
+            track_support_after=True,
+            param_lrs=param_lrs,
+            optimizer=optimizer,
+            inner_scale=inner_scale,
+            name_weight=name_weight,
+            views=views,
+            view_drop=view_drop,
+        )
         if not steps:
             return {"accuracy": r.query_accuracy}
         return {
@@ -173,10 +185,18 @@ def setfit_scorer(
         model = copy.deepcopy(base)
         with tempfile.TemporaryDirectory(prefix="metapeft-setfit-") as out:
             args = TrainingArguments(
-                output_dir=out, batch_size=batch_size, num_epochs=epochs, num_iterations=iterations,
-                body_learning_rate=lr, seed=seed + episode.spec.index, report_to="none",
-                show_progress_bar=False, logging_strategy="no", save_strategy="no", eval_strategy="no",
-            )  # fmt: skip
+                output_dir=out,
+                batch_size=batch_size,
+                num_epochs=epochs,
+                num_iterations=iterations,
+                body_learning_rate=lr,
+                seed=seed + episode.spec.index,
+                report_to="none",
+                show_progress_bar=False,
+                logging_strategy="no",
+                save_strategy="no",
+                eval_strategy="no",
+            )
             data = {"text": list(episode.support_texts), "label": list(episode.support_labels)}
             Trainer(model=model, args=args, train_dataset=Dataset.from_dict(data)).train()
         predicted = np.asarray(model.predict(list(episode.query_texts), as_numpy=True))

@@ -366,24 +366,35 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "interrupted, then delete the application (and stop the embedded Ray, if one was started).",
     )
     v.add_argument(
-        "--adapter", action="append", default=[], required=True, metavar="NAME=PATH",
+        "--adapter",
+        action="append",
+        default=[],
+        required=True,
+        metavar="NAME=PATH",
         help="an exported init (directory or s3:// prefix) served as NAME; repeat for several",
-    )  # fmt: skip
+    )
     v.add_argument("--host", default="127.0.0.1", help="HTTP address (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument(
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
     )
-    v.add_argument("--token-env", default=None, metavar="VAR", help="require `Authorization: Bearer "
-                   "$VAR` on every route but /health; VAR is read on the replicas' nodes")  # fmt: skip
+    v.add_argument(
+        "--token-env",
+        default=None,
+        metavar="VAR",
+        help="require `Authorization: Bearer "
+        "$VAR` on every route but /health; VAR is read on the replicas' nodes",
+    )
     v.add_argument("--token-file", default=None, help="the same, the token read from this file")
     v.add_argument("--cache-size", type=int, default=64, help="tasks kept (LRU), in the app and per replica")
     v.add_argument("--ttl", type=float, default=3600.0, help="seconds a task is kept after it was posted")
     v.add_argument("--max-inits", type=int, default=3, help="inits loaded at once per replica")
     v.add_argument(
-        "--max-batch-size", type=int, default=8,
+        "--max-batch-size",
+        type=int,
+        default=8,
         help="classify requests a replica computes together (per task; 1: no batching)",
-    )  # fmt: skip
+    )
     v.add_argument(
         "--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill after its first one"
     )

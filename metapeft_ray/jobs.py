@@ -72,9 +72,18 @@ PROBE_TIMEOUT_S = 3.0
 S3_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 """Forwarded by ``--s3-endpoint-env``: where the bucket is, never who may read it."""
 WORKING_DIR_EXCLUDES = [
-    ".git", ".venv", "venv", "runs", "outputs", "__pycache__", ".pytest_cache", ".ruff_cache",
-    "*.pt", "*.safetensors", "*.egg-info",
-]  # fmt: skip
+    ".git",
+    ".venv",
+    "venv",
+    "runs",
+    "outputs",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.pt",
+    "*.safetensors",
+    "*.egg-info",
+]
 """Never uploaded with ``--working-dir`` (Ray also honours the directory's .gitignore)."""
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _TOKEN_HELP = (

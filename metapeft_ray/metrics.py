@@ -118,24 +118,31 @@ METRICS: tuple[MetricSpec, ...] = (
 # `metapeft serve`: recorded in the replicas, tagged by the init's name.
 SERVE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
-        "serve_adaptation_seconds", "histogram",
+        "serve_adaptation_seconds",
+        "histogram",
         "wall time of adapting an init to a support set (a new task, a task rebuilt by another "
-        "replica, a one-shot request)", SERVE_TAG_KEYS,
+        "replica, a one-shot request)",
+        SERVE_TAG_KEYS,
     ),
     MetricSpec(
-        "serve_classify_seconds", "histogram",
-        "wall time of classifying one request's texts, the wait for its batch included", SERVE_TAG_KEYS,
+        "serve_classify_seconds",
+        "histogram",
+        "wall time of classifying one request's texts, the wait for its batch included",
+        SERVE_TAG_KEYS,
     ),
     MetricSpec(
-        "serve_task_cache_hits", "counter",
-        "task requests a replica answered from its cache of adapted tasks", SERVE_TAG_KEYS,
+        "serve_task_cache_hits",
+        "counter",
+        "task requests a replica answered from its cache of adapted tasks",
+        SERVE_TAG_KEYS,
     ),
     MetricSpec(
-        "serve_task_cache_misses", "counter",
+        "serve_task_cache_misses",
+        "counter",
         "task requests a replica had to adapt for (a new task, or one made or evicted elsewhere)",
         SERVE_TAG_KEYS,
     ),
-)  # fmt: skip
+)
 _BY_NAME = {m.name: m for m in (*METRICS, *SERVE_METRICS)}
 
 

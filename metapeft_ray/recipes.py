@@ -257,8 +257,10 @@ def finished_run(
             "(choose a new run.name, or raise meta.meta_steps to continue it)"
         )
         return report
-    print(f"metapeft: run {uri} finished training at meta-step {step} but its export is missing "
-          "or older; re-exporting from the final checkpoint")  # fmt: skip
+    print(
+        f"metapeft: run {uri} finished training at meta-step {step} but its export is missing "
+        "or older; re-exporting from the final checkpoint"
+    )
     state = runstore.load_state(storage.join(uri, record["checkpoint"]))
     return export_state(cfg, sampler, uri, state, progress)
 

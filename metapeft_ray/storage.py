@@ -320,15 +320,29 @@ def fetch_to_local(uri: str, cache_dir: Path) -> Path:
 # -- preflight check ----------------------------------------------------------------------------
 
 _CREDENTIAL_CODES = (
-    "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId",
-    "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch",
-    "ACCESS_DENIED", "AccessDenied", "EXPIRED_TOKEN", "ExpiredToken",
-    "InvalidToken", "MISSING_AUTHENTICATION_TOKEN", "HTTP response code 403",
-)  # fmt: skip
+    "INVALID_ACCESS_KEY_ID",
+    "InvalidAccessKeyId",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "SignatureDoesNotMatch",
+    "ACCESS_DENIED",
+    "AccessDenied",
+    "EXPIRED_TOKEN",
+    "ExpiredToken",
+    "InvalidToken",
+    "MISSING_AUTHENTICATION_TOKEN",
+    "HTTP response code 403",
+)
 _NETWORK_CODES = (
-    "NETWORK_CONNECTION", "curlCode", "Could not connect", "Connection refused",
-    "Couldn't resolve", "Could not resolve", "timed out", "Timeout", "REQUEST_TIMEOUT",
-)  # fmt: skip
+    "NETWORK_CONNECTION",
+    "curlCode",
+    "Could not connect",
+    "Connection refused",
+    "Couldn't resolve",
+    "Could not resolve",
+    "timed out",
+    "Timeout",
+    "REQUEST_TIMEOUT",
+)
 
 
 def _explain(uri: str, bucket: str, err: OSError) -> StorageError:

@@ -129,10 +129,14 @@ def _distributed_trial(cfg: Config, workers: int) -> None:
 
     # the trainer's storage: beside the trial's in the experiment (local or s3://, as the search)
     trial_dir = storage.join(experiment_uri(cfg), tune.get_context().get_trial_name())
-    cfg = cfg.with_overrides({
-        "distributed.workers": workers, "meta.checkpoint_every": cfg.meta.val_every,
-        "run.output_dir": trial_dir, "run.name": "train",
-    })  # fmt: skip
+    cfg = cfg.with_overrides(
+        {
+            "distributed.workers": workers,
+            "meta.checkpoint_every": cfg.meta.val_every,
+            "run.output_dir": trial_dir,
+            "run.name": "train",
+        }
+    )
     use_gpu, per_worker = distributed.worker_resources(cfg, distributed.cluster_view())
     distributed.fit(cfg, use_gpu, per_worker, progress=False, callbacks=[TuneReportCallback()])
 
@@ -173,13 +177,15 @@ def pareto_front(rows: list[dict[str, Any]], second: str) -> list[dict[str, Any]
     """Trials not dominated in (max accuracy, min ``second``)."""
     ok = [r for r in rows if r["status"] == "ok"]
     return [
-        r for r in ok
+        r
+        for r in ok
         if not any(
-            o[OBJECTIVE] >= r[OBJECTIVE] and o[second] <= r[second]
+            o[OBJECTIVE] >= r[OBJECTIVE]
+            and o[second] <= r[second]
             and (o[OBJECTIVE] > r[OBJECTIVE] or o[second] < r[second])
             for o in ok
         )
-    ]  # fmt: skip
+    ]
 
 
 def _plot(rows: list[dict[str, Any]], second: str, path: Path) -> None:
@@ -212,18 +218,20 @@ def _rows(result_grid: Any, meta_steps: int, keys: list[str]) -> list[dict[str, 
             status = "error"
         elif status == "ok" and m.get("meta_step", meta_steps) < meta_steps:
             status = "stopped early"
-        rows.append({
-            "trial": f"trial_{m['trial_id']}" if "trial_id" in m else Path(r.path or "?").name,
-            **{k: r.config.get(k) for k in keys},
-            OBJECTIVE: m.get(OBJECTIVE, float("nan")),
-            "meta_step": m.get("meta_step", 0),
-            "trainable_params": m.get("trainable_params", math.nan),
-            "adapt_ms": m.get("adapt_ms", math.nan),
-            "status": status,
-            "reason": m.get("reason") or (str(r.error).splitlines()[0] if r.error else ""),
-            "checkpoint_path": m.get("checkpoint_path"),  # a distributed trial's Train checkpoint
-            "_result": r,
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial": f"trial_{m['trial_id']}" if "trial_id" in m else Path(r.path or "?").name,
+                **{k: r.config.get(k) for k in keys},
+                OBJECTIVE: m.get(OBJECTIVE, float("nan")),
+                "meta_step": m.get("meta_step", 0),
+                "trainable_params": m.get("trainable_params", math.nan),
+                "adapt_ms": m.get("adapt_ms", math.nan),
+                "status": status,
+                "reason": m.get("reason") or (str(r.error).splitlines()[0] if r.error else ""),
+                "checkpoint_path": m.get("checkpoint_path"),  # a distributed trial's Train checkpoint
+                "_result": r,
+            }
+        )
     return rows
 
 
@@ -234,12 +242,23 @@ def _markdown(
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: -(r[OBJECTIVE] if r[OBJECTIVE] == r[OBJECTIVE] else -1)):
         status = r["status"] + (f": {r['reason'][:80]}" if r["reason"] else "")
-        out.append("| " + " | ".join([
-            r["trial"] + (" (base config)" if r is base_row else ""), *[str(r[k]) for k in keys],
-            f"{100 * r[OBJECTIVE]:.1f}",
-            f"{r['trainable_params']:,.0f}" if r["trainable_params"] == r["trainable_params"] else "-",
-            f"{r['adapt_ms']:.0f}" if r["adapt_ms"] == r["adapt_ms"] else "-", str(r["meta_step"]), status,
-        ]) + " |")  # fmt: skip
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    r["trial"] + (" (base config)" if r is base_row else ""),
+                    *[str(r[k]) for k in keys],
+                    f"{100 * r[OBJECTIVE]:.1f}",
+                    f"{r['trainable_params']:,.0f}"
+                    if r["trainable_params"] == r["trainable_params"]
+                    else "-",
+                    f"{r['adapt_ms']:.0f}" if r["adapt_ms"] == r["adapt_ms"] else "-",
+                    str(r["meta_step"]),
+                    status,
+                ]
+            )
+            + " |"
+        )
     if best:
         out += ["", f"Best trial: {best['trial']} ({100 * best[OBJECTIVE]:.1f} % meta-val accuracy)"]
     return "\n".join(out) + "\n"
@@ -325,18 +344,23 @@ def run_search(
             trainable,
             param_space={k: to_tune(d, s.searcher == "grid") for k, d in space.search.items()},
             tune_config=tune.TuneConfig(
-                metric=OBJECTIVE, mode="max", search_alg=search_alg, scheduler=scheduler,
+                metric=OBJECTIVE,
+                mode="max",
+                search_alg=search_alg,
+                scheduler=scheduler,
                 num_samples=1 if s.searcher == "grid" else s.num_samples,
                 max_concurrent_trials=max_concurrent,
                 # a single-process trial's actor keeps torch/transformers imported
                 reuse_actors=not distributed_trials,
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=path, storage_filesystem=fs,
+                name=name,
+                storage_path=path,
+                storage_filesystem=fs,
                 verbose=1 if progress else 0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
-        )  # fmt: skip
+        )
     grid = tuner.fit()
     # After Ctrl-C Tune returns normally, having saved the experiment state before stopping the
     # live trials: in that saved state an interrupted search still has unfinished trials.
@@ -372,10 +396,13 @@ def run_search(
         history = list(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every))
         val = history[-1][OBJECTIVE] if history else row[OBJECTIVE]
         return {
-            "trial": row["trial"], **{k: row[k] for k in keys}, OBJECTIVE: val, "meta_step": learner.step,
+            "trial": row["trial"],
+            **{k: row[k] for k in keys},
+            OBJECTIVE: val,
+            "meta_step": learner.step,
             "stopped_early_at": stopped_at if history else None,
             "meta_test": finish(cfg, learner, out / name, history, progress=progress)["results"],
-        }  # fmt: skip
+        }
 
     with staged(storage.join(root, "summary")) as out:
         if best is not None:

@@ -141,9 +141,7 @@ class S3Server:
                     "identities": [
                         {
                             "name": "test",
-                            "credentials": [
-                                {"accessKey": self.access_key, "secretKey": self.secret_key}
-                            ],
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
                         }
                     ]
@@ -155,21 +153,31 @@ class S3Server:
         (s3, s3g, master, masterg, volume, volumeg, filer, filerg, admin, adming) = _free_ports(10)
         self.port = s3
         args = [
-            binary, "mini",
+            binary,
+            "mini",
             f"-dir={self.data_dir}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
             "-master.telemetry=false",
             f"-s3.config={config}",
             "-s3.autoCreateBucket=false",
-            f"-s3.port={s3}", f"-s3.port.grpc={s3g}",
-            f"-master.port={master}", f"-master.port.grpc={masterg}",
-            f"-volume.port={volume}", f"-volume.port.grpc={volumeg}",
-            f"-filer.port={filer}", f"-filer.port.grpc={filerg}",
-            f"-admin.port={admin}", f"-admin.port.grpc={adming}", "-admin.ui=false",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3g}",
+            f"-master.port={master}",
+            f"-master.port.grpc={masterg}",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volumeg}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filerg}",
+            f"-admin.port={admin}",
+            f"-admin.port.grpc={adming}",
+            "-admin.ui=false",
             f"-filer.localSocket={self.data_dir / 'f.sock'}",
             f"-s3.localSocket={self.data_dir / 's.sock'}",
-            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        ]  # fmt: skip
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+        ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         self._log = open(self.data_dir / "weed.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -197,9 +205,7 @@ class S3Server:
         while time.monotonic() - t0 < self.start_timeout:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"weed mini exited with {self.proc.returncode}; log: {self.log_tail()}"
-                )
+                raise RuntimeError(f"weed mini exited with {self.proc.returncode}; log: {self.log_tail()}")
             try:
                 client.list_buckets()
                 self.make_bucket(probe)
@@ -211,8 +217,7 @@ class S3Server:
                 last = e
                 time.sleep(0.2)
         raise TimeoutError(
-            f"S3 server not ready after {self.start_timeout:.0f}s ({last!r}); "
-            f"log: {self.log_tail()}"
+            f"S3 server not ready after {self.start_timeout:.0f}s ({last!r}); log: {self.log_tail()}"
         )
 
     def log_tail(self, n: int = 2000) -> str:

@@ -65,10 +65,28 @@ def run_sample(tmp_path: Path, ci: bool, sample: str = SAMPLE) -> tuple[int, str
     if ci:
         env[CI_ENV] = "1"
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "tests.ci_skips", "-p", "no:cacheprovider", "-q", "-rA",
-         "-W", "ignore::pytest.PytestUnknownMarkWarning", "--rootdir", str(tmp_path), str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "tests.ci_skips",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rA",
+            "-W",
+            "ignore::pytest.PytestUnknownMarkWarning",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     summary = out.stdout.strip().splitlines()[-1]
     counts = {kind.rstrip("s"): int(n) for n, kind in re.findall(r"(\d+) (\w+)", summary)}
     return out.returncode, out.stdout + out.stderr, counts
@@ -90,8 +108,11 @@ def test_under_ci_a_skip_fails_naming_the_test_and_the_reason(tmp_path: Path, te
     # the skip in the body fails the test; the one in a fixture errors its setup; the allow-listed
     # GPU test still skips
     assert (counts.get("passed"), counts.get("failed"), counts.get("error"), counts.get("skipped")) == (
-        1, 1, 1, 1,
-    ), output  # fmt: skip
+        1,
+        1,
+        1,
+        1,
+    ), output
     assert f"test_sample.py::{test} was skipped (Skipped: {reason}), and {CI_ENV}=1" in output
     assert "test_sample.py::test_needs_a_gpu was skipped" not in output
 

@@ -114,15 +114,21 @@ def make_cluster(home: Path, auth_mode: str, token: str | None = None) -> LocalC
         "METAPEFT_LOCAL_DIR": str(state),
         "RAY": str(BIN / "ray"),
         "PYTHON": sys.executable,
-        "HEAD_PORT": str(head), "DASHBOARD_PORT": str(dash),
-        "HEAD_METRICS_PORT": str(m1), "NODE2_METRICS_PORT": str(m2),
-        "HEAD_AGENT_PORT": str(agent1), "NODE2_AGENT_PORT": str(agent2), "CLIENT_PORT": str(client),
-        "NUM_CPUS": "1", "OBJECT_STORE_MEMORY": str(150 << 20),
-        "START_TIMEOUT": "120", "STOP_GRACE": "3",
+        "HEAD_PORT": str(head),
+        "DASHBOARD_PORT": str(dash),
+        "HEAD_METRICS_PORT": str(m1),
+        "NODE2_METRICS_PORT": str(m2),
+        "HEAD_AGENT_PORT": str(agent1),
+        "NODE2_AGENT_PORT": str(agent2),
+        "CLIENT_PORT": str(client),
+        "NUM_CPUS": "1",
+        "OBJECT_STORE_MEMORY": str(150 << 20),
+        "START_TIMEOUT": "120",
+        "STOP_GRACE": "3",
         "RAY_AUTH_MODE": auth_mode,
         "RAY_metrics_report_interval_ms": "1000",  # test speed-up, see the module docstring
         "RAY_USAGE_STATS_ENABLED": "0",
-    }  # fmt: skip
+    }
     if token is not None:
         env["RAY_AUTH_TOKEN"] = token
     if os.environ.get("PYTHONPATH"):  # the nodes run the code under test, as this process does
@@ -212,11 +218,18 @@ def test_submit_training_to_two_node_cluster_with_s3(
     hold_dir.mkdir()
     hold = hold_dir / f"hold-step{HOLD_STEP}"
     hold.write_text("")
-    overrides = tiny_overrides(str(backbone), str(data), **{
-        "run.name": RUN, "run.output_dir": f"s3://{BUCKET}/runs",
-        "meta.meta_steps": META_STEPS, "meta.first_order": True,
-        "distributed.workers": 2, "distributed.max_failures": 0,
-    })  # fmt: skip
+    overrides = tiny_overrides(
+        str(backbone),
+        str(data),
+        **{
+            "run.name": RUN,
+            "run.output_dir": f"s3://{BUCKET}/runs",
+            "meta.meta_steps": META_STEPS,
+            "meta.first_order": True,
+            "distributed.workers": 2,
+            "distributed.max_failures": 0,
+        },
+    )
     s3env = s3.env()
     # The shell that submits knows where the bucket is (forwarded with --s3-endpoint-env); the
     # credentials reach the job only because they are named with --env (one by value, one by name).
@@ -228,14 +241,26 @@ def test_submit_training_to_two_node_cluster_with_s3(
         AWS_SECRET_ACCESS_KEY=s3env["AWS_SECRET_ACCESS_KEY"],
     )
     submitted = metapeft(
-        ["submit", "--address", cluster.dashboard, "--s3-endpoint-env",
-         "--env", f"AWS_ACCESS_KEY_ID={s3env['AWS_ACCESS_KEY_ID']}", "--env", "AWS_SECRET_ACCESS_KEY",
-         "--env", "AWS_EC2_METADATA_DISABLED=true",
-         "--env", f"{distributed.TEST_PID_DIR_ENV}={hold_dir}",
-         *(["--env", "PYTHONPATH"] if "PYTHONPATH" in env else []),  # the code under test
-         "--config", "quickstart", *overrides],
+        [
+            "submit",
+            "--address",
+            cluster.dashboard,
+            "--s3-endpoint-env",
+            "--env",
+            f"AWS_ACCESS_KEY_ID={s3env['AWS_ACCESS_KEY_ID']}",
+            "--env",
+            "AWS_SECRET_ACCESS_KEY",
+            "--env",
+            "AWS_EC2_METADATA_DISABLED=true",
+            "--env",
+            f"{distributed.TEST_PID_DIR_ENV}={hold_dir}",
+            *(["--env", "PYTHONPATH"] if "PYTHONPATH" in env else []),  # the code under test
+            "--config",
+            "quickstart",
+            *overrides,
+        ],
         env,
-    )  # fmt: skip
+    )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     assert re.fullmatch(r"raysubmit_\w+", job_id), submitted.stdout

@@ -292,10 +292,19 @@ def test_adapt_command_classifies_stdin_lines(trained: Path, tiny: tuple[str, st
 
     def predict(steps: int) -> list[dict]:
         inner = inner_loop(cfg, steps)
-        return list(adapt_and_predict(
-            encoder, encoder.adapter_params(), load_dataset(str(support)), queries, steps=steps,
-            lr=inner.lr, scale=inner.scale, inner_scale=inner.inner_scale, name_weight=inner.name_weight,
-        ))  # fmt: skip
+        return list(
+            adapt_and_predict(
+                encoder,
+                encoder.adapter_params(),
+                load_dataset(str(support)),
+                queries,
+                steps=steps,
+                lr=inner.lr,
+                scale=inner.scale,
+                inner_scale=inner.inner_scale,
+                name_weight=inner.name_weight,
+            )
+        )
 
     want = predict(3)
     assert [p["label"] for p in want] == [p["label"] for p in preds]

@@ -55,27 +55,59 @@ METRICS = metapeft_metrics.prometheus_names(ALL_METRICS)
 METRIC_SERIES = metapeft_metrics.prometheus_series(ALL_METRICS)
 
 # Known spec fields of KubeRay's ray.io/v1 types (ray-operator/apis/ray/v1/*_types.go).
-RAYCLUSTER_SPEC_KEYS = frozenset({
-    "authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
-    "headGroupSpec", "headServiceAnnotations", "managedBy", "rayVersion", "suspend",
-    "upgradeStrategy", "workerGroupSpecs",
-})
-RAYJOB_SPEC_KEYS = frozenset({
-    "activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy",
-    "entrypoint", "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId",
-    "managedBy", "metadata", "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes",
-    "submissionMode", "submitterConfig", "submitterPodTemplate", "suspend",
-    "ttlSecondsAfterFinished",
-})
-RAYSERVICE_SPEC_KEYS = frozenset({
-    "deploymentUnhealthySecondThreshold", "excludeHeadPodFromServeSvc", "rayClusterConfig",
-    "rayClusterDeletionDelaySeconds", "serveConfigV2", "serveService",
-    "serviceUnhealthySecondThreshold", "upgradeStrategy",
-})
+RAYCLUSTER_SPEC_KEYS = frozenset(
+    {
+        "authOptions",
+        "autoscalerOptions",
+        "enableInTreeAutoscaling",
+        "gcsFaultToleranceOptions",
+        "headGroupSpec",
+        "headServiceAnnotations",
+        "managedBy",
+        "rayVersion",
+        "suspend",
+        "upgradeStrategy",
+        "workerGroupSpecs",
+    }
+)
+RAYJOB_SPEC_KEYS = frozenset(
+    {
+        "activeDeadlineSeconds",
+        "backoffLimit",
+        "clusterSelector",
+        "deletionStrategy",
+        "entrypoint",
+        "entrypointNumCpus",
+        "entrypointNumGpus",
+        "entrypointResources",
+        "jobId",
+        "managedBy",
+        "metadata",
+        "rayClusterSpec",
+        "runtimeEnvYAML",
+        "shutdownAfterJobFinishes",
+        "submissionMode",
+        "submitterConfig",
+        "submitterPodTemplate",
+        "suspend",
+        "ttlSecondsAfterFinished",
+    }
+)
+RAYSERVICE_SPEC_KEYS = frozenset(
+    {
+        "deploymentUnhealthySecondThreshold",
+        "excludeHeadPodFromServeSvc",
+        "rayClusterConfig",
+        "rayClusterDeletionDelaySeconds",
+        "serveConfigV2",
+        "serveService",
+        "serviceUnhealthySecondThreshold",
+        "upgradeStrategy",
+    }
+)
 SERVE_IMPORT_PATH = "metapeft_ray.serve:app_builder"
 SERVE_DEPLOYMENTS = ("AdaptationServer", "TaskStore")  # the store holds the app's tasks: one replica
-WORKER_GROUP_KEYS = ("groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams",
-                     "template")
+WORKER_GROUP_KEYS = ("groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template")
 CUSTOM_API_GROUPS = ("ray.io/", "monitoring.coreos.com/")
 # Where the head's dashboard finds Prometheus and Grafana (its Metrics tab embeds the panels).
 HEAD_DASHBOARD_ENV = ("RAY_PROMETHEUS_HOST", "RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST")
@@ -87,6 +119,7 @@ CLUSTER_FILTER = f'{CLUSTER_LABEL}=~"$cluster"'
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
 
 def load_docs(path: Path) -> list[dict[str, Any]]:
     return load_docs_text(path.read_text())
@@ -118,8 +151,7 @@ def k8s_errors(doc: dict[str, Any]) -> list[str]:
 
 def pod_template_errors(template: dict[str, Any], name: str) -> list[str]:
     """A KubeRay pod template is a core/v1 PodTemplateSpec: validate it as a PodTemplate."""
-    wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name},
-               "template": template}
+    wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
     return [f"{name}: {e}" for e in k8s_errors(wrapped)]
 
 
@@ -133,6 +165,7 @@ def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 # --- cluster launcher (AWS) ------------------------------------------------------------------
 
+
 def launcher_schema_check(raw: dict[str, Any]) -> dict[str, Any]:
     """Ray's own check, as `ray up` does it: merge the provider defaults, then the schema."""
     config = prepare_config(copy.deepcopy(raw))
@@ -142,8 +175,9 @@ def launcher_schema_check(raw: dict[str, Any]) -> dict[str, Any]:
 
 def run_instances_errors(node_config: dict[str, Any]) -> str:
     """botocore's EC2 RunInstances input shape: unknown keys and wrong types, recursively."""
-    shape = (botocore.session.get_session().get_service_model("ec2")
-             .operation_model("RunInstances").input_shape)
+    shape = (
+        botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
+    )
     report = ParamValidator().validate({"MinCount": 1, "MaxCount": 1, **node_config}, shape)
     return report.generate_report() if report.has_errors() else ""
 
@@ -154,8 +188,7 @@ def launcher_problems(raw: dict[str, Any]) -> list[str]:
     if not image.endswith(f":{RAY_VERSION}"):
         problems.append(f"docker.image {image!r} is not tagged {RAY_VERSION}")
     # Without explicit setup commands Ray merges in its defaults (a nightly Ray wheel).
-    problems += [f"{key} missing" for key in ("setup_commands", "head_setup_commands")
-                 if key not in raw]
+    problems += [f"{key} missing" for key in ("setup_commands", "head_setup_commands") if key not in raw]
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         if not any(f"--metrics-export-port={METRICS_PORT}" in c for c in raw.get(key, [])):
             problems.append(f"{key}: no --metrics-export-port={METRICS_PORT}")
@@ -222,6 +255,7 @@ def test_node_config_checked_against_ec2_model(
 
 # --- local two-node script ---------------------------------------------------------------------
 
+
 def code_lines(script: str) -> list[str]:
     return [line for line in script.splitlines() if not line.lstrip().startswith("#")]
 
@@ -232,8 +266,14 @@ def script_problems(script: str) -> list[str]:
     # `ray stop` stops every Ray process of the user, not only this script's nodes.
     if re.search(r"\bray\}?\"?\s+stop\b", code, flags=re.IGNORECASE):
         problems.append("runs `ray stop`")
-    for flag in ("--num-cpus", "--object-store-memory", "--temp-dir",
-                 "--dashboard-agent-listen-port", "--metrics-export-port", "--address"):
+    for flag in (
+        "--num-cpus",
+        "--object-store-memory",
+        "--temp-dir",
+        "--dashboard-agent-listen-port",
+        "--metrics-export-port",
+        "--address",
+    ):
         if flag not in code:
             problems.append(f"never passes {flag}")
     if not re.search(r"\btimeout\b[^\n]*\bstart\b", code):
@@ -253,8 +293,12 @@ def test_local_multinode_script_rules() -> None:
 
 @pytest.mark.parametrize(
     ("line", "expected"),
-    [("ray stop", "runs `ray stop`"), ('"$RAY" stop --force', "runs `ray stop`"),
-     ("pkill -f raylet", "uses pkill"), ("killall raylet", "uses killall")],
+    [
+        ("ray stop", "runs `ray stop`"),
+        ('"$RAY" stop --force', "runs `ray stop`"),
+        ("pkill -f raylet", "uses pkill"),
+        ("killall raylet", "uses killall"),
+    ],
 )
 def test_local_multinode_script_rejects_broad_stops(line: str, expected: str) -> None:
     assert expected in script_problems(LOCAL_SCRIPT.read_text() + f"\n{line}\n")
@@ -267,6 +311,7 @@ def test_local_multinode_script_syntax_error_is_caught(tmp_path: Path) -> None:
 
 
 # --- KubeRay, Kubernetes and Prometheus Operator manifests --------------------------------------
+
 
 def ray_containers(spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(group name, group spec, Ray container) for the head group and every worker group."""
@@ -307,11 +352,17 @@ def gpu_limit(container: dict[str, Any]) -> int:
 def group_problems(at: str, group: dict[str, Any], container: dict[str, Any]) -> list[str]:
     """Rules for one head or worker group and its Ray container."""
     # KubeRay passes rayStartParams to `ray start` as a map[string]string.
-    problems = [f"{at}: rayStartParams[{k!r}] = {v!r} is not a string"
-                for k, v in group.get("rayStartParams", {}).items() if not isinstance(v, str)]
+    problems = [
+        f"{at}: rayStartParams[{k!r}] = {v!r} is not a string"
+        for k, v in group.get("rayStartParams", {}).items()
+        if not isinstance(v, str)
+    ]
     template = group.get("template", {})
-    problems += [f"{at}: image {c.get('image')!r} does not carry Ray {RAY_VERSION}"
-                 for c in containers(template) if RAY_VERSION not in c.get("image", "")]
+    problems += [
+        f"{at}: image {c.get('image')!r} does not carry Ray {RAY_VERSION}"
+        for c in containers(template)
+        if RAY_VERSION not in c.get("image", "")
+    ]
     ports = {p.get("name"): p.get("containerPort") for p in container.get("ports", [])}
     if ports.get("metrics") != METRICS_PORT:
         problems.append(f"{at}: no container port 'metrics' = {METRICS_PORT}")
@@ -335,9 +386,11 @@ def ray_cluster_spec_problems(spec: dict[str, Any], where: str) -> list[str]:
         problems += group_problems(at, group, container)
         if name == "head":
             env = env_of(container)
-            problems += [f"{at}: {key} is not an http(s) URL in the head's env"
-                         for key in HEAD_DASHBOARD_ENV
-                         if not str(env.get(key, {}).get("value", "")).startswith(("http://", "https://"))]
+            problems += [
+                f"{at}: {key} is not an http(s) URL in the head's env"
+                for key in HEAD_DASHBOARD_ENV
+                if not str(env.get(key, {}).get("value", "")).startswith(("http://", "https://"))
+            ]
             continue
         problems += [f"{at}: missing {k}" for k in WORKER_GROUP_KEYS if k not in group]
         replicas = [group.get(k, 0) for k in ("minReplicas", "replicas", "maxReplicas")]
@@ -360,8 +413,11 @@ def ray_resource_problems(doc: dict[str, Any]) -> list[str]:
         return ray_cluster_spec_problems(spec, where)
     if doc["kind"] == "RayService":
         problems = unknown_fields(spec, RAYSERVICE_SPEC_KEYS, where)
-        return problems + ray_cluster_spec_problems(spec.get("rayClusterConfig", {}), where) + (
-            serve_config_problems(spec, where))
+        return (
+            problems
+            + ray_cluster_spec_problems(spec.get("rayClusterConfig", {}), where)
+            + (serve_config_problems(spec, where))
+        )
     problems = unknown_fields(spec, RAYJOB_SPEC_KEYS, where)
     # A retry resubmits the same run.name, which resumes from the last checkpoint: retry.
     backoff = spec.get("backoffLimit")
@@ -409,15 +465,23 @@ def serve_config_problems(spec: dict[str, Any], where: str) -> list[str]:
         if http.host not in ("127.0.0.1", "localhost") and not (settings.token_env or settings.token_file):
             problems.append(f"{at}: the proxy listens on {http.host} and no token guards the routes")
         if settings.token_env:
-            problems += [f"{where}/{name}: {settings.token_env} does not come from a Secret"
-                         for name, _, c in ray_containers(cluster)
-                         if "secretKeyRef" not in env_of(c).get(settings.token_env, {}).get("valueFrom", {})]
-        problems += [f"{at}: unknown deployment {d.name!r} (the app has {', '.join(SERVE_DEPLOYMENTS)})"
-                     for d in app.deployments if d.name not in SERVE_DEPLOYMENTS]
-        problems += [f"{at}: TaskStore has num_replicas {d.num_replicas}: it is the tasks' one copy"
-                     for d in app.deployments if d.name == "TaskStore"
-                     and ({"num_replicas", "autoscaling_config"} & d.model_fields_set)
-                     and d.num_replicas != 1]
+            problems += [
+                f"{where}/{name}: {settings.token_env} does not come from a Secret"
+                for name, _, c in ray_containers(cluster)
+                if "secretKeyRef" not in env_of(c).get(settings.token_env, {}).get("valueFrom", {})
+            ]
+        problems += [
+            f"{at}: unknown deployment {d.name!r} (the app has {', '.join(SERVE_DEPLOYMENTS)})"
+            for d in app.deployments
+            if d.name not in SERVE_DEPLOYMENTS
+        ]
+        problems += [
+            f"{at}: TaskStore has num_replicas {d.num_replicas}: it is the tasks' one copy"
+            for d in app.deployments
+            if d.name == "TaskStore"
+            and ({"num_replicas", "autoscaling_config"} & d.model_fields_set)
+            and d.num_replicas != 1
+        ]
     return problems
 
 
@@ -487,8 +551,11 @@ def values_of(node: Any, key: str) -> Iterator[Any]:
 
 def test_secret_refs_resolve_to_the_example_secret() -> None:
     docs = [doc for _, doc in manifests()]
-    secrets = {d["metadata"]["name"]: {**d.get("data", {}), **d.get("stringData", {})}
-               for d in docs if d["kind"] == "Secret"}
+    secrets = {
+        d["metadata"]["name"]: {**d.get("data", {}), **d.get("stringData", {})}
+        for d in docs
+        if d["kind"] == "Secret"
+    }
     refs = list(values_of(docs, "secretKeyRef"))
     assert refs
     for ref in refs:
@@ -503,6 +570,7 @@ def _drop_head_env(key: str) -> Callable[[dict[str, Any]], None]:
     def mutate(doc: dict[str, Any]) -> None:
         head = containers(doc["spec"]["headGroupSpec"]["template"])[0]
         head["env"] = [e for e in head["env"] if e["name"] != key]
+
     return mutate
 
 
@@ -522,18 +590,32 @@ def _drop_gpu(doc: dict[str, Any]) -> None:
         (lambda d: d["spec"]["workerGroupSpecs"][0].pop("maxReplicas"), "missing maxReplicas"),
         (_drop_gpu, "nvidia.com/gpu"),
         (lambda d: d["spec"]["headGroupSpec"]["template"]["spec"].pop("volumes"), "/dev/shm"),
-        (lambda d: containers(d["spec"]["headGroupSpec"]["template"])[0].update(image="x:2.9.0"),
-         "does not carry Ray"),
-        (lambda d: containers(d["spec"]["headGroupSpec"]["template"])[0].update(cpu="4"),
-         "Additional properties are not allowed"),
-        (lambda d: containers(d["spec"]["headGroupSpec"]["template"])[0].pop("env"),
-         "RAY_AUTH_MODE"),
+        (
+            lambda d: containers(d["spec"]["headGroupSpec"]["template"])[0].update(image="x:2.9.0"),
+            "does not carry Ray",
+        ),
+        (
+            lambda d: containers(d["spec"]["headGroupSpec"]["template"])[0].update(cpu="4"),
+            "Additional properties are not allowed",
+        ),
+        (lambda d: containers(d["spec"]["headGroupSpec"]["template"])[0].pop("env"), "RAY_AUTH_MODE"),
         (_drop_head_env("RAY_GRAFANA_HOST"), "head: RAY_GRAFANA_HOST"),
         (_drop_head_env("RAY_PROMETHEUS_HOST"), "head: RAY_PROMETHEUS_HOST"),
     ],
-    ids=["int-start-param", "bool-start-param", "ray-version", "unknown-spec-field",
-         "no-max-replicas", "no-gpu-limit", "no-shm-volume", "image-version",
-         "pod-template-schema", "no-auth-env", "no-grafana-host", "no-prometheus-host"],
+    ids=[
+        "int-start-param",
+        "bool-start-param",
+        "ray-version",
+        "unknown-spec-field",
+        "no-max-replicas",
+        "no-gpu-limit",
+        "no-shm-volume",
+        "image-version",
+        "pod-template-schema",
+        "no-auth-env",
+        "no-grafana-host",
+        "no-prometheus-host",
+    ],
 )
 def test_kuberay_rules_reject_broken_cluster(
     raycluster: dict[str, Any], mutate: Callable[[dict[str, Any]], None], expected: str
@@ -550,14 +632,14 @@ def test_kuberay_rules_reject_broken_cluster(
         (lambda d: d["spec"].pop("backoffLimit"), "backoffLimit None"),
         (lambda d: d["spec"].update(backoffLimit=0), "backoffLimit 0"),
         (lambda d: d["spec"].update(backoffLimit="2"), "backoffLimit '2'"),
-        (lambda d: _drop_head_env("RAY_GRAFANA_HOST")(
-            {"spec": d["spec"]["rayClusterSpec"]}), "head: RAY_GRAFANA_HOST"),
+        (
+            lambda d: _drop_head_env("RAY_GRAFANA_HOST")({"spec": d["spec"]["rayClusterSpec"]}),
+            "head: RAY_GRAFANA_HOST",
+        ),
     ],
     ids=["no-backoff-limit", "zero-backoff-limit", "string-backoff-limit", "no-grafana-host"],
 )
-def test_rayjob_rules_reject_a_broken_job(
-    mutate: Callable[[dict[str, Any]], None], expected: str
-) -> None:
+def test_rayjob_rules_reject_a_broken_job(mutate: Callable[[dict[str, Any]], None], expected: str) -> None:
     broken = copy.deepcopy(load_one(RAYJOB_YAML))
     mutate(broken)
     problems = ray_resource_problems(broken)
@@ -569,6 +651,7 @@ def _edit_serve_config(edit: Callable[[dict[str, Any]], None]) -> Callable[[dict
         config = yaml.safe_load(doc["spec"]["serveConfigV2"])
         edit(config)
         doc["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+
     return mutate
 
 
@@ -591,17 +674,34 @@ def _drop_worker_token(doc: dict[str, Any]) -> None:
         (_edit_serve_config(lambda c: _app_args(c).update(adapters={})), "adapters: a mapping"),
         (_edit_serve_config(lambda c: c["http_options"].update(port="http")), "serveConfigV2: "),
         (_edit_serve_config(lambda c: c["http_options"].update(port=8001)), "'serve' = 8001"),
-        (_edit_serve_config(lambda c: c["applications"][0]["deployments"].append(
-            {"name": "TaskStore", "num_replicas": 2})), "TaskStore has num_replicas 2"),
-        (_edit_serve_config(lambda c: c["applications"][0]["deployments"].append({"name": "Store"})),
-         "unknown deployment 'Store'"),
+        (
+            _edit_serve_config(
+                lambda c: c["applications"][0]["deployments"].append({"name": "TaskStore", "num_replicas": 2})
+            ),
+            "TaskStore has num_replicas 2",
+        ),
+        (
+            _edit_serve_config(lambda c: c["applications"][0]["deployments"].append({"name": "Store"})),
+            "unknown deployment 'Store'",
+        ),
         (_edit_serve_config(lambda c: _app_args(c).update(max_batch_size=0)), "max_batch_size=0"),
         (lambda d: d["spec"].update(serveConfig={}), "unknown spec field 'serveConfig'"),
         (lambda d: d["spec"]["rayClusterConfig"].update(rayVersion="2.9.0"), "rayVersion"),
     ],
-    ids=["no-token", "worker-token-env", "import-path", "unknown-arg", "no-adapters",
-         "serve-schema", "serve-port", "store-replicas", "unknown-deployment", "batch-size",
-         "unknown-spec-field", "ray-version"],
+    ids=[
+        "no-token",
+        "worker-token-env",
+        "import-path",
+        "unknown-arg",
+        "no-adapters",
+        "serve-schema",
+        "serve-port",
+        "store-replicas",
+        "unknown-deployment",
+        "batch-size",
+        "unknown-spec-field",
+        "ray-version",
+    ],
 )
 def test_rayservice_rules_reject_a_broken_service(
     mutate: Callable[[dict[str, Any]], None], expected: str
@@ -614,10 +714,10 @@ def test_rayservice_rules_reject_a_broken_service(
 
 def test_podmonitors_scrape_named_ports_of_head_and_workers(raycluster: dict[str, Any]) -> None:
     monitors = load_docs(PODMONITOR_YAML)
-    assert all(m["apiVersion"] == "monitoring.coreos.com/v1" and m["kind"] == "PodMonitor"
-               for m in monitors)
-    declared = {name: {p["name"] for p in c.get("ports", [])}
-                for name, _, c in ray_containers(raycluster["spec"])}
+    assert all(m["apiVersion"] == "monitoring.coreos.com/v1" and m["kind"] == "PodMonitor" for m in monitors)
+    declared = {
+        name: {p["name"] for p in c.get("ports", [])} for name, _, c in ray_containers(raycluster["spec"])
+    }
     scraped: dict[str, set[str]] = {}
     for monitor in monitors:
         node_type = monitor["spec"]["selector"]["matchLabels"]["ray.io/node-type"]
@@ -632,10 +732,12 @@ def test_podmonitors_scrape_named_ports_of_head_and_workers(raycluster: dict[str
 
 # --- Prometheus (VMs) and Grafana -------------------------------------------------------------
 
+
 def test_prometheus_config_uses_ray_service_discovery_file() -> None:
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
-    files = [f for job in config["scrape_configs"] for sd in job.get("file_sd_configs", [])
-             for f in sd["files"]]
+    files = [
+        f for job in config["scrape_configs"] for sd in job.get("file_sd_configs", []) for f in sd["files"]
+    ]
     assert f"/tmp/ray/{PROMETHEUS_SERVICE_DISCOVERY_FILE}" in files
 
 
@@ -649,15 +751,18 @@ def dashboard_problems(dashboard: dict[str, Any]) -> list[str]:
         if not exprs:
             problems.append(f"panel {panel.get('title')!r} has no targets")
         for expr in exprs:
-            unfiltered = [m.group(0) for m in re.finditer(r"\bray_metapeft_\w+(\{[^}]*\})?", expr)
-                          if CLUSTER_FILTER not in (m.group(1) or "")]
-            problems += [f"{panel.get('title')!r}: {s!r} is not filtered by {CLUSTER_FILTER}"
-                         for s in unfiltered]
+            unfiltered = [
+                m.group(0)
+                for m in re.finditer(r"\bray_metapeft_\w+(\{[^}]*\})?", expr)
+                if CLUSTER_FILTER not in (m.group(1) or "")
+            ]
+            problems += [
+                f"{panel.get('title')!r}: {s!r} is not filtered by {CLUSTER_FILTER}" for s in unfiltered
+            ]
             names = set(re.findall(r"\bray_metapeft_\w+", expr))
             if not names:
                 problems.append(f"{panel.get('title')!r}: {expr!r} reads no ray_metapeft_ metric")
-            problems += [f"{panel.get('title')!r}: unknown metric {n}"
-                         for n in sorted(names - METRIC_SERIES)]
+            problems += [f"{panel.get('title')!r}: unknown metric {n}" for n in sorted(names - METRIC_SERIES)]
             seen |= names
     missing = {m for m in METRICS if not any(s.startswith(m) for s in seen)}
     problems += [f"no panel shows {m}" for m in sorted(missing)]
@@ -672,8 +777,9 @@ def dashboard_problems(dashboard: dict[str, Any]) -> list[str]:
 def test_grafana_dashboard_panels_read_metapeft_metrics() -> None:
     dashboard = json.loads(DASHBOARD_JSON.read_text())
     assert dashboard_problems(dashboard) == []
-    quantiles = [t["expr"] for p in dashboard["panels"] for t in p["targets"]
-                 if "histogram_quantile(0.95" in t["expr"]]
+    quantiles = [
+        t["expr"] for p in dashboard["panels"] for t in p["targets"] if "histogram_quantile(0.95" in t["expr"]
+    ]
     assert any("ray_metapeft_inner_loop_seconds_bucket" in q and "by (le)" in q for q in quantiles)
 
 
@@ -709,9 +815,12 @@ def test_every_scrape_sets_the_cluster_label() -> None:
 
 @pytest.mark.parametrize(
     ("expr", "expected"),
-    [("up", "reads no ray_metapeft_ metric"), ("ray_metapeft_meta_los", "unknown metric"),
-     ('max(ray_metapeft_meta_step{run=~"$run"})', "is not filtered by ray_io_cluster"),
-     ("max(ray_metapeft_meta_step)", "is not filtered by ray_io_cluster")],
+    [
+        ("up", "reads no ray_metapeft_ metric"),
+        ("ray_metapeft_meta_los", "unknown metric"),
+        ('max(ray_metapeft_meta_step{run=~"$run"})', "is not filtered by ray_io_cluster"),
+        ("max(ray_metapeft_meta_step)", "is not filtered by ray_io_cluster"),
+    ],
 )
 def test_grafana_rules_reject_foreign_or_misspelled_metrics(expr: str, expected: str) -> None:
     dashboard = json.loads(DASHBOARD_JSON.read_text())
@@ -723,9 +832,7 @@ def test_grafana_rules_reject_foreign_or_misspelled_metrics(expr: str, expected:
     ("variable", "expected"),
     [("cluster", "no template variable `cluster`"), ("run", "`run` variable's values")],
 )
-def test_grafana_rules_reject_a_dashboard_without_the_cluster_variable(
-    variable: str, expected: str
-) -> None:
+def test_grafana_rules_reject_a_dashboard_without_the_cluster_variable(variable: str, expected: str) -> None:
     dashboard = json.loads(DASHBOARD_JSON.read_text())
     for v in dashboard["templating"]["list"]:
         if v["name"] == variable:
@@ -735,18 +842,25 @@ def test_grafana_rules_reject_a_dashboard_without_the_cluster_variable(
 
 # --- image -------------------------------------------------------------------------------------
 
+
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
     joined = re.sub(r"\\\n", " ", "\n".join(code_lines(text)))
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
-            for line in joined.splitlines() if line.strip()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
+        for line in joined.splitlines()
+        if line.strip()
+    ]
 
 
 def dockerfile_problems(text: str) -> list[str]:
     instructions = dockerfile_instructions(text)
     problems = []
-    bases = [args.split()[-1] if " AS " in args.upper() else args.split()[0]
-             for op, args in instructions if op == "FROM"]
+    bases = [
+        args.split()[-1] if " AS " in args.upper() else args.split()[0]
+        for op, args in instructions
+        if op == "FROM"
+    ]
     match = re.fullmatch(r"rayproject/ray:([^-]+)-py311-gpu", bases[-1] if bases else "")
     if not match or match.group(1) != RAY_VERSION:
         problems.append(f"FROM {bases} is not rayproject/ray:{RAY_VERSION}-py311-gpu")

@@ -40,17 +40,32 @@ STEPS = 4
 
 def make_cfg(backbone: str, dataset: str, output_dir: str, name: str, **extra: Any) -> Config:
     overrides = {
-        "run.name": name, "run.output_dir": output_dir, "run.seed": 3,
-        "model.backbone": backbone, "model.max_length": 16,
-        "data.dataset": dataset, "data.folds": 3, "data.val_fraction": 0.4,
-        "episode.n_way": 3, "episode.k_shot": 1, "episode.q_query": 2,
-        "meta.first_order": True, "meta.meta_steps": STEPS, "meta.meta_batch_size": 4,
-        "meta.val_every": 2, "meta.val_episodes": 2, "meta.checkpoint_every": 2,
+        "run.name": name,
+        "run.output_dir": output_dir,
+        "run.seed": 3,
+        "model.backbone": backbone,
+        "model.max_length": 16,
+        "data.dataset": dataset,
+        "data.folds": 3,
+        "data.val_fraction": 0.4,
+        "episode.n_way": 3,
+        "episode.k_shot": 1,
+        "episode.q_query": 2,
+        "meta.first_order": True,
+        "meta.meta_steps": STEPS,
+        "meta.meta_batch_size": 4,
+        "meta.val_every": 2,
+        "meta.val_episodes": 2,
+        "meta.checkpoint_every": 2,
         "meta.outer_lr": 0.01,
-        "eval.episodes": 3, "eval.shots": [1], "eval.n_way": 3, "eval.q_query": 2,
-        "distributed.workers": 2, "distributed.max_failures": 0,
+        "eval.episodes": 3,
+        "eval.shots": [1],
+        "eval.n_way": 3,
+        "eval.q_query": 2,
+        "distributed.workers": 2,
+        "distributed.max_failures": 0,
         **extra,
-    }  # fmt: skip
+    }
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
@@ -235,8 +250,14 @@ def test_s3_storage_end_to_end(ray_cluster, base, reference, s3_env) -> None:  #
     keys = {
         o["Key"] for o in s3_env.client().list_objects_v2(Bucket=S3_BUCKET, Prefix="runs/on-s3/")["Contents"]
     }
-    for key in ("checkpoint_000004/state.pt", "adapter/adapter_model.safetensors",
-                "adapter/metapeft.json", "report.json", "metrics.jsonl", "training.json"):  # fmt: skip
+    for key in (
+        "checkpoint_000004/state.pt",
+        "adapter/adapter_model.safetensors",
+        "adapter/metapeft.json",
+        "report.json",
+        "metrics.jsonl",
+        "training.json",
+    ):
         assert f"runs/on-s3/{key}" in keys, sorted(keys)
     assert_same(final_adapter(cfg), reference)
 

@@ -104,9 +104,17 @@ def test_adapter_finetune_lowers_the_support_loss_and_moves_the_adapter(encoder_
     default = {k: v.detach().clone() for k, v in encoder.adapter_params().items()}
     assert all(v.abs().sum() == 0 for k, v in default.items() if "lora_B" in k)  # peft's B = 0
     result = run_episode(
-        encoder, default, episode, steps=20, lr=1e-2, scale=10.0, first_order=True,
-        meta_gradient=False, optimizer="adam", keep_adapted=True,
-    )  # fmt: skip
+        encoder,
+        default,
+        episode,
+        steps=20,
+        lr=1e-2,
+        scale=10.0,
+        first_order=True,
+        meta_gradient=False,
+        optimizer="adam",
+        keep_adapted=True,
+    )
     assert result.support_loss_after < 0.5 * result.support_loss_before
     moved = {k: (result.adapted[k] - v).abs().max().item() for k, v in default.items()}
     assert all(m > 1e-3 for m in moved.values()), moved
@@ -115,9 +123,16 @@ def test_adapter_finetune_lowers_the_support_loss_and_moves_the_adapter(encoder_
     with torch.no_grad():
         assert not torch.allclose(encoder.embed(result.adapted, batch), encoder.embed(None, batch), atol=1e-4)
     sgd = run_episode(
-        encoder, default, episode, steps=1, lr=1e-2, scale=10.0, first_order=True, meta_gradient=False,
+        encoder,
+        default,
+        episode,
+        steps=1,
+        lr=1e-2,
+        scale=10.0,
+        first_order=True,
+        meta_gradient=False,
         keep_adapted=True,
-    )  # fmt: skip
+    )
     b = next(k for k in default if "lora_B" in k)
     assert (result.adapted[b] - default[b]).abs().max() > 10 * (sgd.adapted[b] - default[b]).abs().max()
 
@@ -131,9 +146,17 @@ def test_full_finetune_moves_every_backbone_weight_and_leaves_the_module_untouch
     before = {k: v.detach().clone() for k, v in weights.items()}
     assert not set(weights) & set(encoder.adapter_params())
     result = run_episode(
-        view, weights, episode, steps=3, lr=1e-3, scale=10.0, first_order=True, meta_gradient=False,
-        optimizer="adam", keep_adapted=True,
-    )  # fmt: skip
+        view,
+        weights,
+        episode,
+        steps=3,
+        lr=1e-3,
+        scale=10.0,
+        first_order=True,
+        meta_gradient=False,
+        optimizer="adam",
+        keep_adapted=True,
+    )
     assert result.support_loss_after < result.support_loss_before
     moved = [k for k in weights if not torch.equal(result.adapted[k], before[k])]
     assert len(moved) == len(weights)
@@ -194,9 +217,14 @@ def test_train_meta_tests_on_another_dataset_with_every_baseline(
     methods = ["meta", "meta_init", "proto", "logreg", "finetune", "full_finetune", "setfit"]
     overrides = [
         *tiny_overrides(*tiny, **{"run.output_dir": str(tmp_path), "run.name": "x", "meta.meta_steps": 2}),
-        f"eval.dataset={other_dataset}", f"eval.methods={json.dumps(methods)}", "eval.n_way=[3,4]",
-        "eval.episodes=4", "eval.costly_episodes=2", "eval.finetune.steps=3", "eval.full_finetune.steps=2",
-    ]  # fmt: skip
+        f"eval.dataset={other_dataset}",
+        f"eval.methods={json.dumps(methods)}",
+        "eval.n_way=[3,4]",
+        "eval.episodes=4",
+        "eval.costly_episodes=2",
+        "eval.finetune.steps=3",
+        "eval.full_finetune.steps=2",
+    ]
     assert main(["train", "--local", "--quiet", "--config", "quickstart", *overrides]) == 0
     report = json.loads((tmp_path / "x" / "report.json").read_text())
     assert report["protocol"] == "cross-dataset" and report["test_dataset"] == other_dataset
@@ -233,10 +261,14 @@ def test_evaluate_an_exported_init_on_named_classes_of_another_dataset(
     tiny: tuple[str, str], other_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = [
-        "train", "--local", "--quiet", "--config", "quickstart",
+        "train",
+        "--local",
+        "--quiet",
+        "--config",
+        "quickstart",
         *tiny_overrides(*tiny, **{"run.output_dir": str(tmp_path), "run.name": "a", "meta.meta_steps": 1}),
         'eval.methods=["meta","logreg"]',
-    ]  # fmt: skip
+    ]
     assert main(argv) == 0
     adapter = str(tmp_path / "a" / "adapter")
     out = tmp_path / "eval"
@@ -275,11 +307,13 @@ def test_accuracy_pools_folds_episode_by_episode_and_pairs_prefixes(tmp_path: Pa
     def report(fold: int, results: dict, cells_from: str = "train") -> str:
         path = tmp_path / f"{cells_from}{fold}.json"
         body = {
-            "protocol": "in-domain", "test_dataset": "banking77", "test_classes": [f"c{fold}"],
+            "protocol": "in-domain",
+            "test_dataset": "banking77",
+            "test_classes": [f"c{fold}"],
             "splits": {"dataset": "banking77", "fold": fold},
             "config": {"run": {"seed": 0}, "eval": {"q_query": 5}},
             "results": {m: {c: {"per_episode": v} for c, v in per.items()} for m, per in results.items()},
-        }  # fmt: skip
+        }
         path.write_text(json.dumps(body))
         return str(path)
 

@@ -41,9 +41,12 @@ def test_names_join_the_prototypes_as_weighted_examples() -> None:
 @pytest.fixture(scope="module")
 def learner(tiny: tuple[str, str]) -> MetaLearner:
     overrides = [
-        *tiny_overrides(*tiny, **{"episode.k_shot": 1}), "head.label_names=true",
-        'head.learn=["scale", "inner_scale", "name_weight"]', "head.inner_scale=2", "head.name_weight=0.5",
-    ]  # fmt: skip
+        *tiny_overrides(*tiny, **{"episode.k_shot": 1}),
+        "head.label_names=true",
+        'head.learn=["scale", "inner_scale", "name_weight"]',
+        "head.inner_scale=2",
+        "head.name_weight=0.5",
+    ]
     cfg = load_config(None, overrides)
     return MetaLearner.from_config(cfg, prepare_sampler(cfg))
 
@@ -102,9 +105,16 @@ def test_second_order_gradient_of_the_inner_temperature_matches_finite_differenc
         extra = {key: torch.tensor(log_s)}
         inner = learner.inner.with_learned(extra)
         return run_episode(
-            learner.encoder, learner.params, episode, steps=inner.steps, lr=inner.lr, scale=inner.scale,
-            first_order=False, meta_gradient=False, inner_scale=inner.inner_scale,
-        ).query_loss  # fmt: skip
+            learner.encoder,
+            learner.params,
+            episode,
+            steps=inner.steps,
+            lr=inner.lr,
+            scale=inner.scale,
+            first_order=False,
+            meta_gradient=False,
+            inner_scale=inner.inner_scale,
+        ).query_loss
 
     result = learner.algorithm.episode(
         learner.encoder, learner.params, learner.extra, episode, learner.inner, meta_gradient=True
@@ -115,11 +125,17 @@ def test_second_order_gradient_of_the_inner_temperature_matches_finite_differenc
 
 def test_learned_head_is_exported_and_used_at_meta_test(tiny: tuple[str, str], tmp_path: Path) -> None:
     argv = [
-        "train", "--local", "--quiet", "--config", "quickstart",
+        "train",
+        "--local",
+        "--quiet",
+        "--config",
+        "quickstart",
         *tiny_overrides(*tiny, **{"run.output_dir": str(tmp_path), "run.name": "h"}),
-        "head.label_names=true", 'head.learn=["scale", "name_weight"]', "head.outer_lr=0.5",
+        "head.label_names=true",
+        'head.learn=["scale", "name_weight"]',
+        "head.outer_lr=0.5",
         'eval.methods=["meta", "meta_init", "proto_names", "logreg_names", "logreg"]',
-    ]  # fmt: skip
+    ]
     assert main(argv) == 0
     meta = json.loads((tmp_path / "h" / "adapter" / "metapeft.json").read_text())
     learned = meta["learned_head"]

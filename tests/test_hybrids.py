@@ -30,9 +30,13 @@ ALGORITHMS = ["maml", "metasgd", "reptile", "protonet"]
 # The fast tier (`-m "not slow"`) runs every method once and every algorithm at least once; the
 # rest of the matrix is `slow` (each combination builds its own learner: seconds on 2 cores).
 FAST_PAIRS = {
-    ("lora", "maml"), ("dora", "metasgd"), ("ia3", "reptile"),
-    ("prompt", "protonet"), ("prefix", "maml"), ("bottleneck", "metasgd"),
-}  # fmt: skip
+    ("lora", "maml"),
+    ("dora", "metasgd"),
+    ("ia3", "reptile"),
+    ("prompt", "protonet"),
+    ("prefix", "maml"),
+    ("bottleneck", "metasgd"),
+}
 MATRIX = [
     pytest.param(m, a, marks=() if (m, a) in FAST_PAIRS else pytest.mark.slow)
     for m, a in itertools.product(METHODS, ALGORITHMS)

@@ -74,9 +74,12 @@ def test_entrypoint_quotes_every_word() -> None:
 
 def test_env_vars_are_only_what_the_user_names() -> None:
     environ = {
-        "AWS_ENDPOINT_URL_S3": "http://s3:9000", "AWS_REGION": "eu-west-1",
-        "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "secret", "HF_TOKEN": "hf",
-    }  # fmt: skip
+        "AWS_ENDPOINT_URL_S3": "http://s3:9000",
+        "AWS_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "AKIA",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "HF_TOKEN": "hf",
+    }
     assert jobs.build_env_vars([], environ=environ) == {}
     assert jobs.build_env_vars([], s3_endpoint=True, environ=environ) == {
         "AWS_ENDPOINT_URL_S3": "http://s3:9000",
@@ -111,8 +114,13 @@ def test_prepare_submission_validates_and_names_the_config(tmp_path: Path) -> No
     cfg.write_text("meta:\n  inner_steps: 2\n")
     uploaded = jobs.prepare_submission("train", config=str(cfg), working_dir=tmp_path)
     assert shlex.split(uploaded.entrypoint)[:6] == [
-        "python", "-m", "metapeft_ray.cli", "train", "--config", "configs/mine.yaml",
-    ]  # fmt: skip
+        "python",
+        "-m",
+        "metapeft_ray.cli",
+        "train",
+        "--config",
+        "configs/mine.yaml",
+    ]
     elsewhere = jobs.prepare_submission("tune", config=str(cfg))
     assert shlex.split(elsewhere.entrypoint)[-4:] == ["--config", str(cfg.resolve()), "--space", "default"]
     with pytest.raises(jobs.JobsError, match="--space is only for --command tune"):
@@ -129,8 +137,12 @@ def test_prepare_evaluate_submission() -> None:
         "evaluate", adapter="s3://b/runs/r/adapter", overrides=["eval.episodes=600"]
     )
     assert shlex.split(sub.entrypoint) == [
-        "metapeft", "evaluate", "--adapter", "s3://b/runs/r/adapter", "eval.episodes=600",
-    ]  # fmt: skip
+        "metapeft",
+        "evaluate",
+        "--adapter",
+        "s3://b/runs/r/adapter",
+        "eval.episodes=600",
+    ]
     with pytest.raises(jobs.JobsError, match="needs --adapter"):
         jobs.prepare_submission("evaluate")
     with pytest.raises(ConfigError, match="eval.episodes"):
@@ -194,8 +206,12 @@ class _JobAPI(BaseHTTPRequestHandler):
         if self.token is not None and auth != f"Bearer {self.token}":
             return self._send(403, "Forbidden: Invalid authentication token", "text/plain")
         if self.path == "/api/version":
-            return self._send(200, json.dumps({"version": "4", "ray_version": ray.__version__,
-                                               "ray_commit": "x", "session_name": "s"}))  # fmt: skip
+            return self._send(
+                200,
+                json.dumps(
+                    {"version": "4", "ray_version": ray.__version__, "ray_commit": "x", "session_name": "s"}
+                ),
+            )
         if self.path == "/api/jobs/":
             return self._send(200, "[]")
         if self.path.startswith("/api/jobs/"):

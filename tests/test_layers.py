@@ -21,10 +21,25 @@ from metapeft_ray import algorithms, methods
 ROOT = Path(__file__).resolve().parents[1]
 
 CORE = [
-    "config", "data", "splits", "episodes", "placements", "model", "methods", "algorithms",
-    "meta", "train", "evaluate", "baselines", "export", "adapt", "recipes", "storage",
-    "runstore", "space",
-]  # fmt: skip
+    "config",
+    "data",
+    "splits",
+    "episodes",
+    "placements",
+    "model",
+    "methods",
+    "algorithms",
+    "meta",
+    "train",
+    "evaluate",
+    "baselines",
+    "export",
+    "adapt",
+    "recipes",
+    "storage",
+    "runstore",
+    "space",
+]
 RAY_LAYER = ["distributed", "tune", "jobs", "metrics", "serve", "cli"]
 
 

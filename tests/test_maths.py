@@ -114,8 +114,10 @@ def test_meta_gradients_reach_every_adapter_tensor_and_only_them(setup, first_or
     # LoRA A and B of query and value in both layers are the only trainable tensors ...
     lora = {
         f"base_model.model.encoder.layer.{i}.attention.self.{m}.lora_{ab}.default.weight"
-        for i in (0, 1) for m in ("query", "value") for ab in ("A", "B")
-    }  # fmt: skip
+        for i in (0, 1)
+        for m in ("query", "value")
+        for ab in ("A", "B")
+    }
     assert {n for n, p in enc.model.named_parameters() if p.requires_grad} == lora == set(params)
     weights = {k: v.detach().clone() for k, v in enc.model.state_dict().items()}
     r = run_episode(
@@ -225,9 +227,15 @@ def test_bf16_autocast_meta_gradients_stay_close_to_fp32(setup) -> None:  # noqa
 
 @pytest.mark.parametrize(
     ("method", "wrt"),
-    [("lora", "adapter"), ("lora", "every_weight"), ("dora", "adapter"), ("ia3", "adapter"),
-     ("bottleneck", "adapter"), ("prompt", "adapter")],
-)  # fmt: skip
+    [
+        ("lora", "adapter"),
+        ("lora", "every_weight"),
+        ("dora", "adapter"),
+        ("ia3", "adapter"),
+        ("bottleneck", "adapter"),
+        ("prompt", "adapter"),
+    ],
+)
 def test_activation_checkpointing_keeps_the_meta_gradient(tiny, setup, method: str, wrt: str) -> None:  # noqa: ANN001
     """model.activation_checkpointing recomputes each block in the backward, under the inner
     loop's double backward too, with the fast weights (not the module's own) substituted: the
@@ -243,8 +251,11 @@ def test_activation_checkpointing_keeps_the_meta_gradient(tiny, setup, method: s
     params = enc.adapter_params()
     METHODS[method].meta_init(params, enc.spec, 0)
     if wrt == "every_weight":
-        params = {n: p.detach().clone().requires_grad_() for n, p in enc.model.named_parameters()
-                  if ".pooler." not in n}  # fmt: skip
+        params = {
+            n: p.detach().clone().requires_grad_()
+            for n, p in enc.model.named_parameters()
+            if ".pooler." not in n
+        }
     kw = {"steps": 2, "lr": 0.5, "scale": 10.0, "first_order": False, "meta_gradient": True}
     grads, calls = {}, {}
     for name, e in (("kept", enc), ("checkpointed", checkpointed)):

@@ -28,9 +28,15 @@ except ImportError:  # plain `pytest` puts tests/ (not the repo root) on sys.pat
 
 TAGS = {"run": "r1", "worker": "0", "algorithm": "maml"}
 STEP = {
-    "meta_step": 7, "meta_loss": 0.5, "query_accuracy": 0.8, "support_loss_before": 1.0,
-    "support_loss_after": 0.25, "adaptation_gain": 0.75, "meta_val_accuracy": 0.6, "other": 1.0,
-}  # fmt: skip
+    "meta_step": 7,
+    "meta_loss": 0.5,
+    "query_accuracy": 0.8,
+    "support_loss_before": 1.0,
+    "support_loss_after": 0.25,
+    "adaptation_gain": 0.75,
+    "meta_val_accuracy": 0.6,
+    "other": 1.0,
+}
 
 
 def scrape(port: int) -> dict[tuple[str, str], float]:
@@ -87,8 +93,12 @@ def test_records_are_noops_without_ray_or_exporter() -> None:
 def test_names_follow_the_prefix_and_ray_export_rules() -> None:
     names = metrics.prometheus_names()
     assert all(n.startswith("ray_metapeft_") for n in names)
-    assert {"ray_metapeft_meta_loss", "ray_metapeft_episodes_total",
-            "ray_metapeft_worker_failures_total", "ray_metapeft_inner_loop_seconds"} <= names  # fmt: skip
+    assert {
+        "ray_metapeft_meta_loss",
+        "ray_metapeft_episodes_total",
+        "ray_metapeft_worker_failures_total",
+        "ray_metapeft_inner_loop_seconds",
+    } <= names
     assert "ray_metapeft_inner_loop_seconds_bucket" in metrics.prometheus_series()
     assert set(metrics.STEP_GAUGES) <= {m.name for m in metrics.METRICS}
 
@@ -171,10 +181,16 @@ def test_train_local_with_metrics_port(tmp_path, capsys) -> None:  # noqa: ANN00
     step, and the exporter outlives the run for a last scrape."""
     backbone = make_tiny_backbone(tmp_path / "bb")
     data = make_tiny_dataset(tmp_path / "data.jsonl")
-    overrides = tiny_overrides(str(backbone), str(data), **{
-        "run.output_dir": str(tmp_path / "runs"), "run.name": "local-metrics",
-        "meta.first_order": True, "eval.methods": json.dumps(["meta"]),
-    })  # fmt: skip
+    overrides = tiny_overrides(
+        str(backbone),
+        str(data),
+        **{
+            "run.output_dir": str(tmp_path / "runs"),
+            "run.name": "local-metrics",
+            "meta.first_order": True,
+            "eval.methods": json.dumps(["meta"]),
+        },
+    )
     try:
         rc = cli.main(["train", "--local", "--quiet", "--metrics-port", "0", *overrides])
         assert rc == 0

@@ -81,16 +81,24 @@ def test_train_without_an_address_starts_and_stops_an_embedded_local_ray(tmp_pat
         "RAY_USAGE_STATS_ENABLED": "0",  # no network here
     }
     cmd = [
-        *metapeft_command(), "train", "--config", "quickstart",
+        *metapeft_command(),
+        "train",
+        "--config",
+        "quickstart",
         *tiny_overrides(str(backbone), str(data)),
-        "distributed.local_num_cpus=2", f"run.output_dir={out}",
-    ]  # fmt: skip
+        "distributed.local_num_cpus=2",
+        f"run.output_dir={out}",
+    ]
 
     # More workers than the embedded Ray will have CPUs: refused in one line before Ray starts.
     refused = subprocess.run(
         [*cmd, "distributed.workers=3", "meta.meta_batch_size=3", "run.name=too-many"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TRAIN_TIMEOUT_S,
+    )
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "cannot be placed" in refused.stderr and "at most 2 workers" in refused.stderr, refused.stderr
     assert not list(ray_tmp.glob("ray/session_*")), "a Ray was started for a run that cannot be placed"
@@ -177,11 +185,19 @@ def test_quickstart_on_the_real_packaged_minilm(tmp_path: Path) -> None:
     """Two second-order meta-steps of `configs/quickstart.yaml` on the packaged MiniLM and
     Banking77, then a 2-episode meta-test: every artifact, and the first meta-loss pinned."""
     argv = [
-        "train", "--local", "--quiet", "--config", "quickstart",
-        f"run.output_dir={tmp_path}", "run.name=minilm",
-        "meta.meta_steps=2", "meta.meta_batch_size=1", "meta.val_episodes=2",
-        "eval.episodes=2", 'eval.methods=["meta", "logreg"]',
-    ]  # fmt: skip
+        "train",
+        "--local",
+        "--quiet",
+        "--config",
+        "quickstart",
+        f"run.output_dir={tmp_path}",
+        "run.name=minilm",
+        "meta.meta_steps=2",
+        "meta.meta_batch_size=1",
+        "meta.val_episodes=2",
+        "eval.episodes=2",
+        'eval.methods=["meta", "logreg"]',
+    ]
     assert main(argv) == 0
     run = tmp_path / "minilm"
     assert {"config.yaml", "splits.json", "metrics.jsonl", "adapter", "report.json", "report.md"} <= {

@@ -34,10 +34,16 @@ from tests.tiny import tiny_overrides
 
 TOKEN = "s3cret-test-token"
 SUPPORT = {
-    "texts": ["card lost today", "lost my card again", "refund this item", "item refund please",
-              "exchange rate today", "what exchange rate"],
+    "texts": [
+        "card lost today",
+        "lost my card again",
+        "refund this item",
+        "item refund please",
+        "exchange rate today",
+        "what exchange rate",
+    ],
     "labels": ["card", "card", "refund", "refund", "exchange", "exchange"],
-}  # fmt: skip
+}
 QUERIES = ["i lost my card", "refund for an item please", "the exchange rate quickly"]
 
 
@@ -170,9 +176,15 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> ServeSettings:
     token_file = tmp_path_factory.mktemp("token") / "token"
     token_file.write_text(TOKEN + "\n")
     return ServeSettings(
-        cache_size=1, max_texts=12, max_text_chars=200, max_steps=5, max_body_bytes=20_000,
-        max_batch_size=8, batch_wait_s=0.25, token_file=str(token_file),
-    )  # fmt: skip
+        cache_size=1,
+        max_texts=12,
+        max_text_chars=200,
+        max_steps=5,
+        max_body_bytes=20_000,
+        max_batch_size=8,
+        batch_wait_s=0.25,
+        token_file=str(token_file),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -195,10 +207,21 @@ def _local_predictions(uri: str, steps: int) -> list[dict[str, Any]]:
     encoder, _, cfg, _ = load_adapter(uri)
     i = inner_loop(cfg, steps)
     support = LabelledTexts("s", tuple(SUPPORT["texts"]), tuple(SUPPORT["labels"]))
-    return list(adapt_and_predict(
-        encoder, encoder.adapter_params(), support, QUERIES, steps=steps, lr=i.lr, scale=i.scale,
-        inner_scale=i.inner_scale, name_weight=i.name_weight, views=i.views, view_drop=i.view_drop,
-    ))  # fmt: skip
+    return list(
+        adapt_and_predict(
+            encoder,
+            encoder.adapter_params(),
+            support,
+            QUERIES,
+            steps=steps,
+            lr=i.lr,
+            scale=i.scale,
+            inner_scale=i.inner_scale,
+            name_weight=i.name_weight,
+            views=i.views,
+            view_drop=i.view_drop,
+        )
+    )
 
 
 @pytest.mark.ray

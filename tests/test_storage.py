@@ -105,10 +105,7 @@ def test_dir_round_trip_local_s3_local(s3: S3Server, tmp_path: Path) -> None:
     uri = f"s3://{BUCKET}/roundtrip/adapter"
     storage.upload_dir(src, uri)
 
-    keys = {
-        o["Key"]
-        for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="roundtrip/")["Contents"]
-    }
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="roundtrip/")["Contents"]}
     assert {f"roundtrip/adapter/{rel}" for rel in files} <= keys
     assert storage.download_dir(uri, dst) == dst
     assert _read_tree(dst) == files
@@ -156,11 +153,7 @@ def test_fetch_to_local_file_and_prefix(s3: S3Server, tmp_path: Path) -> None:
 
     # A changed object is fetched again, not served stale from the cache.
     storage.write_text(f"s3://{BUCKET}/data/train.tsv", "text\tlabel\nyo\t1\n")
-    assert (
-        storage.fetch_to_local(f"s3://{BUCKET}/data/train.tsv", cache)
-        .read_text()
-        .endswith("yo\t1\n")
-    )
+    assert storage.fetch_to_local(f"s3://{BUCKET}/data/train.tsv", cache).read_text().endswith("yo\t1\n")
     with pytest.raises(FileNotFoundError):
         storage.fetch_to_local(f"s3://{BUCKET}/data/absent.tsv", cache)
 
@@ -190,9 +183,7 @@ def test_check_writable_missing_bucket(s3: S3Server) -> None:
 
 
 @pytest.mark.parametrize("var", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
-def test_check_writable_wrong_credentials(
-    s3: S3Server, monkeypatch: pytest.MonkeyPatch, var: str
-) -> None:
+def test_check_writable_wrong_credentials(s3: S3Server, monkeypatch: pytest.MonkeyPatch, var: str) -> None:
     """SeaweedFS enforces credentials, so this is a real rejection, not a mock."""
     monkeypatch.setenv(var, "wrong-value-s3cr3t")
     with pytest.raises(StorageError, match="credentials") as e:

@@ -101,8 +101,6 @@ def test_pareto_front_keeps_only_undominated_trials() -> None:
     assert [r["trial"] for r in pareto_front(rows, "trainable_params")] == ["a", "b"]
 
 
-@pytest.mark.ray
-@pytest.mark.slow
 def test_a_stopped_trial_releases_its_gauges(  # noqa: ANN001
     tiny_backbone, tiny_dataset, tmp_path, monkeypatch
 ) -> None:
@@ -145,6 +143,8 @@ def test_a_stopped_trial_releases_its_gauges(  # noqa: ANN001
     assert backend.sets == []
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_search_rejects_stops_early_and_exports_the_best(
     ray_cluster: dict[str, str], tiny_backbone: str, tiny_dataset: str, tmp_path: Path
 ) -> None:
@@ -277,6 +277,7 @@ def test_an_interrupted_search_resumes(
     )
     exp = tmp_path / "r-tune"
     deadline = time.monotonic() + 240
+
     # Ctrl-C once there is a checkpoint to resume from: for a single-process trial one Tune has
     # registered (the driver has logged two results of a trial), for a distributed one a Train
     # checkpoint on disk.

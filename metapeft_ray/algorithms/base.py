@@ -93,9 +93,13 @@ class MetaAlgorithm:
         the episode's contribution for every meta-parameter: ``params`` names, then ``extra``
         (here: the learned head values, `InnerLoop.with_learned`)."""
         return self.run(
-            encoder, params, episode, inner.with_learned(extra), meta_gradient=meta_gradient,
+            encoder,
+            params,
+            episode,
+            inner.with_learned(extra),
+            meta_gradient=meta_gradient,
             grad_wrt={**params, **extra} if extra else None,
-        )  # fmt: skip
+        )
 
     @staticmethod
     def run(
@@ -112,9 +116,15 @@ class MetaAlgorithm:
         after adaptation (a training episode would pay a forward for it). ``options``: further
         `run_episode` keywords, overriding these (Meta-SGD's rates, Reptile's adapted tensors)."""
         settings = {
-            "steps": inner.steps, "lr": inner.lr, "scale": inner.scale, "first_order": inner.first_order,
-            "inner_scale": inner.inner_scale, "name_weight": inner.name_weight,
-            "views": inner.views, "view_drop": inner.view_drop,
-            "meta_gradient": meta_gradient, "track_support_after": not meta_gradient,
-        }  # fmt: skip
+            "steps": inner.steps,
+            "lr": inner.lr,
+            "scale": inner.scale,
+            "first_order": inner.first_order,
+            "inner_scale": inner.inner_scale,
+            "name_weight": inner.name_weight,
+            "views": inner.views,
+            "view_drop": inner.view_drop,
+            "meta_gradient": meta_gradient,
+            "track_support_after": not meta_gradient,
+        }
         return run_episode(encoder, params, episode, **(settings | options))

@@ -66,6 +66,11 @@ class MetaSGD(MetaAlgorithm):
         with torch.set_grad_enabled(meta_gradient):
             lrs = self.inner_lrs(extra)
         return self.run(
-            encoder, params, episode, inner.with_learned(extra), meta_gradient=meta_gradient, param_lrs=lrs,
+            encoder,
+            params,
+            episode,
+            inner.with_learned(extra),
+            meta_gradient=meta_gradient,
+            param_lrs=lrs,
             grad_wrt={**params, **extra},
-        )  # fmt: skip
+        )

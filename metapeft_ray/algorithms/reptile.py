@@ -40,9 +40,14 @@ class Reptile(MetaAlgorithm):
     ) -> EpisodeResult:
         # Adapt without a query gradient; keep the adapted tensors for the pseudo-gradient.
         result = self.run(
-            encoder, params, episode, inner, meta_gradient=False,
-            track_support_after=not meta_gradient, keep_adapted=meta_gradient,
-        )  # fmt: skip
+            encoder,
+            params,
+            episode,
+            inner,
+            meta_gradient=False,
+            track_support_after=not meta_gradient,
+            keep_adapted=meta_gradient,
+        )
         if meta_gradient:
             adapted = result.adapted or {}
             result.grads = {k: v.detach() - adapted[k] for k, v in params.items()}
