@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from metapeft_ray.config import SECOND_ORDER_ALGORITHMS
 
 if TYPE_CHECKING:
+    from metapeft_ray.config import Config
     from metapeft_ray.episodes import EpisodeSpec
     from metapeft_ray.meta import EpisodeResult
     from metapeft_ray.train import MetaLearner
@@ -173,7 +174,7 @@ def algorithm_name(algorithm: str, first_order: bool) -> str:
     return f"{algorithm}_fo" if first_order and algorithm in SECOND_ORDER_ALGORITHMS else algorithm
 
 
-def tags_for(cfg: Any, worker: str | int) -> dict[str, str]:
+def tags_for(cfg: Config, worker: str | int) -> dict[str, str]:
     """The tags of a run: ``run.name``, the worker (a rank, ``local`` or ``driver``), and the
     algorithm from ``meta.*``. Use as ``record_step(m, **tags_for(cfg, rank))``."""
     return {

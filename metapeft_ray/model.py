@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,9 @@ from metapeft_ray.placements import (
     resolve_layers,
     target_modules,
 )
+
+if TYPE_CHECKING:
+    from metapeft_ray.config import Config
 
 __all__ = [
     "ARCHITECTURES",
@@ -269,7 +272,7 @@ def build_encoder(
     return Encoder(model, tokenizer, spec.max_length, normalize, device, bf16, spec)
 
 
-def adapter_spec(cfg: Any) -> AdapterSpec:
+def adapter_spec(cfg: Config) -> AdapterSpec:
     """The flat adapter settings of a config: every ``peft.*`` field `AdapterSpec` has (a method's
     new field is added to both, nowhere else), ``peft.target_modules`` as ``custom_targets`` and
     ``model.max_length``. With ``METHODS[spec.method].wrap(backbone, spec, name)`` a caller can
@@ -283,7 +286,7 @@ def adapter_spec(cfg: Any) -> AdapterSpec:
     )
 
 
-def adapter_skeleton(cfg: Any, hf_config: Any = None) -> nn.Module:
+def adapter_skeleton(cfg: Config, hf_config: Any = None) -> nn.Module:
     """``cfg``'s backbone with its adapter, built on the meta device from the backbone's config
     alone (``hf_config``, by default read from ``model.backbone``): no weights loaded, no memory
     taken. Raises `PlacementError` (a `ValueError`) if the placement matches nothing or the
@@ -297,7 +300,7 @@ def adapter_skeleton(cfg: Any, hf_config: Any = None) -> nn.Module:
         return METHODS[cfg.peft.method].wrap(skeleton, adapter_spec(cfg), "")
 
 
-def encoder_from_config(cfg: Any, *, device: torch.device | None = None) -> Encoder:
+def encoder_from_config(cfg: Config, *, device: torch.device | None = None) -> Encoder:
     """The encoder a config describes: `build_encoder` of its `adapter_spec`."""
     return build_encoder(
         adapter_spec(cfg),
@@ -310,7 +313,7 @@ def encoder_from_config(cfg: Any, *, device: torch.device | None = None) -> Enco
     )
 
 
-def check_adapter(cfg: Any) -> tuple[str | None, str | None]:
+def check_adapter(cfg: Config) -> tuple[str | None, str | None]:
     """The PEFT placement against a weightless (meta-device) skeleton of ``model.backbone``, built
     from its config alone, offline. Returns ``(ok line, None)``, or ``(None, note)`` for a hub id
     that is neither a local directory nor in the Hugging Face cache (it cannot be checked offline).

@@ -18,7 +18,7 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -27,6 +27,9 @@ from metapeft_ray import runstore, storage
 from metapeft_ray.config import Config, ConfigError, validate_config
 from metapeft_ray.evaluate import markdown_table
 from metapeft_ray.space import Distribution, TuneSettings, base_point, load_space
+
+if TYPE_CHECKING:
+    from metapeft_ray.distributed import ClusterView
 
 OBJECTIVE = "meta_val_accuracy"
 DRIVER_MEMORY = 512 << 20  # bytes: a distributed trial's own process (torch, tokenizer, episodes)
@@ -156,7 +159,7 @@ def _distributed_concurrency(base: Config, s: TuneSettings) -> int | None:
     return min((x for x in (fit, s.max_concurrent) if x is not None), default=None)
 
 
-def trial_resources(s: TuneSettings, cluster: Any) -> dict[str, float]:
+def trial_resources(s: TuneSettings, cluster: ClusterView) -> dict[str, float]:
     """What Tune reserves for one trial's own process on ``cluster`` (a
     `distributed.ClusterView`). A distributed trial's process only waits for its trainer: no
     CPU, and the memory it holds (Tune refuses an empty request)."""
