@@ -25,8 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from metapeft_ray.config import COSTLY_METHODS
-from metapeft_ray.evaluate import METHOD_LABELS, mean_ci95, paired
+from metapeft_ray.core.config import COSTLY_METHODS
+from metapeft_ray.core.evaluate import METHOD_LABELS, mean_ci95, paired
 
 from common import RESULTS, environment
 

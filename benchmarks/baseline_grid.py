@@ -14,11 +14,11 @@ import argparse
 
 import torch
 
-from metapeft_ray import baselines
-from metapeft_ray.config import load_config
-from metapeft_ray.evaluate import markdown_table, meta_test
-from metapeft_ray.model import encoder_from_config
-from metapeft_ray.train import prepare_sampler
+from metapeft_ray.core import baselines
+from metapeft_ray.core.config import load_config
+from metapeft_ray.core.evaluate import markdown_table, meta_test
+from metapeft_ray.core.model import encoder_from_config
+from metapeft_ray.core.train import prepare_sampler
 
 from common import set_threads, write_result
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from metapeft_ray.config import Config
-from metapeft_ray.train import MetaLearner, prepare_sampler
+from metapeft_ray.core.config import Config
+from metapeft_ray.core.train import MetaLearner, prepare_sampler
 
 from common import workload, write_result
 
@@ -70,8 +70,8 @@ def ray_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
-    from metapeft_ray.config import validate_config
-    from metapeft_ray.distributed import _all_reduce_sum
+    from metapeft_ray.core.config import validate_config
+    from metapeft_ray.on_ray.distributed import _all_reduce_sum
 
     t_start = time.time()
     cfg = validate_config(config["cfg"])

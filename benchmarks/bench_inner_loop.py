@@ -38,12 +38,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from metapeft_ray.algorithms import InnerLoop
-from metapeft_ray.algorithms.maml import MAML
-from metapeft_ray.config import Config
-from metapeft_ray.episodes import Episode
-from metapeft_ray.meta import head_logits, proto_head
-from metapeft_ray.model import Encoder
+from metapeft_ray.core.algorithms import InnerLoop
+from metapeft_ray.core.algorithms.maml import MAML
+from metapeft_ray.core.config import Config
+from metapeft_ray.core.episodes import Episode
+from metapeft_ray.core.meta import head_logits, proto_head
+from metapeft_ray.core.model import Encoder
 
 from common import (
     RESULTS,

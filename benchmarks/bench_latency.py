@@ -5,13 +5,13 @@
 
 Issue 7, item 5: time to adapt to a new 5-way 5-shot task and predict its 25 queries (5 per
 class) on CPU; target < 2 s with the packaged backbone. Each task is one call of
-`metapeft_ray.adapt.adapt_and_predict`, what ``metapeft adapt`` runs, consumed to the last
+`metapeft_ray.core.adapt.adapt_and_predict`, what ``metapeft adapt`` runs, consumed to the last
 prediction, with the init, inner learning rate, head scale and Meta-SGD rates (if any) of the
 exported adapter. The call is split where adaptation ends: at its first tokenisation of query
 texts (``encoder.tokenize`` is wrapped to timestamp its calls); ``adapt`` includes tokenising the
 support set, ``predict`` includes tokenising the queries.
 
-``--adapter`` loads an exported adapter (`metapeft_ray.export.load_adapter`, as the CLI does:
+``--adapter`` loads an exported adapter (`metapeft_ray.core.export.load_adapter`, as the CLI does:
 its config decides the attention implementation); without it, or when the path does not exist,
 the packaged backbone with an untrained meta-init stands in (the values do not change the time).
 Tasks are fixed held-out-class episodes of the adapter's dataset and fold. Model load and the
@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metapeft_ray.adapt import adapt_and_predict
-from metapeft_ray.config import Config
-from metapeft_ray.data import LabelledTexts
-from metapeft_ray.episodes import Episode
-from metapeft_ray.export import load_adapter, load_inner_lrs
-from metapeft_ray.model import Encoder
+from metapeft_ray.core.adapt import adapt_and_predict
+from metapeft_ray.core.config import Config
+from metapeft_ray.core.data import LabelledTexts
+from metapeft_ray.core.episodes import Episode
+from metapeft_ray.core.export import load_adapter, load_inner_lrs
+from metapeft_ray.core.model import Encoder
 
 from common import fixed_episodes, meta_encoder, set_threads, workload, write_result
 

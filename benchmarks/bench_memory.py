@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from metapeft_ray.config import Config
-from metapeft_ray.episodes import Episode
-from metapeft_ray.meta import run_episode
-from metapeft_ray.model import Encoder
+from metapeft_ray.core.config import Config
+from metapeft_ray.core.episodes import Episode
+from metapeft_ray.core.meta import run_episode
+from metapeft_ray.core.model import Encoder
 
 from common import (
     backbone_path,

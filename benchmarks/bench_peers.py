@@ -12,7 +12,7 @@ first order. Each contender first tries what a new user would (``higher.innerloo
 the documented workarounds that run: higher's differentiable SGD stepped on explicit tensors
 (``get_diff_optim(...).step(loss, params=...)``) and torchopt's functional SGD
 (``torchopt.sgd`` + ``apply_updates``), both on a dict of the adapter tensors substituted with
-``torch.func.functional_call`` (the encoder's `embed`), computing exactly `metapeft_ray.meta`'s
+``torch.func.functional_call`` (the encoder's `embed`), computing exactly `metapeft_ray.core.meta`'s
 objective. First order is each library's documented way: higher ``track_higher_grads=False`` and
 the query gradient w.r.t. the adapted weights (the maintainers' answer in higher issue #63),
 torchopt inner gradients without ``create_graph``.
@@ -54,10 +54,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from metapeft_ray.config import Config
-from metapeft_ray.episodes import Episode
-from metapeft_ray.meta import Params, episode_tensors, head_logits, proto_head, run_episode
-from metapeft_ray.model import Encoder
+from metapeft_ray.core.config import Config
+from metapeft_ray.core.episodes import Episode
+from metapeft_ray.core.meta import Params, episode_tensors, head_logits, proto_head, run_episode
+from metapeft_ray.core.model import Encoder
 
 from common import (
     RESULTS,
@@ -112,7 +112,7 @@ def unrolled(
     *,
     wrt_adapted: bool,
 ) -> EpisodeFn:
-    """`metapeft_ray.meta.run_episode`'s objective with a library's optimizer doing the inner steps
+    """`metapeft_ray.core.meta.run_episode`'s objective with a library's optimizer doing the inner steps
     on ``[*adapter tensors, W, b]``; the meta-gradient w.r.t. the init (or, ``wrt_adapted``, w.r.t.
     the adapted adapter tensors: textbook first-order MAML)."""
     names, scale = list(params), cfg.head.scale

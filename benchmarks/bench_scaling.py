@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from transformers import AutoModel, BertConfig, LlamaConfig, PretrainedConfig
 
-from metapeft_ray.config import load_config
-from metapeft_ray.methods import METHODS
-from metapeft_ray.model import adapter_spec, resolve_backbone
+from metapeft_ray.core.config import load_config
+from metapeft_ray.core.methods import METHODS
+from metapeft_ray.core.model import adapter_spec, resolve_backbone
 
 from common import write_result
 

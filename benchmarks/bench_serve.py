@@ -48,10 +48,10 @@ from typing import Any
 
 import numpy as np
 
-from metapeft_ray.config import Config
-from metapeft_ray.episodes import Episode
-from metapeft_ray.export import adapter_config, local_adapter
-from metapeft_ray.train import prepare_sampler
+from metapeft_ray.core.config import Config
+from metapeft_ray.core.episodes import Episode
+from metapeft_ray.core.export import adapter_config, local_adapter
+from metapeft_ray.core.train import prepare_sampler
 
 from common import RESULTS, write_result
 
@@ -64,9 +64,9 @@ def tiny_init(root: Path) -> str:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from metapeft_ray.config import load_config
-    from metapeft_ray.export import export_adapter
-    from metapeft_ray.model import encoder_from_config
+    from metapeft_ray.core.config import load_config
+    from metapeft_ray.core.export import export_adapter
+    from metapeft_ray.core.model import encoder_from_config
     from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
     backbone, data = make_tiny_backbone(root / "backbone"), make_tiny_dataset(root / "tiny.jsonl")
@@ -157,7 +157,7 @@ def free_port() -> int:
 def run(args: argparse.Namespace, uri: str, work: Workload, deadline: float) -> dict[str, Any]:
     from ray import serve
 
-    from metapeft_ray.serve import APP_NAME, ServeSettings, build_app, start
+    from metapeft_ray.on_ray.serve import APP_NAME, ServeSettings, build_app, start
 
     tasks, texts = work.tasks, work.texts
     port, rows, info = free_port(), {}, {}

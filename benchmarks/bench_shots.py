@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from metapeft_ray.evaluate import METHOD_LABELS
-from metapeft_ray.recipes import evaluate_adapter
+from metapeft_ray.core.evaluate import METHOD_LABELS
+from metapeft_ray.core.recipes import evaluate_adapter
 
 from common import write_result
 

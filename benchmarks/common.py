@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from metapeft_ray.config import Config, load_config
-from metapeft_ray.episodes import Episode
-from metapeft_ray.evaluate import mean_ci95
-from metapeft_ray.methods import METHODS
-from metapeft_ray.model import Encoder, encoder_from_config
-from metapeft_ray.train import prepare_sampler
+from metapeft_ray.core.config import Config, load_config
+from metapeft_ray.core.episodes import Episode
+from metapeft_ray.core.evaluate import mean_ci95
+from metapeft_ray.core.methods import METHODS
+from metapeft_ray.core.model import Encoder, encoder_from_config
+from metapeft_ray.core.train import prepare_sampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,7 +60,7 @@ def backbone_path(name: str) -> str:
 
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from metapeft_ray.model import resolve_backbone
+    from metapeft_ray.core.model import resolve_backbone
 
     path = Path(tempfile.gettempdir()) / f"metapeft-{name}"
     if not (path / "config.json").is_file():

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from metapeft_ray.config import load_config
-from metapeft_ray.meta import run_episode
-from metapeft_ray.train import MetaLearner, prepare_sampler
+from metapeft_ray.core.config import load_config
+from metapeft_ray.core.meta import run_episode
+from metapeft_ray.core.train import MetaLearner, prepare_sampler
 
 from common import fixed_episodes, meta_encoder, set_threads, write_result
 

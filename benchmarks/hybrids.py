@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from metapeft_ray.config import Config, load_config
-from metapeft_ray.evaluate import METHOD_LABELS, meta_test, paired
-from metapeft_ray.recipes import build_scorers
-from metapeft_ray.train import MetaLearner, prepare_sampler
+from metapeft_ray.core.config import Config, load_config
+from metapeft_ray.core.evaluate import METHOD_LABELS, meta_test, paired
+from metapeft_ray.core.recipes import build_scorers
+from metapeft_ray.core.train import MetaLearner, prepare_sampler
 
 METHODS = ["lora", "dora", "ia3", "prompt", "prefix", "bottleneck"]
 ALGORITHMS = ["maml", "metasgd", "reptile", "protonet"]

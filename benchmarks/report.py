@@ -91,7 +91,7 @@ def plot_training_curves(runs_dir: Path, path: Path) -> bool:
 def plot_shots(shots: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from metapeft_ray.evaluate import METHOD_LABELS
+    from metapeft_ray.core.evaluate import METHOD_LABELS
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method, per in shots["average"].items():

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from metapeft_ray.config import ConfigError, load_config, parse_override
+from metapeft_ray.core.config import ConfigError, load_config, parse_override
 
 CONFIG_HELP = "config YAML path or shipped name (quickstart, banking77, fewshot, cross_clinc150)"
 OVERRIDES_HELP = "dotted overrides, e.g. meta.inner_steps=3 peft.rank=4"
@@ -23,20 +23,20 @@ def _cmd_train(args: argparse.Namespace) -> None:
                 "--metrics-port serves a --local run's metrics; on Ray every node exports them on "
                 "its --metrics-export-port (see docs/cluster.md)"
             )
-        from metapeft_ray.metrics import serve_local
+        from metapeft_ray.core.metrics import serve_local
 
         port = serve_local(args.metrics_port, args.metrics_host)
         print(f"metapeft: metrics on http://{args.metrics_host}:{port}/metrics", file=sys.stderr)
     if not args.verbose:
-        from metapeft_ray.model import quiet_transformers
+        from metapeft_ray.core.model import quiet_transformers
 
         quiet_transformers()
     if args.local:
-        from metapeft_ray.recipes import train_local
+        from metapeft_ray.core.recipes import train_local
 
         report = train_local(cfg, progress=not args.quiet)
     else:
-        from metapeft_ray.distributed import train_ray
+        from metapeft_ray.on_ray.distributed import train_ray
 
         report = train_ray(
             cfg, address=args.address, workers=args.workers, progress=not args.quiet, verbose=args.verbose
@@ -45,17 +45,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from metapeft_ray.recipes import evaluate_adapter
+    from metapeft_ray.core.recipes import evaluate_adapter
 
     overrides = dict(parse_override(o) for o in args.overrides)
     _print_report(evaluate_adapter(args.adapter, overrides, args.out, progress=not args.quiet))
 
 
 def _cmd_adapt(args: argparse.Namespace) -> None:
-    from metapeft_ray.adapt import adapt_and_predict
-    from metapeft_ray.data import load_dataset
-    from metapeft_ray.export import load_adapter, load_inner_lrs
-    from metapeft_ray.train import inner_loop
+    from metapeft_ray.core.adapt import adapt_and_predict
+    from metapeft_ray.core.data import load_dataset
+    from metapeft_ray.core.export import load_adapter, load_inner_lrs
+    from metapeft_ray.core.train import inner_loop
 
     encoder, _, cfg, _ = load_adapter(args.adapter)
     inner = inner_loop(cfg, args.steps, args.lr)
@@ -85,7 +85,7 @@ def _cmd_adapt(args: argparse.Namespace) -> None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from metapeft_ray.tune import SearchInterrupted, run_search
+    from metapeft_ray.on_ray.tune import SearchInterrupted, run_search
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -105,9 +105,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> None:
     """Validate a config, its data, its output location and its adapter placement without
     training, loading weights or touching the network (each part's errors at once)."""
-    from metapeft_ray import storage
-    from metapeft_ray.model import check_adapter
-    from metapeft_ray.train import prepare_sampler
+    from metapeft_ray.core import storage
+    from metapeft_ray.core.model import check_adapter
+    from metapeft_ray.core.train import prepare_sampler
 
     cfg = load_config(args.config, args.overrides)
     storage.check_uri(cfg.run.output_dir, "run.output_dir")  # its shape only: no credentials
@@ -130,7 +130,7 @@ def _cmd_check(args: argparse.Namespace) -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from metapeft_ray import jobs
+    from metapeft_ray.on_ray import jobs
 
     submission = jobs.prepare_submission(
         args.run_command,
@@ -166,7 +166,7 @@ def _follow(client, job_id: str) -> int:  # noqa: ANN001 - a jobs.JobsClient
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from metapeft_ray import jobs
+    from metapeft_ray.on_ray import jobs
 
     client = jobs.JobsClient(args.address)
     if args.action == "list":
@@ -192,8 +192,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve as ray_serve
 
-    from metapeft_ray import serve
-    from metapeft_ray.distributed import connect
+    from metapeft_ray.on_ray import serve
+    from metapeft_ray.on_ray.distributed import connect
 
     settings = serve.ServeSettings(
         cache_size=args.cache_size,
@@ -232,7 +232,7 @@ def _lines(lines: Iterable[str]) -> Iterator[str]:
 
 
 def _print_report(report: dict) -> None:
-    from metapeft_ray.evaluate import markdown_table
+    from metapeft_ray.core.evaluate import markdown_table
 
     print(markdown_table(report["results"], f"meta-test on {report['splits']['dataset']}"))
 

@@ -63,7 +63,7 @@ def ray_cluster(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     skip, the others run."""
     import ray
 
-    from metapeft_ray.distributed import init_local
+    from metapeft_ray.on_ray.distributed import init_local
 
     if ray.is_initialized():
         pytest.fail(

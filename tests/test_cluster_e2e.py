@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from metapeft_ray import distributed, jobs, metrics, storage
+from metapeft_ray.core import metrics, storage
+from metapeft_ray.on_ray import distributed, jobs
 
 try:
     from tests.s3server import S3Server, weed_binary

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from metapeft_ray.cli import main
-from metapeft_ray.config import PACKAGED_CONFIGS, ConfigError, load_config
-from metapeft_ray.data import DataError, LabelledTexts, load_dataset
-from metapeft_ray.episodes import ClassSplits, EpisodeSampler, check_labels
+from metapeft_ray.core.config import PACKAGED_CONFIGS, ConfigError, load_config
+from metapeft_ray.core.data import DataError, LabelledTexts, load_dataset
+from metapeft_ray.core.episodes import ClassSplits, EpisodeSampler, check_labels
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +121,8 @@ def test_class_splits_are_disjoint_and_folds_cover_every_class_once() -> None:
 def test_an_episode_spec_rebuilds_the_identical_episode_in_another_process() -> None:
     code = (
         "import json,sys; from dataclasses import asdict\n"
-        "from metapeft_ray.data import load_dataset\n"
-        "from metapeft_ray.episodes import ClassSplits, EpisodeSampler, EpisodeSpec\n"
+        "from metapeft_ray.core.data import load_dataset\n"
+        "from metapeft_ray.core.episodes import ClassSplits, EpisodeSampler, EpisodeSpec\n"
         "d = load_dataset('banking77')\n"
         "s = EpisodeSampler(d, ClassSplits.make(d.labels, folds=5, fold=1, split_seed=0, val_fraction=0.2))\n"
         "e = s.build(EpisodeSpec(**json.loads(sys.argv[1])))\n"
@@ -171,7 +171,7 @@ def main_checked(argv: list[str]) -> None:
 
 def test_the_maths_layer_does_not_import_ray() -> None:
     code = (
-        "import sys; import metapeft_ray.recipes, metapeft_ray.cli, metapeft_ray.adapt; "
+        "import sys; import metapeft_ray.core.recipes, metapeft_ray.cli, metapeft_ray.core.adapt; "
         "assert 'ray' not in sys.modules, 'ray imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -225,7 +225,7 @@ def test_exported_init_loads_with_peft_from_pretrained_and_gives_identical_outpu
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
 
-    from metapeft_ray.export import load_adapter
+    from metapeft_ray.core.export import load_adapter
 
     encoder, default_init, _, meta = load_adapter(str(trained / "adapter"))
     assert meta["meta_step"] == 3 and "splits" in meta
@@ -283,9 +283,9 @@ def test_adapt_command_classifies_stdin_lines(trained: Path, tiny: tuple[str, st
     assert [p["label"] for p in preds] == ["lost", "refund"]
     # The same adaptation in this process, from the exported init: --steps 3 (the config says 2)
     # at the config's inner lr and head, as `metapeft adapt` documents it.
-    from metapeft_ray.adapt import adapt_and_predict
-    from metapeft_ray.export import load_adapter
-    from metapeft_ray.train import inner_loop
+    from metapeft_ray.core.adapt import adapt_and_predict
+    from metapeft_ray.core.export import load_adapter
+    from metapeft_ray.core.train import inner_loop
 
     encoder, _, cfg, _ = load_adapter(str(trained / "adapter"))
     assert cfg.meta.inner_steps == 2
@@ -322,7 +322,7 @@ def test_cli_reports_config_errors_in_one_line_and_exit_code_2(capsys: pytest.Ca
 def test_a_meta_batch_that_leaves_workers_idle_is_refused_or_warned(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from metapeft_ray.distributed import check_meta_batch
+    from metapeft_ray.on_ray.distributed import check_meta_batch
 
     with pytest.raises(
         ValueError, match="meta_batch_size=2 is smaller than distributed.workers .--workers.=3"

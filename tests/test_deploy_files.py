@@ -7,7 +7,7 @@ schema catches. Each rule is a function returning a list of problems, so the neg
 can mutate a valid file and check that the rule notices.
 
 The RayService's ``serveConfigV2`` goes through Ray Serve's own config schema (as ``serve
-deploy`` checks it) and its application args through `metapeft_ray.serve.builder_args`.
+deploy`` checks it) and its application args through `metapeft_ray.on_ray.serve.builder_args`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from botocore.validate import ParamValidator
 from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from metapeft_ray import metrics as metapeft_metrics
-from metapeft_ray.serve import builder_args
+from metapeft_ray.core import metrics as metapeft_metrics
+from metapeft_ray.on_ray.serve import builder_args
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_VERSION = ray.__version__
@@ -49,7 +49,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 
 METRICS_PORT = 8080
 # The metric names as Prometheus shows them (ray_ + metapeft_ prefix, counters with _total),
-# declared once in metapeft_ray.metrics, which records them: training's and serving's.
+# declared once in metapeft_ray.core.metrics, which records them: training's and serving's.
 ALL_METRICS = metapeft_metrics.METRICS + metapeft_metrics.SERVE_METRICS
 METRICS = metapeft_metrics.prometheus_names(ALL_METRICS)
 METRIC_SERIES = metapeft_metrics.prometheus_series(ALL_METRICS)
@@ -105,7 +105,7 @@ RAYSERVICE_SPEC_KEYS = frozenset(
         "upgradeStrategy",
     }
 )
-SERVE_IMPORT_PATH = "metapeft_ray.serve:app_builder"
+SERVE_IMPORT_PATH = "metapeft_ray.on_ray.serve:app_builder"
 SERVE_DEPLOYMENTS = ("AdaptationServer", "TaskStore")  # the store holds the app's tasks: one replica
 WORKER_GROUP_KEYS = ("groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template")
 CUSTOM_API_GROUPS = ("ray.io/", "monitoring.coreos.com/")

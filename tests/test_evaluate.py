@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from metapeft_ray import baselines
 from metapeft_ray.cli import main
-from metapeft_ray.config import Config, load_config
-from metapeft_ray.data import load_dataset
-from metapeft_ray.episodes import ClassSplits, EpisodeSampler
-from metapeft_ray.evaluate import markdown_table, meta_test, paired
-from metapeft_ray.meta import run_episode
-from metapeft_ray.model import encoder_from_config
+from metapeft_ray.core import baselines
+from metapeft_ray.core.config import Config, load_config
+from metapeft_ray.core.data import load_dataset
+from metapeft_ray.core.episodes import ClassSplits, EpisodeSampler
+from metapeft_ray.core.evaluate import markdown_table, meta_test, paired
+from metapeft_ray.core.meta import run_episode
+from metapeft_ray.core.model import encoder_from_config
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
 
@@ -191,7 +191,7 @@ def prototype_accuracies(cfg: Config, n_way: int, k_shot: int) -> list[float]:
     """The ``proto`` row of a meta-test cell, computed here: the cell's episodes rebuilt from their
     specs (as `meta_test` draws them), the frozen backbone's embeddings, and the nearest mean
     support embedding (Euclidean) for each query."""
-    from metapeft_ray.train import prepare_sampler, prepare_test_sampler
+    from metapeft_ray.core.train import prepare_sampler, prepare_test_sampler
 
     sampler = prepare_test_sampler(cfg, prepare_sampler(cfg))
     encoder = encoder_from_config(cfg)

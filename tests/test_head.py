@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from metapeft_ray.algorithms.base import HEAD_PREFIX
 from metapeft_ray.cli import main
-from metapeft_ray.config import ConfigError, load_config
-from metapeft_ray.data import label_text
-from metapeft_ray.episodes import word_dropout_views
-from metapeft_ray.export import load_adapter
-from metapeft_ray.meta import proto_head, run_episode
-from metapeft_ray.train import MetaLearner, prepare_sampler
+from metapeft_ray.core.algorithms.base import HEAD_PREFIX
+from metapeft_ray.core.config import ConfigError, load_config
+from metapeft_ray.core.data import label_text
+from metapeft_ray.core.episodes import word_dropout_views
+from metapeft_ray.core.export import load_adapter
+from metapeft_ray.core.meta import proto_head, run_episode
+from metapeft_ray.core.train import MetaLearner, prepare_sampler
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
 
@@ -148,8 +148,8 @@ def test_learned_head_is_exported_and_used_at_meta_test(tiny: tuple[str, str], t
 
 
 def test_frozen_name_baselines_add_the_name_as_one_example(tiny: tuple[str, str]) -> None:
-    from metapeft_ray import baselines
-    from metapeft_ray.model import encoder_from_config
+    from metapeft_ray.core import baselines
+    from metapeft_ray.core.model import encoder_from_config
 
     cfg = load_config(None, tiny_overrides(*tiny))
     encoder = encoder_from_config(cfg)
@@ -175,7 +175,7 @@ def test_learning_head_values_with_reptile_or_names_off_is_refused() -> None:
 
 
 def test_meta_init_from_the_cache_equals_the_inner_loop_at_zero_steps(learner) -> None:  # noqa: ANN001
-    from metapeft_ray import baselines
+    from metapeft_ray.core import baselines
 
     cache = baselines.EmbeddingCache(learner.encoder, learner.params)
     for spec in [*learner.val_specs(), *learner.train_specs(0)]:

@@ -18,11 +18,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from metapeft_ray.algorithms import LOG_LR_PREFIX
-from metapeft_ray.config import ConfigError, load_config
-from metapeft_ray.export import export_adapter, load_adapter, load_inner_lrs
-from metapeft_ray.meta import episode_tensors, head_logits, proto_head
-from metapeft_ray.train import MetaLearner, prepare_sampler
+from metapeft_ray.core.algorithms import LOG_LR_PREFIX
+from metapeft_ray.core.config import ConfigError, load_config
+from metapeft_ray.core.export import export_adapter, load_adapter, load_inner_lrs
+from metapeft_ray.core.meta import episode_tensors, head_logits, proto_head
+from metapeft_ray.core.train import MetaLearner, prepare_sampler
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
 METHODS = ["lora", "dora", "ia3", "prompt", "prefix", "bottleneck"]
@@ -235,7 +235,7 @@ def test_bottleneck_default_is_identity_and_its_meta_init_is_not(tiny) -> None: 
         torch.testing.assert_close(enc.embed(learner.default_init, batch), enc.embed(None, batch))
         assert not torch.allclose(enc.embed(learner.params, batch), enc.embed(None, batch))
     # With the default W_up = 0, the first inner step cannot move W_down (why the meta-init draws it).
-    from metapeft_ray.meta import adapt
+    from metapeft_ray.core.meta import adapt
 
     support, labels, _, _ = episode_tensors(enc, learner.sampler.build(learner.train_specs(0)[0]))
     init = {k: v.clone().requires_grad_() for k, v in learner.default_init.items()}
@@ -310,7 +310,7 @@ def test_export_loads_back_with_identical_outputs(tiny, method: str, tmp_path: P
     batch = enc.tokenize(["how do i top up", "card lost"])
     backbone = AutoModel.from_pretrained(tiny[0]).eval()
     if method == "bottleneck":
-        from metapeft_ray.methods.bottleneck import load_bottleneck
+        from metapeft_ray.core.methods.bottleneck import load_bottleneck
 
         assert {p.name for p in path.iterdir()} >= {
             "bottleneck_adapter.safetensors",
@@ -390,7 +390,7 @@ def test_impossible_combinations_are_rejected_with_the_fix(overrides: list[str],
 
 
 def test_too_many_virtual_tokens_for_the_positions(tiny) -> None:  # noqa: ANN001
-    from metapeft_ray.placements import PlacementError
+    from metapeft_ray.core.placements import PlacementError
 
     with pytest.raises(PlacementError, match="max_position_embeddings=64"):
         make_learner(tiny, "prompt", **{"peft.num_virtual_tokens": 60})

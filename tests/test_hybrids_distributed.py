@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from metapeft_ray import distributed, runstore, storage
-from metapeft_ray.config import Config, load_config
-from metapeft_ray.runstore import run_uri
-from metapeft_ray.train import MetaLearner, prepare_sampler
+from metapeft_ray.core import runstore, storage
+from metapeft_ray.core.config import Config, load_config
+from metapeft_ray.core.runstore import run_uri
+from metapeft_ray.core.train import MetaLearner, prepare_sampler
+from metapeft_ray.on_ray import distributed
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from metapeft_ray import cli, jobs
-from metapeft_ray.config import ConfigError
+from metapeft_ray import cli
+from metapeft_ray.core.config import ConfigError
+from metapeft_ray.on_ray import jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cr3t-token"

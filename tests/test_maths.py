@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from metapeft_ray.data import load_dataset
-from metapeft_ray.episodes import ClassSplits, EpisodeSampler
-from metapeft_ray.meta import adapt, episode_tensors, head_logits, proto_head, run_episode
-from metapeft_ray.methods import AdapterSpec
-from metapeft_ray.model import PlacementError, build_encoder, meta_init_lora, target_modules
+from metapeft_ray.core.data import load_dataset
+from metapeft_ray.core.episodes import ClassSplits, EpisodeSampler
+from metapeft_ray.core.meta import adapt, episode_tensors, head_logits, proto_head, run_episode
+from metapeft_ray.core.methods import AdapterSpec
+from metapeft_ray.core.model import PlacementError, build_encoder, meta_init_lora, target_modules
 from tests.tiny import make_tiny_backbone, make_tiny_dataset
 
 
@@ -242,8 +242,8 @@ def test_activation_checkpointing_keeps_the_meta_gradient(tiny, setup, method: s
     meta-gradient equals the one from kept activations, for every method that supports it
     (prefix tuning is refused at load). ``every_weight``: the whole backbone as meta-parameters,
     as bench_memory's full-model contender runs it."""
-    from metapeft_ray.config import DEFAULT_PLACEMENT
-    from metapeft_ray.methods import METHODS
+    from metapeft_ray.core.config import DEFAULT_PLACEMENT
+    from metapeft_ray.core.methods import METHODS
 
     *_, episode = setup
     placement = DEFAULT_PLACEMENT[method]
@@ -274,7 +274,7 @@ def test_activation_checkpointing_keeps_the_meta_gradient(tiny, setup, method: s
 
 
 def test_activation_checkpointing_is_a_validated_config_switch() -> None:
-    from metapeft_ray.config import load_config
+    from metapeft_ray.core.config import load_config
 
     assert load_config(None, []).model.activation_checkpointing is False
     assert load_config(None, ["model.activation_checkpointing=true"]).model.activation_checkpointing

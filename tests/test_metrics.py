@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
-from metapeft_ray import cli, metrics
+from metapeft_ray import cli
+from metapeft_ray.core import metrics
+from metapeft_ray.on_ray.metrics import RayBackend
 
 try:
     from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
@@ -69,7 +71,7 @@ def local_exporter() -> Iterator[int]:
 
 def test_importing_metrics_and_recipes_does_not_import_ray() -> None:
     code = (
-        "import sys, metapeft_ray.metrics, metapeft_ray.recipes; "
+        "import sys, metapeft_ray.core.metrics, metapeft_ray.core.recipes; "
         "from metapeft_ray import metrics as m; "
         "m.record_step({'meta_loss': 1.0}, run='a', worker='0', algorithm='maml'); "
         "m.record_episode(0.1, run='a', worker='0', algorithm='maml'); "
@@ -130,7 +132,7 @@ def test_a_failure_counter_starts_at_zero(local_exporter: int) -> None:
     assert value(scrape(local_exporter), "ray_metapeft_worker_failures_total", **TAGS) == 1
 
 
-class _Recorded(metrics._RayBackend):
+class _Recorded(RayBackend):
     """Ray's backend with each metric object replaced by a recorder of its ``set`` calls (``inc``
     and ``observe`` do nothing), and no refresh thread (the test calls `refresh_once`, what the
     thread does every interval)."""

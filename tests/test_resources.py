@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import pytest
 
-from metapeft_ray.config import ConfigError, load_config
-from metapeft_ray.distributed import ClusterCapacityError, ClusterView, check_capacity, worker_resources
-from metapeft_ray.space import TuneSettings, load_space
-from metapeft_ray.tune import DRIVER_MEMORY, trial_resources
+from metapeft_ray.core.config import ConfigError, load_config
+from metapeft_ray.core.space import TuneSettings, load_space
+from metapeft_ray.on_ray.distributed import (
+    ClusterCapacityError,
+    ClusterView,
+    check_capacity,
+    worker_resources,
+)
+from metapeft_ray.on_ray.tune import DRIVER_MEMORY, trial_resources
 
 CPU_LAPTOP = ClusterView({"CPU": 2.0, "memory": 8e9})
 GPU_NODE = ClusterView({"CPU": 16.0, "GPU": 1.0})

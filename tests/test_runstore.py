@@ -1,4 +1,4 @@
-"""The run store (`metapeft_ray.runstore`, no Ray): checkpoints load with ``weights_only=True``
+"""The run store (`metapeft_ray.core.runstore`, no Ray): checkpoints load with ``weights_only=True``
 and resume bit-for-bit for every algorithm and both outer optimisers; a stored run's
 changed-config, finished and exported checks."""
 
@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from metapeft_ray import runstore
-from metapeft_ray.config import ConfigError, load_config
-from metapeft_ray.train import MetaLearner, prepare_sampler
+from metapeft_ray.core import runstore
+from metapeft_ray.core.config import ConfigError, load_config
+from metapeft_ray.core.train import MetaLearner, prepare_sampler
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
 
@@ -126,7 +126,7 @@ def test_local_run_checkpoints_resumes_after_a_crash_and_is_not_retrained(  # no
     """The local path drives the same loop as Ray Train: checkpoints every
     ``meta.checkpoint_every`` steps, the newest two kept; a rerun after a crash resumes at the
     step after the last checkpoint and ends where an uninterrupted run ends."""
-    from metapeft_ray.recipes import train_local
+    from metapeft_ray.core.recipes import train_local
 
     def cfg(name: str, **extra: Any):  # noqa: ANN202
         over = {"meta.meta_steps": 5, "meta.checkpoint_every": 2, "eval.episodes": 1, **extra}

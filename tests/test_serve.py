@@ -22,14 +22,21 @@ from typing import Any
 import pytest
 import torch
 
-from metapeft_ray.adapt import AdaptedTask, adapt_and_predict
-from metapeft_ray.config import load_config
-from metapeft_ray.data import LabelledTexts
-from metapeft_ray.export import export_adapter, load_adapter
-from metapeft_ray.meta import Adapted
-from metapeft_ray.model import encoder_from_config
-from metapeft_ray.serve import ServeSettings, TaskCache, builder_args, parse_adapters, read_token, task_id
-from metapeft_ray.train import inner_loop
+from metapeft_ray.core.adapt import AdaptedTask, adapt_and_predict
+from metapeft_ray.core.config import load_config
+from metapeft_ray.core.data import LabelledTexts
+from metapeft_ray.core.export import export_adapter, load_adapter
+from metapeft_ray.core.meta import Adapted
+from metapeft_ray.core.model import encoder_from_config
+from metapeft_ray.core.train import inner_loop
+from metapeft_ray.on_ray.serve import (
+    ServeSettings,
+    TaskCache,
+    builder_args,
+    parse_adapters,
+    read_token,
+    task_id,
+)
 from tests.tiny import tiny_overrides
 
 TOKEN = "s3cret-test-token"
@@ -191,7 +198,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> ServeSettings:
 def client(ray_cluster: dict[str, str], inits: dict[str, str], settings: ServeSettings) -> Iterator[Client]:
     from ray import serve
 
-    from metapeft_ray.serve import build_app, start
+    from metapeft_ray.on_ray.serve import build_app, start
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -403,7 +410,7 @@ def test_a_task_created_through_one_replica_is_classified_through_another(
     answered; the answers are identical."""
     from ray import serve
 
-    from metapeft_ray.serve import build_app, start
+    from metapeft_ray.on_ray.serve import build_app, start
 
     port = int(client.url.rsplit(":", 1)[1])
     app = build_app({"a": inits["a"]}, replace(settings, cache_size=4), num_replicas=2, num_cpus=0.25)
@@ -447,7 +454,7 @@ def _serve_samples(ray_cluster: dict[str, str]) -> dict[str, float]:
 def test_serve_metrics_reach_the_nodes_metrics_endpoint(client: Client, ray_cluster: dict[str, str]) -> None:
     """Both latencies and both cache outcomes of init b, on Ray's metrics export port (Ray
     pushes them every 10 s); then one more cached classify raises the hit count."""
-    from metapeft_ray.metrics import SERVE_METRICS, sample_names
+    from metapeft_ray.core.metrics import SERVE_METRICS, sample_names
 
     def wait_for(ok: Callable[[dict[str, float]], bool]) -> dict[str, float]:
         deadline = time.monotonic() + 60

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from metapeft_ray import storage
 from metapeft_ray.cli import main
-from metapeft_ray.config import ConfigError, load_config
-from metapeft_ray.data import DataError
-from metapeft_ray.episodes import ClassSplits
-from metapeft_ray.train import prepare_sampler
+from metapeft_ray.core import storage
+from metapeft_ray.core.config import ConfigError, load_config
+from metapeft_ray.core.data import DataError
+from metapeft_ray.core.episodes import ClassSplits
+from metapeft_ray.core.train import prepare_sampler
 from tests.conftest import S3_BUCKET
 from tests.s3server import S3Server
 from tests.tiny import make_tiny_dataset, tiny_overrides

@@ -17,8 +17,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from metapeft_ray import storage
-from metapeft_ray.storage import StorageError
+from metapeft_ray.core import storage
+from metapeft_ray.core.storage import StorageError
 
 try:
     from tests.s3server import S3Server, weed_binary
@@ -92,7 +92,7 @@ def test_is_remote_and_join() -> None:
 
 
 def test_module_is_ray_free() -> None:
-    code = "import sys, metapeft_ray.storage; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, metapeft_ray.core.storage; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 

@@ -19,10 +19,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from metapeft_ray import runstore
-from metapeft_ray.config import ConfigError, load_config
-from metapeft_ray.space import base_point, load_space
-from metapeft_ray.tune import pareto_front
+from metapeft_ray.core import runstore
+from metapeft_ray.core.config import ConfigError, load_config
+from metapeft_ray.core.space import base_point, load_space
+from metapeft_ray.on_ray.tune import pareto_front
 from tests.conftest import S3_BUCKET
 from tests.s3server import S3Server
 from tests.tiny import tiny_overrides
@@ -49,8 +49,8 @@ def meta_val_accuracy(config: Path, adapter: Path) -> float:
     """The meta-validation accuracy of an exported init, recomputed here from its files: the
     config's learner with the exported adapter weights, on the same validation episodes (one
     thread, as in a trial, so the float sums run in the same order)."""
-    from metapeft_ray.export import load_adapter
-    from metapeft_ray.train import MetaLearner, prepare_sampler
+    from metapeft_ray.core.export import load_adapter
+    from metapeft_ray.core.train import MetaLearner, prepare_sampler
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -109,7 +109,8 @@ def test_a_stopped_trial_releases_its_gauges(  # noqa: ANN001
     it ends. Without Ray: the Tune session calls are replaced, and metrics go to a recorder."""
     from ray import tune as ray_tune
 
-    from metapeft_ray import metrics, tune
+    from metapeft_ray.core import metrics
+    from metapeft_ray.on_ray import tune
     from tests.test_metrics import _Recorded
 
     backend = _Recorded()
@@ -151,7 +152,7 @@ def test_search_rejects_stops_early_and_exports_the_best(
     from peft import PeftModel
     from transformers import AutoModel
 
-    from metapeft_ray.tune import run_search
+    from metapeft_ray.on_ray.tune import run_search
 
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
@@ -324,7 +325,7 @@ def test_a_trial_can_itself_be_a_distributed_run_on_s3(
 ) -> None:
     """Trials that are 2-worker TorchTrainers (their checkpoints say they ran as 2 ranks), the
     experiment and the summary all on S3."""
-    from metapeft_ray.tune import run_search
+    from metapeft_ray.on_ray.tune import run_search
 
     space = tmp_path / "space.yaml"
     space.write_text(SPACE.replace("trial_cpus: 1", "trial_cpus: 1, trial_workers: 2"))
@@ -367,9 +368,9 @@ def test_a_trial_can_itself_be_a_distributed_run_on_s3(
 def test_distributed_trials_are_checked_and_sized_to_the_cluster(
     ray_cluster: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from metapeft_ray import distributed
-    from metapeft_ray.space import TuneSettings
-    from metapeft_ray.tune import _distributed_concurrency
+    from metapeft_ray.core.space import TuneSettings
+    from metapeft_ray.on_ray import distributed
+    from metapeft_ray.on_ray.tune import _distributed_concurrency
 
     # distributed.cpus_per_worker: 1; the session Ray has 4 CPUs; a meta-batch every size divides
     base = load_config("quickstart", ["meta.meta_batch_size=10"])

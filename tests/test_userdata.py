@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from metapeft_ray import data as data_mod
 from metapeft_ray.cli import main
-from metapeft_ray.data import DataError, load_dataset
-from metapeft_ray.episodes import ClassSplits
+from metapeft_ray.core import data as data_mod
+from metapeft_ray.core.data import DataError, load_dataset
+from metapeft_ray.core.episodes import ClassSplits
 from tests.tiny import tiny_overrides
 
 # -- reading files ------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_an_s3_file_error_names_the_uri_not_the_local_cache(
     cache = tmp_path / "cache" / "bucket" / "data.csv"
     cache.parent.mkdir(parents=True)
     cache.write_text("sentence,label\nhi,x\n")
-    monkeypatch.setattr("metapeft_ray.storage.fetch_to_local", lambda uri, cache_dir: cache)
+    monkeypatch.setattr("metapeft_ray.core.storage.fetch_to_local", lambda uri, cache_dir: cache)
     with pytest.raises(DataError) as err:
         data_mod.load_s3("s3://bucket/data.csv", "text", "label")
     assert str(err.value).startswith("s3://bucket/data.csv: missing column(s) ['text']")

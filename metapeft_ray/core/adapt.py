@@ -1,0 +1,108 @@
+"""Adapt an exported meta-init to a user's labelled support set and classify new texts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from metapeft_ray.core.data import LabelledTexts, label_text
+from metapeft_ray.core.episodes import word_dropout_views
+from metapeft_ray.core.meta import Adapted, adapt, head_logits
+from metapeft_ray.core.model import Encoder
+
+
+@dataclass(frozen=True)
+class AdaptedTask:
+    """An init adapted to one support set: its classes (sorted label names, the head's rows in
+    order), the adapted adapter and head, and the temperature the head scores with."""
+
+    classes: tuple[str, ...]
+    adapted: Adapted
+    scale: float
+
+
+def adapt_to_support(
+    encoder: Encoder,
+    init: dict[str, torch.Tensor],
+    support: LabelledTexts,
+    *,
+    steps: int,
+    lr: float,
+    scale: float,
+    param_lrs: dict[str, torch.Tensor] | None = None,
+    inner_scale: float | None = None,
+    name_weight: float | None = None,
+    views: int = 0,
+    view_drop: float = 0.3,
+) -> AdaptedTask:
+    """``steps`` inner steps on the support set (the same `adapt` as training). ``param_lrs``:
+    Meta-SGD's learned per-tensor learning rates of the init (`export.load_inner_lrs`);
+    ``inner_scale`` and ``name_weight`` (the support labels' names join the prototypes; None:
+    not) and ``views`` (augmented support views in the support loss, drawn with seed 0) as in
+    training."""
+    classes = sorted(set(support.labels))
+    labels = torch.tensor([classes.index(y) for y in support.labels], device=encoder.device)
+    params = {k: v.detach().requires_grad_() for k, v in init.items()}
+    adapted = adapt(
+        encoder,
+        params,
+        encoder.tokenize(support.texts),
+        labels,
+        len(classes),
+        steps=steps,
+        lr=lr,
+        scale=scale,
+        first_order=True,
+        param_lrs=param_lrs,
+        inner_scale=inner_scale,
+        names=None if name_weight is None else encoder.tokenize([label_text(c) for c in classes]),
+        name_weight=1.0 if name_weight is None else name_weight,
+        views=encoder.tokenize(word_dropout_views(support.texts, views, view_drop, 0)) if views else None,
+    )
+    return AdaptedTask(tuple(classes), adapted, scale)
+
+
+def classify(
+    encoder: Encoder, task: AdaptedTask, texts: Iterable[str], *, batch_size: int = 64, top_k: int = 0
+) -> Iterator[dict[str, Any]]:
+    """One prediction per text, ``{"text", "label", "confidence"}`` (the softmax probability of
+    the label), plus ``"top"``: the ``top_k`` most probable ``{"label", "probability"}`` when
+    ``top_k`` > 0. Texts are embedded ``batch_size`` at a time."""
+    a = task.adapted
+    batch: list[str] = []
+    for text in [*texts, None]:
+        if text is not None:
+            batch.append(text)
+        if batch and (text is None or len(batch) == batch_size):
+            with torch.no_grad():
+                emb = encoder.embed(a.params, encoder.tokenize(batch))
+                probs = F.softmax(head_logits(emb, a.weight, a.bias, task.scale), -1)
+            top_p, top_i = probs.topk(max(1, min(top_k, len(task.classes))), -1)
+            for t, ps, ids in zip(batch, top_p.tolist(), top_i.tolist(), strict=True):
+                pred = {"text": t, "label": task.classes[ids[0]], "confidence": round(ps[0], 4)}
+                if top_k > 0:
+                    pred["top"] = [
+                        {"label": task.classes[i], "probability": round(p, 4)}
+                        for p, i in zip(ps, ids, strict=True)
+                    ]
+                yield pred
+            batch = []
+
+
+def adapt_and_predict(
+    encoder: Encoder,
+    init: dict[str, torch.Tensor],
+    support: LabelledTexts,
+    queries: Iterable[str],
+    *,
+    batch_size: int = 64,
+    **settings: Any,
+) -> Iterator[dict[str, Any]]:
+    """`adapt_to_support` with ``settings`` (its keywords: steps, lr, scale, ...) on the first
+    ``next``, then `classify` each query: ``{"text", "label", "confidence"}``."""
+    task = adapt_to_support(encoder, init, support, **settings)
+    yield from classify(encoder, task, queries, batch_size=batch_size)

@@ -1,0 +1,524 @@
+"""One typed config tree: YAML file + dotted overrides -> validated `Config`, all errors at once.
+
+The same dotted paths (``meta.inner_steps``) address the tree from the command line, from Ray
+Tune search spaces and from job submission, so there is exactly one vocabulary of settings.
+Maths functions never take this object; recipes unpack it into flat arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """Raised for a config that cannot run; the message lists every problem, one per line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = Field("quickstart", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "runs"
+    """Local directory or ``s3://bucket/prefix``; the run writes under ``output_dir/name``."""
+    seed: int = 0
+
+
+class DataSection(_Section):
+    dataset: str = "banking77"
+    """A packaged dataset name (banking77, hwu64, clinc150, ...), a local .jsonl/.csv/.tsv file,
+    an ``s3://`` URI of such a file, or ``hf://NAME`` for a Hugging Face dataset."""
+    text_column: str = "text"
+    label_column: str = "label"
+    folds: int = Field(5, ge=2)
+    fold: int = Field(0, ge=0)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the non-test classes held out as meta-validation classes."""
+    split_seed: int = 0
+    splits: str | None = None
+    """The meta-train / meta-val / meta-test classes, as a published benchmark fixes them (local
+    or ``s3://``): a .yaml/.yml/.json file ``{train: [...], val: [...], test: [...]}`` (``valid``
+    = ``val``), or a folder of ``labels.train.txt``, ``labels.valid.txt``, ``labels.test.txt``
+    (one class per line). When set, data.folds, data.fold and data.val_fraction are not used."""
+    exclude_classes: list[str] = Field(default_factory=list)
+    """Class names or glob patterns (case-sensitive) removed from meta-train and meta-val; never
+    from meta-test, so a fold's test classes stay the same. A pattern that matches nothing fails."""
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> DataSection:
+        if self.fold >= self.folds:
+            raise ValueError(
+                f"data.fold={self.fold} is out of range for data.folds={self.folds}; use 0..{self.folds - 1}"
+            )
+        return self
+
+
+class EpisodeSection(_Section):
+    n_way: int = Field(5, ge=2)
+    k_shot: int = Field(1, ge=1)
+    q_query: int = Field(5, ge=1)
+
+
+class ModelSection(_Section):
+    backbone: str = "all-MiniLM-L6-v2"
+    """``all-MiniLM-L6-v2`` (packaged, offline), a local Hugging Face model directory, or a hub id."""
+    max_length: int = Field(64, ge=8, le=4096)
+    normalize: bool = True
+    """L2-normalise the mean-pooled sentence embedding (as sentence-transformers does)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = False
+    """bf16 autocast of the backbone forward (on the run's device: a GPU, or the CPU, where it is
+    slower than fp32 and only useful to test the path)."""
+    activation_checkpointing: bool = False
+    """Keep only each transformer block's input for the backward and recompute the block there
+    (non-reentrant checkpointing, exact through second-order MAML's double backward): less
+    memory for the activations, one more forward of the backbone per backward."""
+
+
+HeadValue = Literal["scale", "inner_scale", "name_weight"]
+
+
+class HeadSection(_Section):
+    """Each episode's classifier (Proto-MAML): prototypes ``c_k`` of the support embeddings,
+    logits ``s (2 c_k.x - |c_k|^2)``, adapted with the encoder in the inner loop."""
+
+    scale: float = Field(10.0, gt=0)
+    """Temperature s of the query logits (and of the support loss unless ``inner_scale``)."""
+    inner_scale: float | None = Field(None, gt=0)
+    """Temperature of the support loss in the inner loop (unset: ``scale``). At 1 shot a support
+    example is its own prototype and the loss at s = 10 is ~1e-5, so the inner loop moves nothing;
+    a lower inner temperature keeps it informative."""
+    label_names: bool = False
+    """Class names are text: embed each name (``_`` and ``-`` read as spaces) with the encoder and
+    add it to its prototype as ``name_weight`` support examples, ``c_k = (sum_i x_ki + w n_k) /
+    (K + w)``. Needs meaningful class names (card_arrival, alarm_set, ...)."""
+    name_weight: float = Field(1.0, gt=0)
+    """w: how many support examples a class name counts as."""
+    views: int = Field(0, ge=0)
+    """Augmented views of each support example (each word deleted with probability ``view_drop``)
+    that join the support loss, scored against the clean support's prototypes. At 1 shot an
+    example is its own prototype and its loss is ~0; its views' loss is not, so the inner loop
+    has something to fit."""
+    view_drop: float = Field(0.3, gt=0, lt=1)
+    learn: list[HeadValue] = Field(default_factory=list)
+    """Head values meta-learned with the adapter init (log-parametrised, so they stay positive),
+    exported with the adapter and used at meta-test and by ``metapeft adapt``."""
+    outer_lr: float = Field(0.01, gt=0)
+    """Adam learning rate of the learned head values (of their logarithms)."""
+
+    @model_validator(mode="after")
+    def _learned_values_exist(self) -> HeadSection:
+        if "name_weight" in self.learn and not self.label_names:
+            raise ValueError(
+                "head.learn has name_weight but head.label_names is false; set head.label_names=true"
+            )
+        if len(set(self.learn)) != len(self.learn):
+            raise ValueError(f"head.learn lists a value twice: {self.learn}")
+        return self
+
+
+# Which roles each placement key adapts (roles are expanded per architecture family in
+# `metapeft_ray.core.placements`). Plain data here, so the config can check cross-field rules at load.
+PLACEMENTS: dict[str, tuple[str, ...]] = {
+    "attn_q": ("q",),
+    "attn_v": ("v",),
+    "attn_qv": ("q", "v"),
+    "attn_kv": ("k", "v"),
+    "attn_qkv": ("q", "k", "v"),
+    "attn_all": ("q", "k", "v", "o"),
+    "attn_out": ("o",),
+    "ffn": ("ffn_in", "ffn_out"),
+    "ffn_out": ("ffn_out",),
+    "attn_ffn_out": ("o", "ffn_out"),
+    "attn_kv_ffn_out": ("k", "v", "ffn_out"),
+    "all_linear": ("q", "k", "v", "o", "ffn_in", "ffn_out"),
+}
+PeftMethodName = Literal["lora", "dora", "ia3", "prompt", "prefix", "bottleneck"]
+# The placement a method gets when peft.placement is not given (None: the method has none).
+DEFAULT_PLACEMENT: dict[str, str | None] = {
+    "lora": "attn_qv",
+    "dora": "attn_qv",
+    "ia3": "attn_kv_ffn_out",  # the IA3 paper's: keys, values, the FFN's inner activation
+    "bottleneck": "ffn_out",  # after the feed-forward block (Pfeiffer); attn_ffn_out = Houlsby
+    "prompt": None,
+    "prefix": None,
+}
+PROMPT_METHODS = ("prompt", "prefix")
+# A bottleneck adapter goes after a block's output projection: attention output and/or FFN output.
+BOTTLENECK_ROLES = frozenset({"o", "ffn_out"})
+
+
+class PeftSection(_Section):
+    method: PeftMethodName = "lora"
+    """lora, dora (LoRA with peft's weight decomposition), ia3, prompt (prompt tuning), prefix
+    (prefix tuning), bottleneck (our residual down/up adapter after attention and/or FFN blocks)."""
+    rank: int = Field(8, ge=1)
+    """LoRA/DoRA rank (ignored by the other methods)."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA/DoRA alpha (ignored by the other methods)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """LoRA/DoRA dropout; the other methods have none."""
+    placement: str | None = None
+    """Key for which modules carry adapters: attn_q, attn_v, attn_qv, attn_kv, attn_qkv, attn_all,
+    attn_out, ffn, ffn_out, attn_ffn_out, attn_kv_ffn_out, all_linear — or ``custom`` with
+    ``target_modules``. Unset: the method's default (lora/dora attn_qv, ia3 attn_kv_ffn_out,
+    bottleneck ffn_out); prompt and prefix tuning have no placement."""
+    layers: str = "all"
+    """Which transformer layers: all, top_half, bottom_half, top_N, bottom_N, or a range 0-2."""
+    target_modules: list[str] | None = None
+    init_b_std: float = Field(0.01, gt=0)
+    """Std of the meta-init of the factor peft initialises to zero (LoRA/DoRA B, the bottleneck's
+    up-projection). Never 0: with B = 0 the first inner step cannot move A."""
+    num_virtual_tokens: int = Field(10, ge=1)
+    """Prompt and prefix tuning: virtual tokens (prepended to the input / to every layer's keys
+    and values)."""
+    bottleneck_dim: int = Field(16, ge=1)
+    """Bottleneck adapter: width of the down-projection."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_default_placement(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("placement") is None:
+            method = data.get("method", "lora")
+            if method in DEFAULT_PLACEMENT:
+                data = {**data, "placement": DEFAULT_PLACEMENT[method]}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> PeftSection:
+        m = self.method
+        if m in PROMPT_METHODS:
+            where = "the input" if m == "prompt" else "every layer's keys and values"
+            problems = []
+            if self.placement is not None or self.target_modules:
+                problems.append(
+                    f"peft.placement={self.placement!r} does not apply to peft.method={m} (its virtual "
+                    f"tokens are prepended to {where}, not placed in modules); set peft.placement=null"
+                )
+            if self.layers != "all":
+                problems.append(
+                    f"peft.layers={self.layers!r} does not apply to peft.method={m}: peft prepends the "
+                    f"virtual tokens to {where} and offers no per-layer selection; use peft.layers=all"
+                )
+            if problems:
+                raise ValueError("; ".join(problems))
+            return self
+        if self.placement == "custom" and not self.target_modules:
+            raise ValueError("peft.placement=custom needs peft.target_modules (a list of names)")
+        if self.placement != "custom" and self.target_modules:
+            raise ValueError(
+                f"peft.target_modules is only used with peft.placement=custom "
+                f"(got placement={self.placement!r}); drop one of them"
+            )
+        if m == "bottleneck" and self.placement in PLACEMENTS:
+            roles = PLACEMENTS[self.placement]
+            if not set(roles) <= BOTTLENECK_ROLES:
+                raise ValueError(
+                    f"peft.method=bottleneck puts an adapter after a block's output projection, but "
+                    f"peft.placement={self.placement} adapts {', '.join(roles)}; use ffn_out (after the "
+                    f"feed-forward block), attn_out (after attention) or attn_ffn_out (both, Houlsby)"
+                )
+        if self.dropout > 0 and m not in ("lora", "dora"):
+            raise ValueError(
+                f"peft.dropout={self.dropout} applies to lora/dora only; peft.method={m} has no "
+                f"adapter dropout, set peft.dropout=0"
+            )
+        return self
+
+
+SECOND_ORDER_ALGORITHMS = ("maml", "metasgd")
+"""The algorithms whose inner loop can be differentiated (second order unless
+``meta.first_order``); Reptile and ProtoNet never are."""
+
+
+class MetaSection(_Section):
+    algorithm: Literal["maml", "metasgd", "reptile", "protonet"] = "maml"
+    """maml (Proto-MAML head; second order unless first_order), metasgd (MAML with learned
+    per-tensor/per-parameter inner learning rates), reptile (first-order, no query gradient),
+    protonet (prototypical loss on the PEFT-adapted encoder, no inner steps at training)."""
+    first_order: bool = False
+    """maml / metasgd: drop the second-order terms. Reptile and protonet never need them."""
+    inner_steps: int = Field(1, ge=0)
+    inner_lr: float = Field(0.05, gt=0)
+    meta_batch_size: int = Field(4, ge=1)
+    outer_lr: float = Field(1e-3, gt=0)
+    outer_optimizer: Literal["adam", "sgd"] = "adam"
+    """The outer update of the meta-parameters. Reptile with sgd and outer_lr = epsilon is classic
+    Reptile, phi_0 <- phi_0 + epsilon (mean phi_K - phi_0)."""
+    metasgd_granularity: Literal["tensor", "parameter"] = "tensor"
+    """Meta-SGD: one learned learning rate per adapter tensor, or one per adapter parameter."""
+    metasgd_lr_init: float | None = Field(None, gt=0)
+    """Meta-SGD: initial inner learning rates (default meta.inner_lr)."""
+    metasgd_outer_lr: float = Field(0.01, gt=0)
+    """Meta-SGD: outer learning rate of the log learning rates (an Adam step of 0.01 changes a
+    learning rate by about 1 %)."""
+    meta_steps: int = Field(50, ge=0)
+    val_every: int = Field(25, ge=1)
+    val_episodes: int = Field(20, ge=1)
+    checkpoint_every: int = Field(25, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_fit_the_algorithm(self) -> MetaSection:
+        a, k = self.algorithm, self.inner_steps
+        if a == "protonet" and k != 0:
+            raise ValueError(
+                f"meta.algorithm=protonet trains with the prototypical loss and takes no inner steps, "
+                f"but meta.inner_steps={k}; set meta.inner_steps=0 (eval.inner_steps=N adapts at "
+                f"meta-test)"
+            )
+        if a in ("reptile", "metasgd") and k < 1:
+            why = "moves towards the adapted weights" if a == "reptile" else "learns inner learning rates"
+            raise ValueError(f"meta.algorithm={a} {why} and needs meta.inner_steps >= 1 (got {k})")
+        return self
+
+    @property
+    def second_order(self) -> bool:
+        """Whether the inner loop's graph is differentiated (then the backbone needs eager
+        attention): MAML and Meta-SGD unless first_order; Reptile and ProtoNet never."""
+        return self.algorithm in SECOND_ORDER_ALGORITHMS and not self.first_order
+
+
+EvalMethod = Literal[
+    "meta",
+    "meta_init",
+    "meta_logreg",
+    "proto",
+    "logreg",
+    "proto_names",
+    "logreg_names",
+    "finetune",
+    "full_finetune",
+    "setfit",
+]
+COSTLY_METHODS = ("finetune", "full_finetune", "setfit")
+"""Baselines that train per episode; they run on the first ``eval.costly_episodes`` of a cell."""
+
+
+class FinetuneSettings(_Section):
+    """A per-episode fine-tuning baseline: Adam on the support loss for ``steps`` full-batch steps,
+    head initialised from the support prototypes."""
+
+    steps: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class SetFitSettings(_Section):
+    """SetFit (Tunstall et al. 2022) on the frozen backbone's sentence-transformers body:
+    contrastive fine-tuning on support pairs, then logistic regression (PyPI ``setfit``)."""
+
+    iterations: int = Field(20, ge=1)
+    """Pairs drawn per support example (SetFit's ``num_iterations``; its documented default)."""
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-5, gt=0)
+
+
+class EvalSection(_Section):
+    episodes: int = Field(100, ge=1)
+    n_way: int | list[int] = 5
+    """Ways of the meta-test cells (one value or a list); every way is run at every shot."""
+    shots: list[int] = Field(default_factory=lambda: [1, 5], min_length=1)
+    q_query: int = Field(5, ge=1)
+    dataset: str | None = None
+    """Meta-test on another dataset (packaged name, local file, ``s3://``, ``hf://``) instead of
+    the held-out test classes of ``data.dataset``; the training data then keeps all its classes
+    for meta-train and meta-val (cross-dataset protocol)."""
+    classes: list[str] | None = None
+    """With ``eval.dataset``: the classes to meta-test on (names or glob patterns); unset = all."""
+    inner_steps: int | None = Field(None, ge=0)
+    """Adaptation steps at meta-test; defaults to meta.inner_steps."""
+    inner_lr: float | None = Field(None, gt=0)
+    methods: list[EvalMethod] = Field(
+        default_factory=lambda: ["meta", "meta_init", "proto", "logreg", "finetune"], min_length=1
+    )
+    """meta (the meta-learned init + adaptation), meta_init (the same init, no adaptation),
+    meta_logreg (logistic regression on the meta-learned encoder's support embeddings, with the
+    class names as examples when head.label_names),
+    proto / logreg (frozen backbone + prototypes / logistic regression), proto_names /
+    logreg_names (the same with each class name's embedding as one more support example: the
+    fair comparison for head.label_names), finetune (the PEFT
+    method from peft's default init, fine-tuned with Adam), full_finetune (every backbone weight,
+    Adam), setfit (needs ``pip install metapeft_ray[baselines]``)."""
+    reference: Literal["proto", "logreg"] = "logreg"
+    """The frozen baseline every other row is compared with, paired on the same episodes (when
+    it is one of ``eval.methods``)."""
+    costly_episodes: int = Field(100, ge=1)
+    """finetune, full_finetune and setfit run on the first N episodes of each cell (paired
+    statistics against the reference use the same prefix)."""
+    # Defaults chosen on meta-val classes (benchmarks/baseline_grid.py, results/baseline_grid.md).
+    finetune: FinetuneSettings = Field(default_factory=lambda: FinetuneSettings(steps=20, lr=3e-3))
+    full_finetune: FinetuneSettings = Field(default_factory=lambda: FinetuneSettings(steps=10, lr=3e-5))
+    setfit: SetFitSettings = Field(default_factory=SetFitSettings)
+
+    @model_validator(mode="after")
+    def _cells_valid(self) -> EvalSection:
+        problems = []
+        if bad := [k for k in self.shots if k < 1]:
+            problems.append(f"eval.shots must be >= 1, got {bad}")
+        if bad := [n for n in self.ways if n < 2]:
+            problems.append(f"eval.n_way must be >= 2, got {bad}")
+        if self.classes is not None and self.dataset is None:
+            problems.append(
+                "eval.classes picks classes of eval.dataset, which is not set; set eval.dataset "
+                "(cross-dataset), or name the test classes of data.dataset with data.splits"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def ways(self) -> list[int]:
+        return [self.n_way] if isinstance(self.n_way, int) else list(self.n_way)
+
+    @property
+    def cells(self) -> list[tuple[int, int]]:
+        """(n_way, k_shot) of every meta-test cell, in report order."""
+        return [(n, k) for n in self.ways for k in self.shots]
+
+
+class DistributedSection(_Section):
+    """How `metapeft train` uses Ray (ignored with ``--local``)."""
+
+    workers: int = Field(2, ge=1)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    """auto: one GPU per worker when the cluster has GPUs, or its autoscaler publishes node
+    types that have them; else CPUs. yes on an autoscaling cluster whose autoscaler does not
+    publish its node types (Ray 2.60's KubeRay and cluster-launcher autoscalers) and whose GPU
+    nodes are not up yet."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Extra custom Ray resources per worker, e.g. {"meta_worker": 1}."""
+    max_failures: int = Field(3, ge=0)
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    local_num_cpus: int | None = Field(None, ge=1)
+    """CPUs of the embedded local Ray started when no address is given (default: all)."""
+    local_object_store_mb: int = Field(512, ge=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_booleans(cls, data: Any) -> Any:
+        """YAML reads ``use_gpu: yes`` and the override ``distributed.use_gpu=yes`` as true."""
+        if isinstance(data, dict) and isinstance(data.get("use_gpu"), bool):
+            data = {**data, "use_gpu": "yes" if data["use_gpu"] else "no"}
+        return data
+
+
+class Config(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    episode: EpisodeSection = Field(default_factory=EpisodeSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    peft: PeftSection = Field(default_factory=PeftSection)
+    head: HeadSection = Field(default_factory=HeadSection)
+    meta: MetaSection = Field(default_factory=MetaSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+
+    @model_validator(mode="after")
+    def _learned_head_needs_a_query_gradient(self) -> Config:
+        if self.head.learn and self.meta.algorithm == "reptile":
+            raise ValueError(
+                f"head.learn={self.head.learn} needs the query loss's gradient, which "
+                f"meta.algorithm=reptile never takes; use maml, metasgd or protonet, or set head.learn=[]"
+            )
+        if "inner_scale" in self.head.learn and not self.meta.second_order:
+            raise ValueError(
+                "head.learn has inner_scale, which acts on the query loss only through the inner "
+                "gradients: first-order MAML and ProtoNet treat those as constants, so it would never "
+                "move; use second-order maml/metasgd (meta.first_order=false) or drop inner_scale"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _checkpointing_fits_the_method(self) -> Config:
+        if self.model.activation_checkpointing and self.peft.method == "prefix":
+            raise ValueError(
+                "model.activation_checkpointing=true does not work with peft.method=prefix: prefix tuning "
+                "passes its virtual keys and values to every block in a cache that the block extends, so "
+                "recomputing the block in the backward extends it twice (a shape error); use another "
+                "method or set model.activation_checkpointing=false"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A re-validated copy with dotted-path overrides applied (used by Tune trials)."""
+        return validate_config(apply_overrides(self.to_dict(), overrides))
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<config>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key (check the spelling; see configs/*.yaml)")
+        else:
+            lines.append(f"  {path}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_config(raw: Mapping[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config, {err.error_count()} problem(s):\n{_format_errors(err)}") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``meta.inner_steps=3`` -> ("meta.inner_steps", 3); the value is read as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    tree = copy.deepcopy(dict(raw))
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: {part!r} is a value, not a section")
+            node = child
+        node[leaf] = value
+    return tree
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path, or the name of a shipped config (``quickstart`` -> configs/quickstart.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = PACKAGED_CONFIGS / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml", ".yml") and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config {str(name_or_path)!r} not found; give a path or one of: {names}")
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        file = resolve_config_path(path)
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{file}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping of sections")
+        raw = loaded
+    return validate_config(apply_overrides(raw, dict(parse_override(o) for o in overrides)))

@@ -1,0 +1,294 @@
+"""The maths: one functional inner loop on adapter parameters, and the per-episode meta-gradient.
+
+No Ray here. Training, validation, meta-test and the fine-tuning baseline all call `adapt`;
+the algorithms (`metapeft_ray.core.algorithms`) turn one episode into a meta-gradient, and the
+learner (`train.MetaLearner`) sums them over a meta-batch, on one process or across Ray workers.
+
+Head (Proto-MAML, Triantafillou et al. 2020): each episode's N-way linear head is initialised
+from the support prototypes c_k of the current encoder, ``W_k = 2 c_k, b_k = -|c_k|^2``, so
+``logits_k(x) = s (2 c_k.x - |c_k|^2)`` equals ``-s |x - c_k|^2`` up to a per-example constant.
+It is therefore right for any per-episode label permutation, needs no meta-learned head, and the
+meta-gradient flows through the prototypes into the adapter init.
+
+Inner update (MAML, Finn et al. 2017) on ``phi = (adapter params, W, b)``:
+``phi_{t+1} = phi_t - alpha * grad L_support(phi_t)``; the meta-gradient is
+``d L_query(phi_T) / d phi_0``. First-order MAML drops the second-order terms by treating
+``grad L_support`` as a constant (the graph of the inner gradients is not built). Meta-SGD
+(Li et al. 2017) replaces the scalar ``alpha`` of each adapter tensor by a learned one
+(``param_lrs``: a scalar or an elementwise tensor per adapter tensor); the head keeps ``alpha``.
+How an episode becomes a contribution to the outer update (MAML, Meta-SGD, Reptile, ProtoNet)
+is `metapeft_ray.core.algorithms`; all of them call `run_episode`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from metapeft_ray.core.episodes import Episode, word_dropout_views
+from metapeft_ray.core.model import Encoder
+
+Params = dict[str, Tensor]
+Scalar = float | Tensor
+"""A head value: a number, or a 0-d tensor when it is meta-learned (differentiable)."""
+
+
+def proto_head(
+    embeddings: Tensor,
+    labels: Tensor,
+    n_way: int,
+    names: Tensor | None = None,
+    name_weight: Scalar = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """``W_k = 2 c_k``, ``b_k = -|c_k|^2`` with c_k the mean support embedding of class k, or with
+    the class names' embeddings ``n_k`` as a prior worth ``w = name_weight`` examples:
+    ``c_k = (sum_{i: y_i = k} x_i + w n_k) / (K_k + w)``."""
+    onehot = F.one_hot(labels, n_way).to(embeddings.dtype)
+    sums, counts = onehot.T @ embeddings, onehot.sum(0).unsqueeze(1)
+    if names is not None:
+        sums, counts = sums + name_weight * names, counts + name_weight
+    protos = sums / counts
+    return 2 * protos, -(protos * protos).sum(-1)
+
+
+def head_logits(embeddings: Tensor, weight: Tensor, bias: Tensor, scale: Scalar) -> Tensor:
+    # Written out rather than torch.cdist: cdist has no double backward.
+    return scale * (embeddings @ weight.T + bias)
+
+
+@dataclass
+class Adapted:
+    """Result of the inner loop: adapted adapter params, adapted head, support losses per step."""
+
+    params: Params
+    weight: Tensor
+    bias: Tensor
+    support_losses: list[float] = field(default_factory=list)
+
+
+def adapt(
+    encoder: Encoder,
+    params: Mapping[str, Tensor],
+    support: Mapping[str, Tensor],
+    support_labels: Tensor,
+    n_way: int,
+    *,
+    steps: int,
+    lr: float,
+    scale: Scalar,
+    first_order: bool,
+    param_lrs: Mapping[str, Tensor] | None = None,
+    optimizer: Literal["sgd", "adam"] = "sgd",
+    inner_scale: Scalar | None = None,
+    names: Mapping[str, Tensor] | None = None,
+    name_weight: Scalar = 1.0,
+    views: Mapping[str, Tensor] | None = None,
+) -> Adapted:
+    """The one inner loop: ``steps`` gradient steps on the support loss over ``params`` + head.
+
+    With ``first_order=False`` the returned tensors stay differentiable w.r.t. ``params``
+    (second-order MAML); with ``first_order=True`` the inner gradients are constants.
+    ``param_lrs`` (Meta-SGD) gives each adapter tensor its own learning rate, a scalar or an
+    elementwise tensor; the result stays differentiable w.r.t. them in either case.
+    ``optimizer="adam"`` replaces the SGD step ``-lr g`` by Adam's ``-lr m_hat / (sqrt(v_hat) + eps)``
+    (the fine-tuning baselines: plain fine-tuning uses Adam, and its step size does not depend
+    on the scale of a nearly-zero 1-shot support loss). The support loss uses ``inner_scale``
+    (default ``scale``); ``names`` (the tokenised class names) make the head's prototypes start
+    from the names' embeddings as ``name_weight`` examples each (`proto_head`). ``views`` (the
+    tokenised augmented views of the support examples, view-major) join the support loss, scored
+    against the clean support's prototypes.
+    """
+    embedded = encoder.embed(params, support)
+    named = None if names is None else encoder.embed(params, names)
+    weight, bias = proto_head(embedded, support_labels, n_way, named, name_weight)
+    inner_scale = scale if inner_scale is None else inner_scale
+    n_views = 0 if views is None else len(next(iter(views.values()))) // len(support_labels)
+    labels = support_labels.repeat(1 + n_views)
+    fast = dict(params)
+    losses: list[float] = []
+    if optimizer == "adam" and not first_order:
+        raise ValueError("the Adam inner loop (fine-tuning baselines) is first order; use optimizer='sgd'")
+    adam = _Adam() if optimizer == "adam" else None
+    for step in range(steps):
+        # The inner gradient is the partial derivative w.r.t. the adapter with the head held fixed
+        # (not the total one through the prototype init of the head). At step 0 the support
+        # embedding is the one the prototypes came from: no second forward; its gradient, taken at
+        # a fresh node, goes back through the encoder as a vector-Jacobian product.
+        emb = embedded.view_as(embedded) if step == 0 else encoder.embed(fast, support)
+        view_emb = [] if views is None else [encoder.embed(fast, views)]
+        loss = F.cross_entropy(head_logits(torch.cat([emb, *view_emb]), weight, bias, inner_scale), labels)
+        losses.append(loss.item())
+        if step == 0:
+            g_emb, *g_views, g_weight, g_bias = torch.autograd.grad(
+                loss, [emb, *view_emb, weight, bias], create_graph=not first_order
+            )
+            # the encoder's graph stays: the head, hence the query loss, depends on `embedded`
+            g_params = torch.autograd.grad(
+                [embedded, *view_emb],
+                list(fast.values()),
+                [g_emb, *g_views],
+                create_graph=not first_order,
+                retain_graph=True,
+            )
+        else:
+            grads = torch.autograd.grad(loss, [*fast.values(), weight, bias], create_graph=not first_order)
+            *g_params, g_weight, g_bias = grads
+        grads = [*g_params, g_weight, g_bias]
+        if adam is not None:
+            grads = adam.directions(grads, step + 1)
+        *g_params, g_weight, g_bias = grads
+        fast = {
+            name: p - param_lrs[name] * g if param_lrs else torch.add(p, g, alpha=-lr)
+            for (name, p), g in zip(fast.items(), g_params, strict=True)
+        }
+        weight, bias = weight - lr * g_weight, bias - lr * g_bias
+    return Adapted(fast, weight, bias, losses)
+
+
+class _Adam:
+    """Adam's update direction ``m_hat / (sqrt(v_hat) + eps)`` (Kingma & Ba 2015) for a fixed list
+    of tensors, kept outside autograd (the fine-tuning baselines are first order) and in place: a
+    full fine-tune updates 22 M weights per step, where temporaries would cost more than the step."""
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.betas, self.eps = betas, eps
+        self.m: list[Tensor] = []
+        self.v: list[Tensor] = []
+
+    @torch.no_grad()
+    def directions(self, grads: list[Tensor], t: int) -> list[Tensor]:
+        b1, b2 = self.betas
+        if not self.m:
+            self.m = [torch.zeros_like(g) for g in grads]
+            self.v = [torch.zeros_like(g) for g in grads]
+        out = []
+        for m, v, g in zip(self.m, self.v, grads, strict=True):
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = v.sqrt().div_(math.sqrt(1 - b2**t)).add_(self.eps)
+            out.append(m.div(denom).div_(1 - b1**t))
+        return out
+
+
+def episode_tensors(
+    encoder: Encoder, episode: Episode
+) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]:
+    """Tokenised support and query batches with their label tensors, on the encoder's device."""
+    dev = encoder.device
+    return (
+        encoder.tokenize(episode.support_texts),
+        torch.tensor(episode.support_labels, device=dev),
+        encoder.tokenize(episode.query_texts),
+        torch.tensor(episode.query_labels, device=dev),
+    )
+
+
+@dataclass
+class EpisodeResult:
+    """One episode's meta-gradient (None at evaluation) and what it measured."""
+
+    grads: Params | None
+    query_loss: float
+    query_accuracy: float
+    support_loss_before: float
+    support_loss_after: float
+    adapted: Params | None = None
+    """The adapted adapter tensors, detached (only with ``keep_adapted``; Reptile uses them)."""
+
+
+def run_episode(
+    encoder: Encoder,
+    params: Mapping[str, Tensor],
+    episode: Episode,
+    *,
+    steps: int,
+    lr: float,
+    scale: Scalar,
+    first_order: bool,
+    meta_gradient: bool,
+    track_support_after: bool = True,
+    param_lrs: Mapping[str, Tensor] | None = None,
+    grad_wrt: Mapping[str, Tensor] | None = None,
+    keep_adapted: bool = False,
+    optimizer: Literal["sgd", "adam"] = "sgd",
+    inner_scale: Scalar | None = None,
+    name_weight: Scalar | None = None,
+    views: int = 0,
+    view_drop: float = 0.3,
+) -> EpisodeResult:
+    """Adapt on the support set, score the query set; with ``meta_gradient`` also return
+    ``d L_query / d params`` (the episode's contribution to the outer update).
+
+    ``param_lrs``: per-tensor inner learning rates (Meta-SGD). ``grad_wrt``: the tensors to
+    differentiate the query loss w.r.t. when they are more than ``params`` (Meta-SGD adds its
+    log learning rates); the gradients come back under the same names. ``optimizer``: the inner
+    loop's update (`adapt`). ``inner_scale``: the support loss's temperature (default ``scale``);
+    ``name_weight``: the class names join the prototypes as that many examples (None: no names);
+    ``views``: augmented views per support example in the support loss (`word_dropout_views`,
+    seeded by the episode, so every process draws the same ones).
+    """
+    support, s_labels, query, q_labels = episode_tensors(encoder, episode)
+    names = None if name_weight is None else encoder.tokenize(episode.name_texts)
+    seed = _episode_seed(episode)
+    view_batch = (
+        encoder.tokenize(word_dropout_views(episode.support_texts, views, view_drop, seed)) if views else None
+    )
+    n_way = len(episode.class_names)
+    if not meta_gradient:  # adapt a detached copy: no graph back into the caller's init
+        params = {k: v.detach().requires_grad_() for k, v in params.items()}
+        if param_lrs is not None:
+            param_lrs = {k: v.detach() for k, v in param_lrs.items()}
+        scale, inner_scale, name_weight = (
+            v.detach() if isinstance(v, Tensor) else v for v in (scale, inner_scale, name_weight)
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.enable_grad():
+            adapted = adapt(
+                encoder,
+                params,
+                support,
+                s_labels,
+                n_way,
+                steps=steps,
+                lr=lr,
+                scale=scale,
+                first_order=first_order or not meta_gradient,
+                param_lrs=param_lrs,
+                optimizer=optimizer,
+                inner_scale=inner_scale,
+                names=names,
+                name_weight=1.0 if name_weight is None else name_weight,
+                views=view_batch,
+            )
+        with torch.set_grad_enabled(meta_gradient):
+            logits = head_logits(encoder.embed(adapted.params, query), adapted.weight, adapted.bias, scale)
+            loss = F.cross_entropy(logits, q_labels)
+        grads = None
+        if meta_gradient:
+            wrt = params if grad_wrt is None else grad_wrt
+            grads = dict(zip(wrt, torch.autograd.grad(loss, list(wrt.values())), strict=True))
+        after = float("nan")
+        if track_support_after and steps:
+            with torch.no_grad():  # the inner loop's objective, views included
+                embs = [encoder.embed(adapted.params, b) for b in (support, view_batch) if b is not None]
+                s_scale = scale if inner_scale is None else inner_scale
+                s_logits = head_logits(torch.cat(embs), adapted.weight, adapted.bias, s_scale)
+                after = F.cross_entropy(s_logits, s_labels.repeat(1 + views)).item()
+    before = adapted.support_losses[0] if adapted.support_losses else float("nan")
+    accuracy = (logits.argmax(-1) == q_labels).float().mean().item()
+    kept = {k: v.detach() for k, v in adapted.params.items()} if keep_adapted else None
+    return EpisodeResult(grads, loss.item(), accuracy, before, after, kept)
+
+
+def _episode_seed(episode: Episode) -> int:
+    # Adapter dropout draws from the global RNG; seeding it from the episode identity keeps a
+    # distributed or resumed run equal to a single-process one.
+    return int(np.random.SeedSequence(episode.spec.rng_key()).generate_state(1)[0])
