@@ -17,6 +17,7 @@ import torch
 from metapeft_ray.core import baselines
 from metapeft_ray.core.config import load_config
 from metapeft_ray.core.evaluate import markdown_table, meta_test
+from metapeft_ray.core.meta import InnerLoop
 from metapeft_ray.core.model import encoder_from_config
 from metapeft_ray.core.train import prepare_sampler
 
@@ -49,11 +50,11 @@ def main() -> None:
     }
     for lr in args.adapter_lrs:
         scorers[f"adapter fine-tune, {args.adapter_steps} Adam steps, lr {lr:g}"] = baselines.adapted_scorer(
-            encoder, default, steps=args.adapter_steps, lr=lr, scale=scale, optimizer="adam"
+            encoder, default, InnerLoop.finetune(args.adapter_steps, lr, scale)
         )
     for lr in args.full_lrs:
         scorers[f"full fine-tune, {args.full_steps} Adam steps, lr {lr:g}"] = baselines.full_finetune_scorer(
-            encoder, steps=args.full_steps, lr=lr, scale=scale
+            encoder, InnerLoop.finetune(args.full_steps, lr, scale)
         )
     results = meta_test(
         scorers,

@@ -38,11 +38,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from metapeft_ray.core.algorithms import InnerLoop
 from metapeft_ray.core.algorithms.maml import MAML
 from metapeft_ray.core.config import Config
 from metapeft_ray.core.episodes import Episode
-from metapeft_ray.core.meta import head_logits, proto_head
+from metapeft_ray.core.meta import InnerLoop, head_logits, proto_head
 from metapeft_ray.core.model import Encoder
 
 from common import (

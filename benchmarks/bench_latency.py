@@ -35,6 +35,7 @@ from metapeft_ray.core.config import Config
 from metapeft_ray.core.data import LabelledTexts
 from metapeft_ray.core.episodes import Episode
 from metapeft_ray.core.export import load_adapter, load_inner_lrs
+from metapeft_ray.core.meta import InnerLoop
 from metapeft_ray.core.model import Encoder
 
 from common import fixed_episodes, meta_encoder, set_threads, workload, write_result
@@ -105,9 +106,7 @@ def timed_task(model: Model, episode: Episode, steps: int) -> tuple[float, float
                 model.init,
                 support,
                 queries,
-                steps=steps,
-                lr=model.cfg.meta.inner_lr,
-                scale=model.cfg.head.scale,
+                InnerLoop(steps, model.cfg.meta.inner_lr, model.cfg.head.scale, first_order=True),
                 param_lrs=model.param_lrs,
             )
         )

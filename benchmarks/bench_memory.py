@@ -38,7 +38,7 @@ from torch import Tensor
 
 from metapeft_ray.core.config import Config
 from metapeft_ray.core.episodes import Episode
-from metapeft_ray.core.meta import run_episode
+from metapeft_ray.core.meta import InnerLoop, run_episode
 from metapeft_ray.core.model import Encoder
 
 from common import (
@@ -80,16 +80,8 @@ def contender_params(encoder: Encoder, lora: dict[str, Tensor], which: str) -> d
 
 
 def meta_gradient(cfg: Config, encoder: Encoder, params: dict[str, Tensor], episode: Episode) -> None:
-    run_episode(
-        encoder,
-        params,
-        episode,
-        steps=cfg.meta.inner_steps,
-        lr=cfg.meta.inner_lr,
-        scale=cfg.head.scale,
-        first_order=False,
-        meta_gradient=True,
-    )
+    inner = InnerLoop(cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.head.scale, first_order=False)
+    run_episode(encoder, params, episode, inner, meta_gradient=True)
 
 
 def timed_episode(cfg: Config, encoder: Encoder, params: dict[str, Tensor], episode: Episode) -> float:

@@ -56,7 +56,7 @@ from torch.nn import functional as F
 
 from metapeft_ray.core.config import Config
 from metapeft_ray.core.episodes import Episode
-from metapeft_ray.core.meta import Params, episode_tensors, head_logits, proto_head, run_episode
+from metapeft_ray.core.meta import InnerLoop, Params, episode_tensors, head_logits, proto_head, run_episode
 from metapeft_ray.core.model import Encoder
 
 from common import (
@@ -83,17 +83,8 @@ def cfg_for(order: str, device: str, extra: Sequence[str] = ()) -> Config:
 def ours(encoder: Encoder, params: Params, cfg: Config, order: str) -> EpisodeFn:
     def episode_grads(episode: Episode) -> Params:
         m = cfg.meta
-        result = run_episode(
-            encoder,
-            params,
-            episode,
-            steps=m.inner_steps,
-            lr=m.inner_lr,
-            scale=cfg.head.scale,
-            first_order=order == "first",
-            meta_gradient=True,
-            track_support_after=False,
-        )
+        inner = InnerLoop(m.inner_steps, m.inner_lr, cfg.head.scale, first_order=order == "first")
+        result = run_episode(encoder, params, episode, inner, meta_gradient=True, track_support_after=False)
         assert result.grads is not None
         return result.grads
 

@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from metapeft_ray.core.config import load_config
-from metapeft_ray.core.meta import run_episode
+from metapeft_ray.core.meta import InnerLoop, run_episode
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
 
 from common import fixed_episodes, meta_encoder, set_threads, write_result
@@ -46,7 +46,7 @@ def _peak_mib(device: torch.device) -> float | None:
 def second_order(cfg: Any, device: torch.device, episodes: int) -> dict[str, Any]:
     encoder, params = meta_encoder(cfg, device=device)
     eps = fixed_episodes(cfg, episodes, k_shot=5)
-    kw = {"steps": 1, "lr": 0.05, "scale": 10.0, "first_order": False, "meta_gradient": True}
+    kw = {"inner": InnerLoop(1, 0.05, 10.0, first_order=False), "meta_gradient": True}
     out: dict[str, Any] = {}
     grads = {}
     for name, enc in (("fp32", encoder), ("bf16", replace(encoder, bf16=True))):
@@ -100,7 +100,7 @@ def nccl_one_worker(cfg: Any, device: torch.device, steps: int) -> dict[str, Any
 def episode_vs_bare(cfg: Any, device: torch.device, episodes: int) -> dict[str, Any]:
     encoder, params = meta_encoder(cfg, device=device)
     eps = fixed_episodes(cfg, episodes, k_shot=5)
-    kw = {"steps": 1, "lr": 0.05, "scale": 10.0, "first_order": True, "meta_gradient": True}
+    kw = {"inner": InnerLoop(1, 0.05, 10.0, first_order=True), "meta_gradient": True}
 
     def bare(ep: Any) -> None:
         for texts in (ep.support_texts, ep.query_texts):

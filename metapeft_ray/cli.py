@@ -71,15 +71,9 @@ def _cmd_adapt(args: argparse.Namespace) -> None:
         encoder.adapter_params(),
         support,
         queries,
-        steps=inner.steps,
-        lr=inner.lr,
-        scale=inner.scale,
+        inner,
         # Meta-SGD's learned per-tensor rates, unless --lr asks for one scalar rate
         param_lrs=None if args.lr else load_inner_lrs(args.adapter, encoder.device),
-        inner_scale=inner.inner_scale,
-        name_weight=inner.name_weight,
-        views=inner.views,
-        view_drop=inner.view_drop,
     ):
         print(json.dumps(pred), flush=True)
 

@@ -291,19 +291,9 @@ def test_adapt_command_classifies_stdin_lines(trained: Path, tiny: tuple[str, st
     assert cfg.meta.inner_steps == 2
 
     def predict(steps: int) -> list[dict]:
-        inner = inner_loop(cfg, steps)
+        support_set = load_dataset(str(support))
         return list(
-            adapt_and_predict(
-                encoder,
-                encoder.adapter_params(),
-                load_dataset(str(support)),
-                queries,
-                steps=steps,
-                lr=inner.lr,
-                scale=inner.scale,
-                inner_scale=inner.inner_scale,
-                name_weight=inner.name_weight,
-            )
+            adapt_and_predict(encoder, encoder.adapter_params(), support_set, queries, inner_loop(cfg, steps))
         )
 
     want = predict(3)

@@ -28,6 +28,7 @@ from metapeft_ray.core.config import Config, load_config
 from metapeft_ray.core.runstore import run_uri
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
 from metapeft_ray.on_ray import distributed
+from tests.tiny import tiny_overrides
 
 try:
     from tests.conftest import S3_BUCKET
@@ -40,34 +41,22 @@ STEPS = 4
 
 
 def make_cfg(backbone: str, dataset: str, output_dir: str, name: str, **extra: Any) -> Config:
+    """The tiny config as a 2-worker run: `STEPS` meta-steps of 4 episodes (2 per rank),
+    checkpointed every 2."""
     overrides = {
         "run.name": name,
         "run.output_dir": output_dir,
         "run.seed": 3,
-        "model.backbone": backbone,
-        "model.max_length": 16,
-        "data.dataset": dataset,
-        "data.folds": 3,
-        "data.val_fraction": 0.4,
-        "episode.n_way": 3,
-        "episode.k_shot": 1,
-        "episode.q_query": 2,
         "meta.first_order": True,
         "meta.meta_steps": STEPS,
         "meta.meta_batch_size": 4,
-        "meta.val_every": 2,
-        "meta.val_episodes": 2,
         "meta.checkpoint_every": 2,
         "meta.outer_lr": 0.01,
-        "eval.episodes": 3,
-        "eval.shots": [1],
-        "eval.n_way": 3,
-        "eval.q_query": 2,
         "distributed.workers": 2,
         "distributed.max_failures": 0,
         **extra,
     }
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    return load_config(None, tiny_overrides(backbone, dataset, **overrides))
 
 
 def final_state(cfg: Config) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from metapeft_ray.core.config import Config, load_config
 from metapeft_ray.core.data import load_dataset
 from metapeft_ray.core.episodes import ClassSplits, EpisodeSampler
 from metapeft_ray.core.evaluate import markdown_table, meta_test, paired
-from metapeft_ray.core.meta import run_episode
+from metapeft_ray.core.meta import InnerLoop, run_episode
 from metapeft_ray.core.model import encoder_from_config
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
@@ -104,16 +104,7 @@ def test_adapter_finetune_lowers_the_support_loss_and_moves_the_adapter(encoder_
     default = {k: v.detach().clone() for k, v in encoder.adapter_params().items()}
     assert all(v.abs().sum() == 0 for k, v in default.items() if "lora_B" in k)  # peft's B = 0
     result = run_episode(
-        encoder,
-        default,
-        episode,
-        steps=20,
-        lr=1e-2,
-        scale=10.0,
-        first_order=True,
-        meta_gradient=False,
-        optimizer="adam",
-        keep_adapted=True,
+        encoder, default, episode, InnerLoop.finetune(20, 1e-2, 10.0), meta_gradient=False, keep_adapted=True
     )
     assert result.support_loss_after < 0.5 * result.support_loss_before
     moved = {k: (result.adapted[k] - v).abs().max().item() for k, v in default.items()}
@@ -126,10 +117,7 @@ def test_adapter_finetune_lowers_the_support_loss_and_moves_the_adapter(encoder_
         encoder,
         default,
         episode,
-        steps=1,
-        lr=1e-2,
-        scale=10.0,
-        first_order=True,
+        InnerLoop(1, 1e-2, 10.0, first_order=True),
         meta_gradient=False,
         keep_adapted=True,
     )
@@ -146,16 +134,7 @@ def test_full_finetune_moves_every_backbone_weight_and_leaves_the_module_untouch
     before = {k: v.detach().clone() for k, v in weights.items()}
     assert not set(weights) & set(encoder.adapter_params())
     result = run_episode(
-        view,
-        weights,
-        episode,
-        steps=3,
-        lr=1e-3,
-        scale=10.0,
-        first_order=True,
-        meta_gradient=False,
-        optimizer="adam",
-        keep_adapted=True,
+        view, weights, episode, InnerLoop.finetune(3, 1e-3, 10.0), meta_gradient=False, keep_adapted=True
     )
     assert result.support_loss_after < result.support_loss_before
     moved = [k for k in weights if not torch.equal(result.adapted[k], before[k])]

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 from metapeft_ray.cli import main
-from metapeft_ray.core.algorithms.base import HEAD_PREFIX
 from metapeft_ray.core.config import ConfigError, load_config
 from metapeft_ray.core.data import label_text
 from metapeft_ray.core.episodes import word_dropout_views
 from metapeft_ray.core.export import load_adapter
-from metapeft_ray.core.meta import proto_head, run_episode
+from metapeft_ray.core.meta import HEAD_PREFIX, InnerLoop, proto_head, run_episode
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
@@ -55,15 +56,11 @@ def test_a_one_shot_support_loss_is_informative_with_names_or_a_low_inner_temper
     episode = learner.sampler.build(learner.train_specs(0)[0])
     params = learner.params
 
-    def support_loss(**head: object) -> float:
-        kw = {
-            "steps": 1,
-            "lr": 0.1,
-            "first_order": True,
-            "meta_gradient": False,
-            "track_support_after": False,
-        }
-        return run_episode(learner.encoder, params, episode, **kw, **head).support_loss_before  # type: ignore[arg-type]
+    def support_loss(**head: Any) -> float:
+        inner = InnerLoop(1, 0.1, first_order=True, **head)
+        return run_episode(
+            learner.encoder, params, episode, inner, meta_gradient=False, track_support_after=False
+        ).support_loss_before
 
     # The tiny model's embeddings are close together; at s = 100 they are as far apart, relative to
     # the temperature, as MiniLM's at s = 10 (DESIGN.md §6).
@@ -104,17 +101,7 @@ def test_second_order_gradient_of_the_inner_temperature_matches_finite_differenc
     def loss_at(log_s: float) -> float:
         extra = {key: torch.tensor(log_s)}
         inner = learner.inner.with_learned(extra)
-        return run_episode(
-            learner.encoder,
-            learner.params,
-            episode,
-            steps=inner.steps,
-            lr=inner.lr,
-            scale=inner.scale,
-            first_order=False,
-            meta_gradient=False,
-            inner_scale=inner.inner_scale,
-        ).query_loss
+        return run_episode(learner.encoder, learner.params, episode, inner, meta_gradient=False).query_loss
 
     result = learner.algorithm.episode(
         learner.encoder, learner.params, learner.extra, episode, learner.inner, meta_gradient=True
@@ -180,9 +167,8 @@ def test_meta_init_from_the_cache_equals_the_inner_loop_at_zero_steps(learner) -
     cache = baselines.EmbeddingCache(learner.encoder, learner.params)
     for spec in [*learner.val_specs(), *learner.train_specs(0)]:
         episode = learner.sampler.build(spec)
-        direct = baselines.adapted_scorer(
-            learner.encoder, learner.params, steps=0, lr=0.1, scale=10.0, name_weight=0.5
-        )(episode)
+        inner = InnerLoop(0, 0.1, 10.0, first_order=True, name_weight=0.5)
+        direct = baselines.adapted_scorer(learner.encoder, learner.params, inner)(episode)
         cached = baselines.prototype_scorer(cache, label_names=True, name_weight=0.5)(episode)
         assert cached == pytest.approx(direct["accuracy"])
     # the meta-learned encoder's logistic regression sees the adapter: not the frozen one's numbers
@@ -206,9 +192,11 @@ def test_word_dropout_views_are_seeded_view_major_subsequences() -> None:
 
 def test_support_views_make_the_one_shot_support_loss_informative_and_adaptation_lowers_it(learner) -> None:  # noqa: ANN001
     episode = learner.sampler.build(learner.train_specs(0)[0])
-    kw = {"steps": 3, "lr": 0.005, "scale": 100.0, "first_order": True, "meta_gradient": False}
-    clean = run_episode(learner.encoder, learner.params, episode, **kw)  # type: ignore[arg-type]
-    viewed = run_episode(learner.encoder, learner.params, episode, **kw, views=2, view_drop=0.5)  # type: ignore[arg-type]
+    inner = InnerLoop(3, 0.005, 100.0, first_order=True)
+    clean = run_episode(learner.encoder, learner.params, episode, inner, meta_gradient=False)
+    viewed = run_episode(
+        learner.encoder, learner.params, episode, replace(inner, views=2, view_drop=0.5), meta_gradient=False
+    )
     assert clean.support_loss_before < 1e-6 and viewed.support_loss_before > 1e-3
     assert viewed.support_loss_after < viewed.support_loss_before
     assert viewed.query_accuracy != clean.query_accuracy or viewed.query_loss != clean.query_loss

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from metapeft_ray.core.data import load_dataset
 from metapeft_ray.core.episodes import ClassSplits, EpisodeSampler
-from metapeft_ray.core.meta import adapt, episode_tensors, head_logits, proto_head, run_episode
+from metapeft_ray.core.meta import InnerLoop, adapt, episode_tensors, head_logits, proto_head, run_episode
 from metapeft_ray.core.methods import AdapterSpec
 from metapeft_ray.core.model import PlacementError, build_encoder, meta_init_lora, target_modules
 from tests.tiny import make_tiny_backbone, make_tiny_dataset
@@ -98,8 +98,8 @@ def test_first_order_equals_second_order_with_detached_inner_graph(setup) -> Non
         q = F.cross_entropy(head_logits(enc.embed(fast, query), w, b, 10.0), q_labels)
         return list(torch.autograd.grad(q, list(params.values())))
 
-    fo = run_episode(enc, params, episode, steps=2, lr=0.1, scale=10.0, first_order=True, meta_gradient=True)
-    so = run_episode(enc, params, episode, steps=2, lr=0.1, scale=10.0, first_order=False, meta_gradient=True)
+    fo = run_episode(enc, params, episode, InnerLoop(2, 0.1, 10.0, first_order=True), meta_gradient=True)
+    so = run_episode(enc, params, episode, InnerLoop(2, 0.1, 10.0, first_order=False), meta_gradient=True)
     for got, ref in zip(fo.grads.values(), meta_grads(True, detach_inner=True), strict=True):
         torch.testing.assert_close(got, ref)
     for got, ref in zip(so.grads.values(), meta_grads(False, detach_inner=False), strict=True):
@@ -120,9 +120,7 @@ def test_meta_gradients_reach_every_adapter_tensor_and_only_them(setup, first_or
     }
     assert {n for n, p in enc.model.named_parameters() if p.requires_grad} == lora == set(params)
     weights = {k: v.detach().clone() for k, v in enc.model.state_dict().items()}
-    r = run_episode(
-        enc, params, episode, steps=1, lr=0.1, scale=10.0, first_order=first_order, meta_gradient=True
-    )
+    r = run_episode(enc, params, episode, InnerLoop(1, 0.1, 10.0, first_order), meta_gradient=True)
     # ... the meta-gradient is over exactly them, non-zero everywhere ...
     assert set(r.grads) == lora
     for name, g in r.grads.items():
@@ -216,9 +214,9 @@ def test_bf16_autocast_meta_gradients_stay_close_to_fp32(setup) -> None:  # noqa
     from dataclasses import replace
 
     enc, params, _, episode = setup
-    kw = {"steps": 1, "lr": 0.1, "scale": 10.0, "first_order": False, "meta_gradient": True}
-    fp32 = run_episode(enc, params, episode, **kw).grads
-    bf16 = run_episode(replace(enc, bf16=True), params, episode, **kw).grads
+    inner = InnerLoop(1, 0.1, 10.0, first_order=False)
+    fp32 = run_episode(enc, params, episode, inner, meta_gradient=True).grads
+    bf16 = run_episode(replace(enc, bf16=True), params, episode, inner, meta_gradient=True).grads
     a, b = (torch.cat([g.reshape(-1) for g in grads.values()]) for grads in (fp32, bf16))
     assert not torch.equal(a, b)  # autocast really ran in bf16
     assert F.cosine_similarity(a, b, dim=0) > 0.99
@@ -256,14 +254,14 @@ def test_activation_checkpointing_keeps_the_meta_gradient(tiny, setup, method: s
             for n, p in enc.model.named_parameters()
             if ".pooler." not in n
         }
-    kw = {"steps": 2, "lr": 0.5, "scale": 10.0, "first_order": False, "meta_gradient": True}
+    inner = InnerLoop(2, 0.5, 10.0, first_order=False)
     grads, calls = {}, {}
     for name, e in (("kept", enc), ("checkpointed", checkpointed)):
         runs: list[int] = []
         attention = next(m for n, m in e.model.named_modules() if n.endswith("encoder.layer.1.attention"))
         hook = attention.register_forward_hook(lambda *_, r=runs: r.append(1))
         try:
-            grads[name] = run_episode(e, params, episode, **kw).grads
+            grads[name] = run_episode(e, params, episode, inner, meta_gradient=True).grads
         finally:
             hook.remove()
         calls[name] = len(runs)

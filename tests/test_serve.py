@@ -212,22 +212,9 @@ def client(ray_cluster: dict[str, str], inits: dict[str, str], settings: ServeSe
 def _local_predictions(uri: str, steps: int) -> list[dict[str, Any]]:
     """The same adaptation in this process, the way `metapeft adapt` runs it."""
     encoder, _, cfg, _ = load_adapter(uri)
-    i = inner_loop(cfg, steps)
     support = LabelledTexts("s", tuple(SUPPORT["texts"]), tuple(SUPPORT["labels"]))
     return list(
-        adapt_and_predict(
-            encoder,
-            encoder.adapter_params(),
-            support,
-            QUERIES,
-            steps=steps,
-            lr=i.lr,
-            scale=i.scale,
-            inner_scale=i.inner_scale,
-            name_weight=i.name_weight,
-            views=i.views,
-            view_drop=i.view_drop,
-        )
+        adapt_and_predict(encoder, encoder.adapter_params(), support, QUERIES, inner_loop(cfg, steps))
     )
 
 

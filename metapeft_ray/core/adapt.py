@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from metapeft_ray.core.data import LabelledTexts, label_text
 from metapeft_ray.core.episodes import word_dropout_views
-from metapeft_ray.core.meta import Adapted, adapt, head_logits
+from metapeft_ray.core.meta import Adapted, InnerLoop, adapt, head_logits
 from metapeft_ray.core.model import Encoder
 
 
@@ -29,41 +29,38 @@ def adapt_to_support(
     encoder: Encoder,
     init: dict[str, torch.Tensor],
     support: LabelledTexts,
+    inner: InnerLoop,
     *,
-    steps: int,
-    lr: float,
-    scale: float,
     param_lrs: dict[str, torch.Tensor] | None = None,
-    inner_scale: float | None = None,
-    name_weight: float | None = None,
-    views: int = 0,
-    view_drop: float = 0.3,
 ) -> AdaptedTask:
-    """``steps`` inner steps on the support set (the same `adapt` as training). ``param_lrs``:
-    Meta-SGD's learned per-tensor learning rates of the init (`export.load_inner_lrs`);
-    ``inner_scale`` and ``name_weight`` (the support labels' names join the prototypes; None:
-    not) and ``views`` (augmented support views in the support loss, drawn with seed 0) as in
-    training."""
+    """The ``inner`` loop on the support set (the same `adapt` as training, first order), with the
+    support labels' names joining the prototypes when ``inner.name_weight`` is set and the
+    augmented views drawn with seed 0. ``param_lrs``: Meta-SGD's learned per-tensor learning
+    rates of the init (`export.load_inner_lrs`)."""
     classes = sorted(set(support.labels))
     labels = torch.tensor([classes.index(y) for y in support.labels], device=encoder.device)
     params = {k: v.detach().requires_grad_() for k, v in init.items()}
+    views = inner.views
     adapted = adapt(
         encoder,
         params,
         encoder.tokenize(support.texts),
         labels,
         len(classes),
-        steps=steps,
-        lr=lr,
-        scale=scale,
+        steps=inner.steps,
+        lr=inner.lr,
+        scale=inner.scale,
         first_order=True,
         param_lrs=param_lrs,
-        inner_scale=inner_scale,
-        names=None if name_weight is None else encoder.tokenize([label_text(c) for c in classes]),
-        name_weight=1.0 if name_weight is None else name_weight,
-        views=encoder.tokenize(word_dropout_views(support.texts, views, view_drop, 0)) if views else None,
+        optimizer=inner.optimizer,
+        inner_scale=inner.inner_scale,
+        names=None if inner.name_weight is None else encoder.tokenize([label_text(c) for c in classes]),
+        name_weight=1.0 if inner.name_weight is None else inner.name_weight,
+        views=encoder.tokenize(word_dropout_views(support.texts, views, inner.view_drop, 0))
+        if views
+        else None,
     )
-    return AdaptedTask(tuple(classes), adapted, scale)
+    return AdaptedTask(tuple(classes), adapted, float(inner.scale))
 
 
 def classify(
@@ -98,11 +95,12 @@ def adapt_and_predict(
     init: dict[str, torch.Tensor],
     support: LabelledTexts,
     queries: Iterable[str],
+    inner: InnerLoop,
     *,
+    param_lrs: dict[str, torch.Tensor] | None = None,
     batch_size: int = 64,
-    **settings: Any,
 ) -> Iterator[dict[str, Any]]:
-    """`adapt_to_support` with ``settings`` (its keywords: steps, lr, scale, ...) on the first
-    ``next``, then `classify` each query: ``{"text", "label", "confidence"}``."""
-    task = adapt_to_support(encoder, init, support, **settings)
+    """`adapt_to_support` on the first ``next``, then `classify` each query: ``{"text", "label",
+    "confidence"}``."""
+    task = adapt_to_support(encoder, init, support, inner, param_lrs=param_lrs)
     yield from classify(encoder, task, queries, batch_size=batch_size)

@@ -20,14 +20,13 @@ from __future__ import annotations
 import copy
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from metapeft_ray.core.episodes import Episode
-from metapeft_ray.core.meta import head_logits, proto_head, run_episode
+from metapeft_ray.core.meta import InnerLoop, head_logits, proto_head, run_episode
 from metapeft_ray.core.model import Encoder
 
 Scorer = Callable[[Episode], float | dict[str, float]]
@@ -100,41 +99,18 @@ def logreg_scorer(cache: EmbeddingCache, *, label_names: bool = False) -> Scorer
 def adapted_scorer(
     encoder: Encoder,
     init: Mapping[str, Tensor],
+    inner: InnerLoop,
     *,
-    steps: int,
-    lr: float,
-    scale: float,
-    optimizer: Literal["sgd", "adam"] = "sgd",
     param_lrs: Mapping[str, Tensor] | None = None,
-    inner_scale: float | None = None,
-    name_weight: float | None = None,
-    views: int = 0,
-    view_drop: float = 0.3,
 ) -> Scorer:
-    """``steps`` steps of the one inner loop on the support set from ``init``, then the query
-    accuracy and the support loss before and after adaptation: the meta-learned init (SGD,
-    Meta-SGD's rates if any, its head settings; 0 steps = no adaptation) and the fine-tuning
-    baselines (Adam from the method's default init, or every backbone weight)."""
+    """The ``inner`` loop on the support set from ``init``, then the query accuracy and the
+    support loss before and after adaptation: the meta-learned init (SGD, Meta-SGD's rates if
+    any, its head settings; 0 steps = no adaptation) and the fine-tuning baselines (Adam from the
+    method's default init, or every backbone weight)."""
 
     def score(episode: Episode) -> dict[str, float]:
-        r = run_episode(
-            encoder,
-            init,
-            episode,
-            steps=steps,
-            lr=lr,
-            scale=scale,
-            first_order=True,
-            meta_gradient=False,
-            track_support_after=True,
-            param_lrs=param_lrs,
-            optimizer=optimizer,
-            inner_scale=inner_scale,
-            name_weight=name_weight,
-            views=views,
-            view_drop=view_drop,
-        )
-        if not steps:
+        r = run_episode(encoder, init, episode, inner, meta_gradient=False, param_lrs=param_lrs)
+        if not inner.steps:
             return {"accuracy": r.query_accuracy}
         return {
             "accuracy": r.query_accuracy,
@@ -145,10 +121,11 @@ def adapted_scorer(
     return score
 
 
-def full_finetune_scorer(encoder: Encoder, *, steps: int, lr: float, scale: float) -> Scorer:
-    """Every backbone weight fine-tuned with Adam (the adapter switched off), same head."""
+def full_finetune_scorer(encoder: Encoder, inner: InnerLoop) -> Scorer:
+    """Every backbone weight fine-tuned by the ``inner`` loop (`InnerLoop.finetune`: Adam), the
+    adapter switched off, same head."""
     view = encoder.backbone_view()
-    return adapted_scorer(view, view.backbone_params(), steps=steps, lr=lr, scale=scale, optimizer="adam")
+    return adapted_scorer(view, view.backbone_params(), inner)
 
 
 def setfit_scorer(

@@ -23,8 +23,8 @@ is `metapeft_ray.core.algorithms`; all of them call `run_episode`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -38,6 +38,62 @@ from metapeft_ray.core.model import Encoder
 Params = dict[str, Tensor]
 Scalar = float | Tensor
 """A head value: a number, or a 0-d tensor when it is meta-learned (differentiable)."""
+
+HEAD_PREFIX = "head/log_"
+"""Meta-parameter names of the learned head values: ``head/log_scale``, ``head/log_name_weight``..."""
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """The inner loop's settings, passed whole from the config (`train.inner_loop`) to every
+    adaptation: training and validation episodes (`run_episode`), the meta-test scorers,
+    ``metapeft adapt`` and Serve (`adapt.adapt_to_support`). ``name_weight`` None: the head does
+    not use the class names; ``optimizer``: the inner update (`adapt`; ``"adam"`` for the
+    fine-tuning baselines)."""
+
+    steps: int
+    lr: float
+    scale: Scalar
+    first_order: bool
+    inner_scale: Scalar | None = None
+    name_weight: Scalar | None = None
+    views: int = 0
+    view_drop: float = 0.3
+    optimizer: Literal["sgd", "adam"] = "sgd"
+
+    @classmethod
+    def finetune(cls, steps: int, lr: float, scale: float) -> InnerLoop:
+        """Plain fine-tuning, the baselines' inner loop: Adam, first order, no head extras."""
+        return cls(steps, lr, scale, first_order=True, optimizer="adam")
+
+    def head_meta_params(self, learn: Sequence[str], device: torch.device | None = None) -> Params:
+        """Fresh log-parametrised leaves for the head values in ``learn``, at their set values
+        (an unset inner scale starts at the scale), on ``device`` (the adapter's)."""
+        start = {"inner_scale": self.scale if self.inner_scale is None else self.inner_scale}
+        return {
+            HEAD_PREFIX + k: torch.tensor(
+                math.log(start.get(k, getattr(self, k))), device=device, requires_grad=True
+            )
+            for k in learn
+        }
+
+    def with_learned(self, extra: Mapping[str, Tensor]) -> InnerLoop:
+        """These settings with the learned head values of ``extra`` (``exp`` of the leaves, so the
+        query loss is differentiable w.r.t. them) in place of the set ones."""
+        learned = {
+            k.removeprefix(HEAD_PREFIX): v.exp() for k, v in extra.items() if k.startswith(HEAD_PREFIX)
+        }
+        return replace(self, **learned) if learned else self
+
+    def detached(self) -> InnerLoop:
+        """First order, the learned head values detached: an adaptation no gradient goes back
+        through (validation, meta-test, serving)."""
+        learned = {
+            k: v.detach()
+            for k in ("scale", "inner_scale", "name_weight")
+            if isinstance(v := getattr(self, k), Tensor)
+        }
+        return replace(self, first_order=True, **learned)
 
 
 def proto_head(
@@ -207,47 +263,39 @@ def run_episode(
     encoder: Encoder,
     params: Mapping[str, Tensor],
     episode: Episode,
+    inner: InnerLoop,
     *,
-    steps: int,
-    lr: float,
-    scale: Scalar,
-    first_order: bool,
     meta_gradient: bool,
     track_support_after: bool = True,
     param_lrs: Mapping[str, Tensor] | None = None,
     grad_wrt: Mapping[str, Tensor] | None = None,
     keep_adapted: bool = False,
-    optimizer: Literal["sgd", "adam"] = "sgd",
-    inner_scale: Scalar | None = None,
-    name_weight: Scalar | None = None,
-    views: int = 0,
-    view_drop: float = 0.3,
 ) -> EpisodeResult:
-    """Adapt on the support set, score the query set; with ``meta_gradient`` also return
-    ``d L_query / d params`` (the episode's contribution to the outer update).
+    """Adapt on the support set with the ``inner`` loop, score the query set; with
+    ``meta_gradient`` also return ``d L_query / d params`` (the episode's contribution to the outer
+    update; without it the inner loop is first order).
 
     ``param_lrs``: per-tensor inner learning rates (Meta-SGD). ``grad_wrt``: the tensors to
     differentiate the query loss w.r.t. when they are more than ``params`` (Meta-SGD adds its
-    log learning rates); the gradients come back under the same names. ``optimizer``: the inner
-    loop's update (`adapt`). ``inner_scale``: the support loss's temperature (default ``scale``);
-    ``name_weight``: the class names join the prototypes as that many examples (None: no names);
-    ``views``: augmented views per support example in the support loss (`word_dropout_views`,
-    seeded by the episode, so every process draws the same ones).
+    log learning rates); the gradients come back under the same names. The support loss's
+    temperature, the class names and the augmented views (`word_dropout_views`, seeded by the
+    episode, so every process draws the same ones) are the ``inner`` loop's (`adapt`).
     """
     support, s_labels, query, q_labels = episode_tensors(encoder, episode)
-    names = None if name_weight is None else encoder.tokenize(episode.name_texts)
+    names = None if inner.name_weight is None else encoder.tokenize(episode.name_texts)
     seed = _episode_seed(episode)
+    views = inner.views
     view_batch = (
-        encoder.tokenize(word_dropout_views(episode.support_texts, views, view_drop, seed)) if views else None
+        encoder.tokenize(word_dropout_views(episode.support_texts, views, inner.view_drop, seed))
+        if views
+        else None
     )
     n_way = len(episode.class_names)
     if not meta_gradient:  # adapt a detached copy: no graph back into the caller's init
         params = {k: v.detach().requires_grad_() for k, v in params.items()}
         if param_lrs is not None:
             param_lrs = {k: v.detach() for k, v in param_lrs.items()}
-        scale, inner_scale, name_weight = (
-            v.detach() if isinstance(v, Tensor) else v for v in (scale, inner_scale, name_weight)
-        )
+        inner = inner.detached()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.enable_grad():
@@ -257,29 +305,31 @@ def run_episode(
                 support,
                 s_labels,
                 n_way,
-                steps=steps,
-                lr=lr,
-                scale=scale,
-                first_order=first_order or not meta_gradient,
+                steps=inner.steps,
+                lr=inner.lr,
+                scale=inner.scale,
+                first_order=inner.first_order,
                 param_lrs=param_lrs,
-                optimizer=optimizer,
-                inner_scale=inner_scale,
+                optimizer=inner.optimizer,
+                inner_scale=inner.inner_scale,
                 names=names,
-                name_weight=1.0 if name_weight is None else name_weight,
+                name_weight=1.0 if inner.name_weight is None else inner.name_weight,
                 views=view_batch,
             )
         with torch.set_grad_enabled(meta_gradient):
-            logits = head_logits(encoder.embed(adapted.params, query), adapted.weight, adapted.bias, scale)
+            logits = head_logits(
+                encoder.embed(adapted.params, query), adapted.weight, adapted.bias, inner.scale
+            )
             loss = F.cross_entropy(logits, q_labels)
         grads = None
         if meta_gradient:
             wrt = params if grad_wrt is None else grad_wrt
             grads = dict(zip(wrt, torch.autograd.grad(loss, list(wrt.values())), strict=True))
         after = float("nan")
-        if track_support_after and steps:
+        if track_support_after and inner.steps:
             with torch.no_grad():  # the inner loop's objective, views included
                 embs = [encoder.embed(adapted.params, b) for b in (support, view_batch) if b is not None]
-                s_scale = scale if inner_scale is None else inner_scale
+                s_scale = inner.scale if inner.inner_scale is None else inner.inner_scale
                 s_logits = head_logits(torch.cat(embs), adapted.weight, adapted.bias, s_scale)
                 after = F.cross_entropy(s_logits, s_labels.repeat(1 + views)).item()
     before = adapted.support_losses[0] if adapted.support_losses else float("nan")

@@ -31,6 +31,7 @@ from metapeft_ray.core.export import (
     local_adapter,
     with_learned_head,
 )
+from metapeft_ray.core.meta import InnerLoop
 from metapeft_ray.core.model import Encoder, resolve_backbone
 from metapeft_ray.core.runstore import (
     ADAPTER_DIR,
@@ -67,20 +68,10 @@ def build_scorers(
     baseline starts there); ``inner_lrs``: Meta-SGD's learned rates for ``meta``."""
     ev, scale = cfg.eval, cfg.head.scale
     inner = inner_loop(cfg, ev.inner_steps, ev.inner_lr)
-    meta = {
-        "lr": inner.lr,
-        "scale": scale,
-        "inner_scale": inner.inner_scale,
-        "name_weight": inner.name_weight,
-        "views": inner.views,
-        "view_drop": inner.view_drop,
-    }
     cache, meta_cache = baselines.EmbeddingCache(encoder), baselines.EmbeddingCache(encoder, meta_init)
     names = {"label_names": inner.name_weight is not None}
     factories: dict[str, Callable[[], baselines.Scorer]] = {
-        "meta": lambda: baselines.adapted_scorer(
-            encoder, meta_init, steps=inner.steps, param_lrs=inner_lrs, **meta
-        ),
+        "meta": lambda: baselines.adapted_scorer(encoder, meta_init, inner, param_lrs=inner_lrs),
         # 0 inner steps: the Proto-MAML head's prototypes of the meta-learned encoder (from a cache)
         "meta_init": lambda: baselines.prototype_scorer(
             meta_cache, **names, name_weight=float(inner.name_weight or 1.0)
@@ -91,10 +82,10 @@ def build_scorers(
         "proto_names": lambda: baselines.prototype_scorer(cache, label_names=True),
         "logreg_names": lambda: baselines.logreg_scorer(cache, label_names=True),
         "finetune": lambda: baselines.adapted_scorer(
-            encoder, default_init, steps=ev.finetune.steps, lr=ev.finetune.lr, scale=scale, optimizer="adam"
+            encoder, default_init, InnerLoop.finetune(ev.finetune.steps, ev.finetune.lr, scale)
         ),
         "full_finetune": lambda: baselines.full_finetune_scorer(
-            encoder, steps=ev.full_finetune.steps, lr=ev.full_finetune.lr, scale=scale
+            encoder, InnerLoop.finetune(ev.full_finetune.steps, ev.full_finetune.lr, scale)
         ),
         "setfit": lambda: baselines.setfit_scorer(
             resolve_backbone(cfg.model.backbone),

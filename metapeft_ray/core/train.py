@@ -20,13 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metapeft_ray.core.algorithms import ALGORITHMS, InnerLoop, MetaAlgorithm
-from metapeft_ray.core.algorithms.base import HEAD_PREFIX
+from metapeft_ray.core.algorithms import ALGORITHMS, MetaAlgorithm
 from metapeft_ray.core.algorithms.maml import MAML
 from metapeft_ray.core.config import Config, ConfigError
 from metapeft_ray.core.data import load_dataset
 from metapeft_ray.core.episodes import ClassSplits, EpisodeSampler, EpisodeSpec, check_labels
-from metapeft_ray.core.meta import EpisodeResult
+from metapeft_ray.core.meta import HEAD_PREFIX, EpisodeResult, InnerLoop
 from metapeft_ray.core.methods import METHODS
 from metapeft_ray.core.model import Encoder, encoder_from_config
 from metapeft_ray.core.splits import match_patterns

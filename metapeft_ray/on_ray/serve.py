@@ -38,7 +38,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -50,9 +50,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from metapeft_ray.core.adapt import AdaptedTask, adapt_to_support, classify
-from metapeft_ray.core.algorithms import InnerLoop
 from metapeft_ray.core.data import LabelledTexts
 from metapeft_ray.core.export import adapter_config, load_adapter, load_inner_lrs, local_adapter
+from metapeft_ray.core.meta import InnerLoop
 from metapeft_ray.core.metrics import record_serve_seconds, record_task_cache
 from metapeft_ray.core.model import Encoder
 
@@ -394,22 +394,10 @@ class AdaptationServer:
 
     async def _adapt(self, spec: TaskSpec) -> AdaptedTask:
         init = await self._init(spec.init)
-        i = init.inner
+        inner = replace(init.inner, steps=spec.steps)
         start = time.perf_counter()
         task = await self._run(
-            lambda: adapt_to_support(
-                init.encoder,
-                init.params,
-                spec.support,
-                steps=spec.steps,
-                lr=i.lr,
-                scale=float(i.scale),
-                param_lrs=init.param_lrs,
-                inner_scale=i.inner_scale,
-                name_weight=i.name_weight,
-                views=i.views,
-                view_drop=i.view_drop,
-            )
+            lambda: adapt_to_support(init.encoder, init.params, spec.support, inner, param_lrs=init.param_lrs)
         )
         record_serve_seconds("adaptation", time.perf_counter() - start, init=spec.init)
         self.adaptations += 1

@@ -7,7 +7,7 @@ optimiser step are one code path for all. Adding an algorithm: one module, one l
 
 from __future__ import annotations
 
-from metapeft_ray.core.algorithms.base import InnerLoop, MetaAlgorithm
+from metapeft_ray.core.algorithms.base import MetaAlgorithm
 from metapeft_ray.core.algorithms.maml import MAML
 from metapeft_ray.core.algorithms.metasgd import LOG_LR_PREFIX, MetaSGD
 from metapeft_ray.core.algorithms.protonet import ProtoNet
@@ -15,4 +15,4 @@ from metapeft_ray.core.algorithms.reptile import Reptile
 
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {a.name: a for a in (MAML, MetaSGD, Reptile, ProtoNet)}
 
-__all__ = ["ALGORITHMS", "LOG_LR_PREFIX", "InnerLoop", "MetaAlgorithm"]
+__all__ = ["ALGORITHMS", "LOG_LR_PREFIX", "MetaAlgorithm"]

@@ -8,57 +8,16 @@ contribution is a gradient (MAML, Meta-SGD, ProtoNet) or a pseudo-gradient (Rept
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from metapeft_ray.core.episodes import Episode
-from metapeft_ray.core.meta import EpisodeResult, Scalar, run_episode
+from metapeft_ray.core.meta import EpisodeResult, InnerLoop, run_episode
 from metapeft_ray.core.model import Encoder
 
 Params = dict[str, Tensor]
-
-
-HEAD_PREFIX = "head/log_"
-"""Meta-parameter names of the learned head values: ``head/log_scale``, ``head/log_name_weight``..."""
-
-
-@dataclass(frozen=True)
-class InnerLoop:
-    """The inner loop's settings (flat values from ``meta.*`` / ``head.*``). ``name_weight`` None:
-    the head does not use the class names."""
-
-    steps: int
-    lr: float
-    scale: Scalar
-    first_order: bool
-    inner_scale: Scalar | None = None
-    name_weight: Scalar | None = None
-    views: int = 0
-    view_drop: float = 0.3
-
-    def head_meta_params(self, learn: Sequence[str], device: torch.device | None = None) -> Params:
-        """Fresh log-parametrised leaves for the head values in ``learn``, at their set values
-        (an unset inner scale starts at the scale), on ``device`` (the adapter's)."""
-        start = {"inner_scale": self.scale if self.inner_scale is None else self.inner_scale}
-        return {
-            HEAD_PREFIX + k: torch.tensor(
-                math.log(start.get(k, getattr(self, k))), device=device, requires_grad=True
-            )
-            for k in learn
-        }
-
-    def with_learned(self, extra: Mapping[str, Tensor]) -> InnerLoop:
-        """These settings with the learned head values of ``extra`` (``exp`` of the leaves, so the
-        query loss is differentiable w.r.t. them) in place of the set ones."""
-        learned = {
-            k.removeprefix(HEAD_PREFIX): v.exp() for k, v in extra.items() if k.startswith(HEAD_PREFIX)
-        }
-        return replace(self, **learned) if learned else self
 
 
 class MetaAlgorithm:
@@ -115,16 +74,5 @@ class MetaAlgorithm:
         episode without a meta-gradient is a validation one: it also measures the support loss
         after adaptation (a training episode would pay a forward for it). ``options``: further
         `run_episode` keywords, overriding these (Meta-SGD's rates, Reptile's adapted tensors)."""
-        settings = {
-            "steps": inner.steps,
-            "lr": inner.lr,
-            "scale": inner.scale,
-            "first_order": inner.first_order,
-            "inner_scale": inner.inner_scale,
-            "name_weight": inner.name_weight,
-            "views": inner.views,
-            "view_drop": inner.view_drop,
-            "meta_gradient": meta_gradient,
-            "track_support_after": not meta_gradient,
-        }
-        return run_episode(encoder, params, episode, **(settings | options))
+        settings = {"meta_gradient": meta_gradient, "track_support_after": not meta_gradient}
+        return run_episode(encoder, params, episode, inner, **(settings | options))

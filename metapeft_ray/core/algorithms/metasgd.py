@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metapeft_ray.core.algorithms.base import InnerLoop, MetaAlgorithm, Params
+from metapeft_ray.core.algorithms.base import MetaAlgorithm, Params
 from metapeft_ray.core.episodes import Episode
-from metapeft_ray.core.meta import EpisodeResult
+from metapeft_ray.core.meta import EpisodeResult, InnerLoop
 from metapeft_ray.core.model import Encoder
 
 LOG_LR_PREFIX = "log_lr/"

@@ -19,9 +19,9 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from metapeft_ray.core.algorithms.base import InnerLoop, MetaAlgorithm
+from metapeft_ray.core.algorithms.base import MetaAlgorithm
 from metapeft_ray.core.episodes import Episode
-from metapeft_ray.core.meta import EpisodeResult
+from metapeft_ray.core.meta import EpisodeResult, InnerLoop
 from metapeft_ray.core.model import Encoder
 
 
