@@ -293,7 +293,7 @@ def run_search(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from metapeft_ray.distributed import cluster_view, connect
+    from metapeft_ray.distributed import cluster_view, connect, fan_out_meta_test, worker_resources
     from metapeft_ray.recipes import finish
     from metapeft_ray.runstore import staged
     from metapeft_ray.train import MetaLearner, prepare_sampler
@@ -309,6 +309,14 @@ def run_search(
     connect(base, address, dashboard=distributed_trials)
     max_concurrent = _distributed_concurrency(base, s) if distributed_trials else s.max_concurrent
     resources = trial_resources(s, cluster_view())
+    # The exports' meta-tests run on the cluster, in as many parts as a trial has workers, each
+    # with one worker's (or a single-process trial's) resources: not on this driver.
+    use_gpu, per_part = (
+        worker_resources(base, cluster_view())
+        if distributed_trials
+        else (resources["gpu"] > 0, {"CPU": float(resources["cpu"]), "GPU": resources["gpu"]})
+    )
+    fan_out = fan_out_meta_test(s.trial_workers, use_gpu, per_part, progress=progress)
 
     fs, path = storage.pyarrow_filesystem(base.run.output_dir)
     exp_path = storage.join(path, name)
@@ -404,7 +412,7 @@ def run_search(
             OBJECTIVE: val,
             "meta_step": learner.step,
             "stopped_early_at": stopped_at if history else None,
-            "meta_test": finish(cfg, learner, out / name, history, progress=progress)["results"],
+            "meta_test": finish(cfg, learner, out / name, history, progress, fan_out)["results"],
         }
 
     with staged(storage.join(root, "summary")) as out:
