@@ -443,11 +443,14 @@ def fit(
     progress: bool,
     callbacks: list[Any] | None = None,
     quiet: bool = False,
+    storage_name: str | None = None,
 ) -> tuple[Any, int]:
     """``TorchTrainer.fit`` of the worker loop; returns the result and the worker-group restarts
     (each also counted live in ``ray_metapeft_worker_failures_total``, see `_FailureCounter`).
     ``progress``: rank 0 feeds its steps to a bar drawn here (`_progress`); ``quiet``: Ray Train
-    and the workers (their root logger, transformers) log only warnings and errors."""
+    and the workers (their root logger, transformers) log only warnings and errors;
+    ``storage_name``: the Train run's directory under ``run.output_dir`` when it is not
+    ``run.name`` (which still names the run in the metrics' ``run`` tag)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -464,7 +467,7 @@ def fit(
                     num_workers=cfg.distributed.workers, use_gpu=use_gpu, resources_per_worker=per_worker
                 ),
                 run_config=RunConfig(
-                    name=cfg.run.name,
+                    name=storage_name or cfg.run.name,
                     storage_path=path,
                     storage_filesystem=fs if storage.is_remote(cfg.run.output_dir) else None,
                     failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),

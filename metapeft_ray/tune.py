@@ -124,24 +124,27 @@ def experiment_uri(cfg: Config) -> str:
 
 def _distributed_trial(cfg: Config, workers: int) -> None:
     """A trial that is itself a distributed run: the same worker loop as `metapeft train`,
-    reporting (with a checkpoint) at every validation step, relayed to Tune."""
+    reporting (with a checkpoint) at every validation step, relayed to Tune. Its ``run.name`` is
+    the trial's name, so its workers tag their live metrics with it (as a single-process trial's)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from metapeft_ray import distributed
 
     # the trainer's storage: beside the trial's in the experiment (local or s3://, as the search)
-    trial_dir = storage.join(experiment_uri(cfg), tune.get_context().get_trial_name())
+    name = tune.get_context().get_trial_name()
     cfg = cfg.with_overrides(
         {
             "distributed.workers": workers,
             "meta.checkpoint_every": cfg.meta.val_every,
-            "run.output_dir": trial_dir,
-            "run.name": "train",
+            "run.output_dir": storage.join(experiment_uri(cfg), name),
+            "run.name": name,
         }
     )
     use_gpu, per_worker = distributed.worker_resources(cfg, distributed.cluster_view())
-    distributed.fit(cfg, use_gpu, per_worker, progress=False, callbacks=[TuneReportCallback()])
+    distributed.fit(
+        cfg, use_gpu, per_worker, progress=False, callbacks=[TuneReportCallback()], storage_name="train"
+    )
 
 
 def _distributed_concurrency(base: Config, s: TuneSettings) -> int | None:
