@@ -1,7 +1,8 @@
 """Distributed meta-training on a real local Ray (one cluster for the session, tiny BERT).
 
 What is pinned: W workers == the single-process MetaLearner (same seed and meta-batch), first
-and second order, and the workers record that they ran as W ranks; checkpoint + resume ==
+and second order, and the workers record that they ran as W ranks; the meta-test fanned out
+over the workers == the single-process one, episode by episode; checkpoint + resume ==
 uninterrupted; a finished run is not re-trained; a worker killed by PID mid-run is recovered
 from the last checkpoint with the same result; S3 storage end to end; and every bad input fails
 quickly, before a TorchTrainer is built.
@@ -24,11 +25,12 @@ import pytest
 import torch
 
 from metapeft_ray.core import runstore, storage
+from metapeft_ray.on_ray import distributed
 from metapeft_ray.core.config import Config, load_config
+from metapeft_ray.core.evaluate import merge_scores
+from metapeft_ray.core.recipes import meta_test_learner
 from metapeft_ray.core.runstore import run_uri
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
-from metapeft_ray.on_ray import distributed
-from tests.tiny import tiny_overrides
 
 try:
     from tests.conftest import S3_BUCKET
@@ -104,6 +106,24 @@ def reference(base) -> dict[str, torch.Tensor]:  # noqa: ANN001
     return single_process_final(base("reference"))
 
 
+def timeless(results: dict[str, Any]) -> dict[str, Any]:
+    """A meta-test's results without the wall times (the one thing two runs may not share)."""
+    return {
+        m: {cell: {k: v for k, v in r.items() if k != "ms_per_task"} for cell, r in per.items()}
+        for m, per in results.items()
+    }
+
+
+def single_process_meta_test(cfg: Config, learner: MetaLearner) -> dict[str, Any]:
+    """The meta-test of ``learner`` scored here, in one process, with the workers' one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return merge_scores([meta_test_learner(cfg, learner)], cfg.eval.reference)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def no_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if a TorchTrainer is ever built."""
@@ -126,6 +146,37 @@ def test_two_workers_equal_single_process(ray_cluster, base, reference) -> None:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["meta_step"] for line in lines] == list(range(1, STEPS + 1))
     assert {"config.yaml", "splits.json", "report.json", "report.md"} <= {p.name for p in out.iterdir()}
+    # the meta-test ran on the workers (`fan_out_meta_test`) and equals one scored in one process
+    learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
+    learner.load_state_dict(final_state(cfg))
+    assert timeless(report["results"]) == timeless(single_process_meta_test(cfg, learner))
+
+
+def test_meta_test_on_two_workers_equals_the_single_process_one(ray_cluster, base) -> None:  # noqa: ANN001
+    """Two Ray tasks with a worker's resources, episode i in part i % 2, give the single-process
+    meta-test episode by episode: every method (the costly rows' prefix split between the parts,
+    label names, a learned head value), two cells, an uneven split of 5 episodes."""
+    methods = ["meta", "meta_init", "meta_logreg", "proto", "logreg", "logreg_names", "finetune"]
+    cfg = base(
+        "fan-out",
+        **{
+            "eval.methods": methods,
+            "eval.n_way": [2, 3],
+            "eval.episodes": 5,
+            "eval.costly_episodes": 3,
+            "eval.finetune.steps": 2,
+            "head.label_names": True,
+            "head.learn": ["scale"],
+        },
+    )
+    learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
+    list(learner.iterate(2, val_every=100))  # an init and a head value that training moved
+    parts = distributed.fan_out_meta_test(2, False, {"CPU": 1.0})(cfg, learner)
+    assert [sorted(p["3w1s"]["meta"]) for p in parts] == [[0, 2, 4], [1, 3]]
+    assert [sorted(p["3w1s"]["finetune"]) for p in parts] == [[0, 2], [1]]
+    want = single_process_meta_test(cfg, learner)
+    assert list(want) == methods and [want[m]["2w1s"]["episodes"] for m in ("meta", "finetune")] == [5, 3]
+    assert timeless(merge_scores(parts, cfg.eval.reference)) == timeless(want)
 
 
 def test_two_workers_equal_single_process_second_order(ray_cluster, base) -> None:  # noqa: ANN001

@@ -86,6 +86,71 @@ def test_meta_test_pairs_every_row_on_the_same_episodes_and_runs_costly_rows_on_
     assert "| meta-learned init + adaptation | +12.5 ± " in md
 
 
+def test_a_meta_test_scored_in_parts_merges_into_the_whole_episode_by_episode(tiny: tuple[str, str]) -> None:
+    """Every method, scored in three parts (episode i in part i % 3, the parts merged in reverse
+    order), gives the single-process table: the same per-episode values in episode order, the
+    same means, CIs, support losses and paired statistics. What `distributed.fan_out_meta_test`
+    relies on, here without Ray (tests/test_distributed.py runs it on Ray workers)."""
+    from metapeft_ray.core.evaluate import merge_scores
+    from metapeft_ray.core.recipes import meta_test_learner
+    from metapeft_ray.core.train import MetaLearner, prepare_sampler
+
+    methods = ["meta", "meta_init", "meta_logreg", "proto", "logreg", "proto_names", "logreg_names"]
+    methods += ["finetune", "full_finetune"]
+    overrides = {
+        "eval.methods": methods,
+        "eval.n_way": [2, 3],
+        "eval.episodes": 5,
+        "eval.costly_episodes": 3,
+        "eval.finetune.steps": 2,
+        "eval.full_finetune.steps": 1,
+        "head.label_names": True,
+        "head.learn": ["scale"],
+        "meta.meta_steps": 1,
+    }
+    cfg = load_config(None, tiny_overrides(*tiny, **overrides))
+    learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
+    list(learner.iterate(1, val_every=100))  # a moved init and a learned head value
+    whole = merge_scores([meta_test_learner(cfg, learner)], cfg.eval.reference)
+    parts = [meta_test_learner(cfg, learner, indices=range(p, 5, 3)) for p in range(3)]
+    assert sorted(parts[2]["3w1s"]["meta"]) == [2] and sorted(parts[2]["3w1s"]["finetune"]) == [2]
+    merged = merge_scores(parts[::-1], cfg.eval.reference)
+    assert list(merged) == methods and list(merged["meta"]) == ["2w1s", "3w1s"]
+
+    def timeless(results: dict) -> dict:
+        return {
+            m: {c: {k: v for k, v in r.items() if k != "ms_per_task"} for c, r in per.items()}
+            for m, per in results.items()
+        }
+
+    assert timeless(merged) == timeless(whole)
+    assert [whole[m]["3w1s"]["episodes"] for m in ("meta", "finetune", "full_finetune")] == [5, 3, 3]
+    # a lost part, or a part merged twice, is an error rather than a smaller table
+    with pytest.raises(ValueError, match="not 0..n-1"):
+        merge_scores(parts[:2])
+    with pytest.raises(ValueError, match="scored twice"):
+        merge_scores([*parts, parts[0]])
+
+
+def test_embedding_cache_with_the_meta_test_texts_gives_each_text_one_embedding(
+    encoder_and_episode,  # noqa: ANN001
+) -> None:
+    """A text's embedding depends on the batch it is padded in; a cache given every text up front
+    returns the same tensor for it whichever episodes a process asks for first."""
+    encoder, episode = encoder_and_episode
+    texts = [*episode.support_texts, *episode.query_texts, "a much longer text than any of the episode texts"]
+    first, later = (
+        baselines.EmbeddingCache(encoder, texts=texts),
+        baselines.EmbeddingCache(encoder, texts=texts),
+    )
+    ask = list(episode.query_texts)
+    later(texts[::-1])  # the queries in one batch with the long text (padded to its length)
+    assert torch.equal(first(ask), later(ask))
+    with torch.no_grad():
+        direct = encoder.embed(None, encoder.tokenize(ask))
+    torch.testing.assert_close(first(ask), direct, atol=1e-5, rtol=1e-4)
+
+
 # -- baselines that train -------------------------------------------------------------------
 
 

@@ -144,6 +144,36 @@ def test_a_stopped_trial_releases_its_gauges(  # noqa: ANN001
     assert backend.sets == []
 
 
+def test_a_distributed_trial_names_its_metrics_after_the_trial(  # noqa: ANN001
+    tiny_backbone, tiny_dataset, tmp_path, monkeypatch
+) -> None:
+    """A trial that is a distributed run hands its trainer a config named after the trial, so
+    its workers and its failure counter tag their live metrics ``run=<trial name>`` (as a
+    single-process trial's are), while the Train run stays in ``<trial>/train``. Without Ray: the
+    Tune context and the trainer are replaced."""
+    from ray import tune as ray_tune
+    from ray.tune.integration import ray_train
+
+    from metapeft_ray.core import metrics
+    from metapeft_ray.on_ray import distributed, tune
+    from metapeft_ray.core.config import validate_config
+
+    monkeypatch.setattr(ray_tune, "get_context", lambda: SimpleNamespace(get_trial_name=lambda: "trial_x"))
+    monkeypatch.setattr(ray_train, "TuneReportCallback", lambda: "relay")  # needs a Tune session
+    monkeypatch.setattr(distributed, "cluster_view", lambda: distributed.ClusterView({"CPU": 4.0}))
+    fits: list[tuple] = []
+    monkeypatch.setattr(distributed, "fit", lambda cfg, *a, **kw: fits.append((cfg, kw)))
+    base = _base(tiny_backbone, tiny_dataset, tmp_path)
+    tune.trial({}, base=base.to_dict(), workers=2)
+    [(cfg, kw)] = fits
+    # what train_loop_per_worker and the failure counter tag with, from the config they are given
+    assert metrics.tags_for(validate_config(cfg.to_dict()), 1)["run"] == "trial_x"
+    assert metrics.tags_for(cfg, "driver")["run"] == "trial_x"
+    assert (cfg.run.output_dir, kw["storage_name"]) == (str(tmp_path / "t-tune" / "trial_x"), "train")
+    assert cfg.distributed.workers == 2 and cfg.meta.checkpoint_every == cfg.meta.val_every
+    assert kw["callbacks"] == ["relay"]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_search_rejects_stops_early_and_exports_the_best(

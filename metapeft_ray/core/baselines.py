@@ -38,23 +38,40 @@ class EmbeddingCache:
     adapter (``params``, e.g. the meta-learned init before adaptation) — computed once per text.
 
     A meta-test draws the same texts again and again (600 episodes of 5-way 5-shot sample every
-    text of a 27-class split several times), so these rows cost one pass over the data."""
+    text of a 27-class split several times), so these rows cost one pass over the data.
+
+    ``texts``: every text the cache will be asked for (`evaluate.episode_texts`), embedded on the
+    first call in fixed batches (by length: less padding). A text's embedding depends on the
+    batch it is padded in (~1e-7 here), so without them a process that scores only some episodes
+    (a part of a fanned-out meta-test) could score an episode differently from one process
+    scoring them all; with them every process gets the same numbers. Other texts are embedded
+    as they come."""
 
     def __init__(
-        self, encoder: Encoder, params: Mapping[str, Tensor] | None = None, batch_size: int = 64
+        self,
+        encoder: Encoder,
+        params: Mapping[str, Tensor] | None = None,
+        batch_size: int = 64,
+        texts: Sequence[str] = (),
     ) -> None:
         self.encoder, self.batch_size = encoder, batch_size
         self.params = None if params is None else {k: v.detach() for k, v in params.items()}
         self._cache: dict[str, Tensor] = {}
+        self._upfront = sorted(dict.fromkeys(texts), key=len)
 
     def __call__(self, texts: Sequence[str]) -> Tensor:
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if self._upfront:
+            upfront, self._upfront = self._upfront, []
+            self._embed(upfront)
+        self._embed(list(dict.fromkeys(t for t in texts if t not in self._cache)))
+        return torch.stack([self._cache[t] for t in texts])
+
+    def _embed(self, missing: list[str]) -> None:
         for i in range(0, len(missing), self.batch_size):
             chunk = missing[i : i + self.batch_size]
             with torch.no_grad():
                 emb = self.encoder.embed(self.params, self.encoder.tokenize(chunk)).cpu()
             self._cache.update(zip(chunk, emb, strict=True))
-        return torch.stack([self._cache[t] for t in texts])
 
 
 def _frozen(cache: EmbeddingCache, episode: Episode) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from metapeft_ray.core.baselines import Scorer
 from metapeft_ray.core.config import COSTLY_METHODS
-from metapeft_ray.core.episodes import EpisodeSampler, Split
+from metapeft_ray.core.episodes import EpisodeSampler, EpisodeSpec, Split
 
 METHOD_LABELS = {
     "meta": "meta-learned init + adaptation",
@@ -70,6 +70,115 @@ def paired(values: Sequence[float], reference: Sequence[float]) -> dict[str, flo
     }
 
 
+EpisodeScores = dict[str, dict[str, dict[int, dict[str, float]]]]
+"""What part of a meta-test measured, episode by episode: ``{cell: {method: {episode index:
+{"accuracy": a, "seconds": s[, what else the scorer measured]}}}}``. Parts scored in any processes
+(`score_episodes` with their ``indices``) merge into `Results` with `merge_scores`."""
+
+
+def meta_test_specs(
+    sampler: EpisodeSampler,
+    *,
+    cells: Sequence[tuple[int, int]],
+    q_query: int,
+    episodes: int,
+    seed: int,
+    split: Split = "test",
+) -> dict[str, list[EpisodeSpec]]:
+    """The specs of every meta-test episode, ``{cell: [spec of episode 0, 1, ...]}``: the same in
+    every process, so any process can score any of them."""
+    return {
+        cell_name(n, k): sampler.specs(split, episodes, seed=seed, step=0, n_way=n, k_shot=k, q_query=q_query)
+        for n, k in cells
+    }
+
+
+def episode_texts(sampler: EpisodeSampler, specs: Mapping[str, Sequence[EpisodeSpec]]) -> list[str]:
+    """Every text those episodes hold (support, query, class names), each once, in a fixed order:
+    what an `EmbeddingCache` embeds up front so that a text's embedding never depends on which
+    episodes a process happens to score."""
+    texts: dict[str, None] = {}
+    for spec in (s for cell in specs.values() for s in cell):
+        episode = sampler.build(spec)
+        texts.update(dict.fromkeys([*episode.support_texts, *episode.query_texts, *episode.name_texts]))
+    return list(texts)
+
+
+def score_episodes(
+    scorers: Mapping[str, Scorer],
+    sampler: EpisodeSampler,
+    specs: Mapping[str, Sequence[EpisodeSpec]],
+    *,
+    costly_episodes: int,
+    indices: Iterable[int] | None = None,
+    progress: bool = False,
+) -> EpisodeScores:
+    """Score every method on episodes ``indices`` (all when None) of each cell of ``specs``
+    (`meta_test_specs`), the costly baselines only on those below ``costly_episodes``. An
+    episode's scores depend on that episode alone: a part scored here equals the same episodes
+    of the whole meta-test."""
+    from tqdm.auto import tqdm
+
+    chosen = None if indices is None else set(indices)
+    scores: EpisodeScores = {}
+    for key, cell in specs.items():
+        scores[key] = {m: {} for m in scorers}
+        mine = [s for s in cell if chosen is None or s.index in chosen]
+        for spec in tqdm(mine, desc=f"meta-test {key}", disable=not progress, leave=False):
+            episode = sampler.build(spec)
+            for m, score in scorers.items():
+                if m in COSTLY_METHODS and spec.index >= costly_episodes:
+                    continue
+                t0 = time.perf_counter()
+                measured = score(episode)
+                seconds = time.perf_counter() - t0
+                if not isinstance(measured, dict):
+                    measured = {"accuracy": measured}
+                scores[key][m][spec.index] = {**measured, "seconds": seconds}
+    return scores
+
+
+def merge_scores(parts: Iterable[EpisodeScores], reference: str | None = "logreg") -> Results:
+    """The `Results` of a meta-test from its parts (disjoint episode indices, in any order):
+    per-episode values in episode order, means with 95 % CIs, and each row paired with
+    ``reference`` (skipped when it is not among the methods). Every cell must hold episodes
+    0..n-1 of each method exactly once: a part lost or scored twice is an error, not a smaller
+    table."""
+    merged: EpisodeScores = {}
+    for part in parts:
+        for key, per_method in part.items():
+            cell = merged.setdefault(key, {})
+            for m, episodes in per_method.items():
+                into = cell.setdefault(m, {})
+                if twice := sorted(set(into) & set(episodes)):
+                    raise ValueError(f"meta-test {key}, {m}: episodes {twice[:5]} were scored twice")
+                into.update(episodes)
+    if not merged:
+        raise ValueError("no meta-test scores to merge")
+    methods = list(next(iter(merged.values())))
+    results: Results = {m: {} for m in methods}
+    for key, cell in merged.items():
+        values: dict[str, list[float]] = {}
+        for m in methods:
+            episodes = cell.get(m, {})
+            if sorted(episodes) != list(range(len(episodes))) or not episodes:
+                raise ValueError(
+                    f"meta-test {key}, {m}: the parts hold episodes {sorted(episodes)[:10]}, not "
+                    "0..n-1 (a part is missing)"
+                )
+            rows = [episodes[i] for i in range(len(episodes))]
+            values[m] = [r["accuracy"] for r in rows]
+            results[m][key] = {**mean_ci95(values[m]), "per_episode": values[m]}
+            extras = [name for name in rows[0] if name not in ("accuracy", "seconds")]
+            results[m][key] |= {name: float(np.mean([r[name] for r in rows])) for name in extras}
+            if m in _TIMED:
+                results[m][key]["ms_per_task"] = 1000 * float(np.mean([r["seconds"] for r in rows]))
+        for m in methods:
+            if reference in values and m != reference:
+                results[m][key]["paired"] = {"vs": reference, **paired(values[m], values[reference])}
+    return results
+
+
 def meta_test(
     scorers: Mapping[str, Scorer],
     sampler: EpisodeSampler,
@@ -86,38 +195,11 @@ def meta_test(
     """Score every method on the same ``episodes`` test episodes of each (n_way, k_shot) cell
     (the costly baselines on the first ``costly_episodes``), then pair each row with
     ``reference`` (skipped when it is not among the scorers). ``split="val"`` scores meta-val
-    episodes instead (to choose a baseline's settings without looking at the test classes)."""
-    from tqdm.auto import tqdm
-
-    results: Results = {m: {} for m in scorers}
-    for n_way, k_shot in cells:
-        key = cell_name(n_way, k_shot)
-        specs = sampler.specs(split, episodes, seed=seed, step=0, n_way=n_way, k_shot=k_shot, q_query=q_query)
-        scores: dict[str, list[float]] = {m: [] for m in scorers}
-        extras: dict[str, dict[str, list[float]]] = {m: {} for m in scorers}
-        seconds: dict[str, list[float]] = {m: [] for m in scorers}
-        for i, spec in enumerate(tqdm(specs, desc=f"meta-test {key}", disable=not progress, leave=False)):
-            episode = sampler.build(spec)
-            for m, score in scorers.items():
-                if m in COSTLY_METHODS and i >= costly_episodes:
-                    continue
-                t0 = time.perf_counter()
-                measured = score(episode)
-                seconds[m].append(time.perf_counter() - t0)
-                if isinstance(measured, dict):
-                    for name, value in measured.items():
-                        if name != "accuracy":
-                            extras[m].setdefault(name, []).append(value)
-                    measured = measured["accuracy"]
-                scores[m].append(measured)
-        for m, values in scores.items():
-            results[m][key] = {**mean_ci95(values), "per_episode": values}
-            results[m][key] |= {name: float(np.mean(v)) for name, v in extras[m].items()}
-            if m in _TIMED:
-                results[m][key]["ms_per_task"] = 1000 * float(np.mean(seconds[m]))
-            if reference in scorers and m != reference:
-                results[m][key]["paired"] = {"vs": reference, **paired(values, scores[reference])}
-    return results
+    episodes instead (to choose a baseline's settings without looking at the test classes).
+    All in this process: `score_episodes` + `merge_scores` with one part."""
+    specs = meta_test_specs(sampler, cells=cells, q_query=q_query, episodes=episodes, seed=seed, split=split)
+    part = score_episodes(scorers, sampler, specs, costly_episodes=costly_episodes, progress=progress)
+    return merge_scores([part], reference)
 
 
 def markdown_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str = "") -> str:

@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from metapeft_ray.core import baselines, runstore, storage
-from metapeft_ray.core import metrics as live_metrics
+from metapeft_ray.core.core import baselines, runstore, storage
+from metapeft_ray.core.core import metrics as live_metrics
 from metapeft_ray.core.config import Config
 from metapeft_ray.core.episodes import EpisodeSampler
-from metapeft_ray.core.evaluate import markdown_table, meta_test
+from metapeft_ray.core.evaluate import (
+    EpisodeScores,
+    episode_texts,
+    markdown_table,
+    merge_scores,
+    meta_test_specs,
+    score_episodes,
+)
 from metapeft_ray.core.export import (
     LEARNED_HEAD,
     adapter_config,
@@ -62,13 +69,17 @@ def build_scorers(
     meta_init: Mapping[str, Tensor],
     default_init: Mapping[str, Tensor],
     inner_lrs: Mapping[str, Tensor] | None = None,
+    texts: Sequence[str] = (),
 ) -> dict[str, baselines.Scorer]:
     """One scorer per method of ``eval.methods``, from the config's flat values. ``meta_init``:
     the meta-learned adapter init; ``default_init``: the method's default init (the ``finetune``
-    baseline starts there); ``inner_lrs``: Meta-SGD's learned rates for ``meta``."""
+    baseline starts there); ``inner_lrs``: Meta-SGD's learned rates for ``meta``; ``texts``:
+    every text of the meta-test, embedded up front by the frozen rows' caches (see
+    `baselines.EmbeddingCache`)."""
     ev, scale = cfg.eval, cfg.head.scale
     inner = inner_loop(cfg, ev.inner_steps, ev.inner_lr)
-    cache, meta_cache = baselines.EmbeddingCache(encoder), baselines.EmbeddingCache(encoder, meta_init)
+    cache = baselines.EmbeddingCache(encoder, texts=texts)
+    meta_cache = baselines.EmbeddingCache(encoder, meta_init, texts=texts)
     names = {"label_names": inner.name_weight is not None}
     factories: dict[str, Callable[[], baselines.Scorer]] = {
         "meta": lambda: baselines.adapted_scorer(encoder, meta_init, inner, param_lrs=inner_lrs),
@@ -97,6 +108,59 @@ def build_scorers(
     return {m: factories[m]() for m in ev.methods}
 
 
+def meta_test_part(
+    cfg: Config,
+    encoder: Encoder,
+    meta_init: Mapping[str, Tensor],
+    default_init: Mapping[str, Tensor],
+    sampler: EpisodeSampler,
+    inner_lrs: Mapping[str, Tensor] | None = None,
+    indices: Iterable[int] | None = None,
+    progress: bool = False,
+) -> EpisodeScores:
+    """Episodes ``indices`` (of every cell; all when None) of the meta-test that
+    `evaluate_and_report` reports, scored by every method of ``eval.methods``: any process that
+    holds the same config and init scores any part with the same numbers, so the parts of a
+    meta-test fanned out over workers merge (`evaluate.merge_scores`) into the single-process
+    table."""
+    ev = cfg.eval
+    test_sampler = prepare_test_sampler(cfg, sampler)
+    specs = meta_test_specs(
+        test_sampler, cells=ev.cells, q_query=ev.q_query, episodes=ev.episodes, seed=cfg.run.seed
+    )
+    texts = episode_texts(test_sampler, specs)
+    return score_episodes(
+        build_scorers(cfg, encoder, meta_init, default_init, inner_lrs, texts),
+        test_sampler,
+        specs,
+        costly_episodes=ev.costly_episodes,
+        indices=indices,
+        progress=progress,
+    )
+
+
+def meta_test_learner(
+    cfg: Config, learner: MetaLearner, indices: Iterable[int] | None = None, progress: bool = False
+) -> EpisodeScores:
+    """`meta_test_part` of a learner's init with its learned head values and Meta-SGD rates:
+    what `finish` scores, in this process or (a part each) in several."""
+    return meta_test_part(
+        with_learned_head(cfg, learner.learned_head()),
+        learner.encoder,
+        learner.params,
+        learner.default_init,
+        learner.sampler,
+        learner.inner_lrs(),
+        indices,
+        progress,
+    )
+
+
+MetaTestFanOut = Callable[[Config, MetaLearner], list[EpisodeScores]]
+"""Scores a learner's meta-test in parts elsewhere (each part a `meta_test_learner` call) and
+returns the parts; `distributed.fan_out_meta_test` makes one that runs them on Ray workers."""
+
+
 def evaluate_and_report(
     cfg: Config,
     encoder: Encoder,
@@ -107,22 +171,16 @@ def evaluate_and_report(
     extra: Mapping[str, Any] | None = None,
     progress: bool = False,
     inner_lrs: Mapping[str, Tensor] | None = None,
+    parts: Sequence[EpisodeScores] | None = None,
 ) -> dict[str, Any]:
     """Meta-test every method of ``eval.methods`` on the same episodes of the test classes (of
-    ``data.dataset``, or of ``eval.dataset``) and write report.json + report.md."""
+    ``data.dataset``, or of ``eval.dataset``) and write report.json + report.md. ``parts``: the
+    meta-test already scored elsewhere (`meta_test_part`); else it is scored here."""
     ev = cfg.eval
     test_sampler = prepare_test_sampler(cfg, sampler)
-    results = meta_test(
-        build_scorers(cfg, encoder, meta_init, default_init, inner_lrs),
-        test_sampler,
-        cells=ev.cells,
-        q_query=ev.q_query,
-        episodes=ev.episodes,
-        costly_episodes=ev.costly_episodes,
-        seed=cfg.run.seed,
-        reference=ev.reference,
-        progress=progress,
-    )
+    if parts is None:
+        parts = [meta_test_part(cfg, encoder, meta_init, default_init, sampler, inner_lrs, progress=progress)]
+    results = merge_scores(parts, ev.reference)
     protocol = "cross-dataset" if ev.dataset else "in-domain"
     test_name = ev.dataset or cfg.data.dataset
     title = f"Meta-test ({protocol}) on {test_name}, {len(test_sampler.splits.test)} held-out classes" + (
@@ -148,9 +206,10 @@ def finish(
     out: Path,
     history: Iterable[Mapping[str, float]] = (),
     progress: bool = False,
+    fan_out: MetaTestFanOut | None = None,
 ) -> dict[str, Any]:
     """Export the meta-learned init (with its learned head values), then meta-test it against
-    the baselines."""
+    the baselines: in this process, or in parts by ``fan_out``."""
     last = dict(list(history)[-1]) if history else {}
     learned = learner.learned_head()
     metadata = {
@@ -162,6 +221,9 @@ def finish(
     }
     lrs = learner.inner_lrs()  # Meta-SGD's learned rates; None for the other algorithms
     export_adapter(learner.encoder, out / ADAPTER_DIR, metadata, inner_lrs=lrs)
+    parts = (
+        fan_out(cfg, learner) if fan_out is not None else [meta_test_learner(cfg, learner, progress=progress)]
+    )
     return evaluate_and_report(
         with_learned_head(cfg, learned),
         learner.encoder,
@@ -172,6 +234,7 @@ def finish(
         {"meta_step": learner.step, LEARNED_HEAD: learned},
         progress,
         inner_lrs=lrs,
+        parts=parts,
     )
 
 
@@ -257,10 +320,15 @@ def finished_run(
 
 
 def export_state(
-    cfg: Config, sampler: EpisodeSampler, uri: str, state: Mapping[str, Any], progress: bool
+    cfg: Config,
+    sampler: EpisodeSampler,
+    uri: str,
+    state: Mapping[str, Any],
+    progress: bool,
+    fan_out: MetaTestFanOut | None = None,
 ) -> dict[str, Any]:
     """The artifacts of a checkpoint's final init, made on this process: header, metrics,
-    adapter, report."""
+    adapter, report (its meta-test here, or in parts by ``fan_out``)."""
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.model.device != "cpu" else "cpu")
     learner = MetaLearner.from_config(cfg, sampler, device=device)
     learner.load_state_dict(dict(state))
@@ -268,7 +336,7 @@ def export_state(
     with staged(uri) as out:
         write_header(cfg, sampler, out)
         write_metrics(out, history)
-        return finish(cfg, learner, out, history, progress)
+        return finish(cfg, learner, out, history, progress, fan_out)
 
 
 def evaluate_adapter(

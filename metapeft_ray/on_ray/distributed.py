@@ -17,7 +17,9 @@ Order of work (everything that can be checked is checked before any cluster reso
    ``s3://``); rerunning the same name resumes from the latest checkpoint (Ray Train V2 reloads
    its checkpoint-manager snapshot from that directory), and a killed worker restarts the group
    from the latest checkpoint up to ``distributed.max_failures`` times;
-5. the driver loads the final checkpoint, exports the adapter and meta-tests it (`recipes.finish`).
+5. the driver loads the final checkpoint and exports the adapter (`recipes.finish`); the meta-test
+   runs as Ray tasks with the workers' resources, a share of the episodes each
+   (`fan_out_meta_test`), and the driver merges their per-episode scores into the report.
 
 Secrets never travel through Ray task arguments: the train-loop config is the plain config tree,
 and the pickled pyarrow S3 filesystem carries no credentials (checked); workers take ``AWS_*``
@@ -44,8 +46,15 @@ import torch
 from metapeft_ray.core import metrics as live_metrics
 from metapeft_ray.core import runstore, storage
 from metapeft_ray.core.config import Config, ConfigError
+from metapeft_ray.core.evaluate import EpisodeScores
 from metapeft_ray.core.model import quiet_transformers
-from metapeft_ray.core.recipes import export_state, finished_run, training_record, validation_line
+from metapeft_ray.core.recipes import (
+    MetaTestFanOut,
+    export_state,
+    finished_run,
+    training_record,
+    validation_line,
+)
 from metapeft_ray.core.runstore import run_uri, staged, write_header
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
 
@@ -56,6 +65,7 @@ __all__ = [
     "TrainingFailedError",
     "check_capacity",
     "cluster_view",
+    "fan_out_meta_test",
     "fit",
     "train_ray",
     "worker_resources",
@@ -141,22 +151,30 @@ def train_ray(
         t0 = time.monotonic()
         result, restarts = fit(cfg, use_gpu, per_worker, progress, quiet=not verbose)
         fit_s = time.monotonic() - t0
+
+        state = runstore.load_state(storage.join(uri, Path(result.checkpoint.path).name))
+        if restarts:
+            print(
+                f"metapeft: recovered from {restarts} worker-group failure(s) "
+                f"(distributed.max_failures="
+                f"{cfg.distributed.max_failures}); resumed from the last checkpoint each time"
+            )
+        record = training_record(
+            state["meta_step"],
+            workers=cfg.distributed.workers,
+            fit_s=fit_s,
+            use_gpu=use_gpu,
+            restarts=restarts,
+        )
+        runstore.write_record(uri, record)
+        fan_out = fan_out_meta_test(
+            cfg.distributed.workers, use_gpu, per_worker, progress=progress, quiet=not verbose
+        )
+        report = export_state(cfg, sampler, uri, state, progress, fan_out)
     finally:
         if started_here:
             ray.shutdown()
-
-    state = runstore.load_state(storage.join(uri, Path(result.checkpoint.path).name))
-    if restarts:
-        print(
-            f"metapeft: recovered from {restarts} worker-group failure(s) "
-            f"(distributed.max_failures="
-            f"{cfg.distributed.max_failures}); resumed from the last checkpoint each time"
-        )
-    record = training_record(
-        state["meta_step"], workers=cfg.distributed.workers, fit_s=fit_s, use_gpu=use_gpu, restarts=restarts
-    )
-    runstore.write_record(uri, record)
-    return {**export_state(cfg, sampler, uri, state, progress), "distributed": record}
+    return {**report, "distributed": record}
 
 
 # -- Ray connection and capacity ----------------------------------------------------------------
@@ -425,11 +443,14 @@ def fit(
     progress: bool,
     callbacks: list[Any] | None = None,
     quiet: bool = False,
+    storage_name: str | None = None,
 ) -> tuple[Any, int]:
     """``TorchTrainer.fit`` of the worker loop; returns the result and the worker-group restarts
     (each also counted live in ``ray_metapeft_worker_failures_total``, see `_FailureCounter`).
     ``progress``: rank 0 feeds its steps to a bar drawn here (`_progress`); ``quiet``: Ray Train
-    and the workers (their root logger, transformers) log only warnings and errors."""
+    and the workers (their root logger, transformers) log only warnings and errors;
+    ``storage_name``: the Train run's directory under ``run.output_dir`` when it is not
+    ``run.name`` (which still names the run in the metrics' ``run`` tag)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -446,7 +467,7 @@ def fit(
                     num_workers=cfg.distributed.workers, use_gpu=use_gpu, resources_per_worker=per_worker
                 ),
                 run_config=RunConfig(
-                    name=cfg.run.name,
+                    name=storage_name or cfg.run.name,
                     storage_path=path,
                     storage_filesystem=fs if storage.is_remote(cfg.run.output_dir) else None,
                     failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
@@ -548,6 +569,80 @@ def _count_failures(counter: Any) -> Any:
             counter.add.remote()  # no wait: the controller's loop is asyncio
 
     return CountFailures()
+
+
+# -- the meta-test on the workers ---------------------------------------------------------------
+
+
+def fan_out_meta_test(
+    workers: int,
+    use_gpu: bool,
+    per_worker: Mapping[str, float],
+    *,
+    progress: bool = False,
+    quiet: bool = False,
+) -> MetaTestFanOut:
+    """A `recipes.MetaTestFanOut` that scores a learner's meta-test as ``workers`` Ray tasks,
+    each with one training worker's resources (``per_worker``) and every ``workers``-th episode
+    of each cell (episode i goes to part ``i % workers``, which also spreads the costly rows'
+    prefix). The driver only puts the learner's state in the object store and merges the parts.
+
+    Tasks, not the Train worker group: the meta-test is a stateless map over episode indices
+    with a merge, and needs no process group, collective or checkpoint. As tasks it runs after
+    the training record is written, Ray retries a lost part alone (a failure inside ``fit``
+    would restart the whole group from its last checkpoint), and the same function serves every
+    caller that holds a trained learner (`train_ray` and the export of a Tune search)."""
+
+    def run(cfg: Config, learner: MetaLearner) -> list[EpisodeScores]:
+        import ray
+        from tqdm.auto import tqdm
+
+        parts = min(workers, cfg.eval.episodes)  # never an empty part
+        extra = {k: v for k, v in per_worker.items() if k not in ("CPU", "GPU")}
+        # max_calls=1: the part's process exits when it returns (no backbone left in an idle worker)
+        task = ray.remote(max_calls=1)(_meta_test_part).options(
+            num_cpus=per_worker.get("CPU", 1.0),
+            num_gpus=per_worker.get("GPU", 0.0) if use_gpu else 0.0,
+            resources=extra or None,
+        )
+        state, threads = ray.put(learner.state_dict()), max(1, int(per_worker.get("CPU", 1.0)))
+        pending = [
+            task.remote(
+                cfg.to_dict(), state, list(range(part, cfg.eval.episodes, parts)), use_gpu, threads, quiet
+            )
+            for part in range(parts)
+        ]
+        refs = list(pending)
+        with tqdm(total=parts, desc=f"meta-test on {parts} worker(s)", disable=not progress) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+        return ray.get(refs)  # raises a part's error, if any
+
+    return run
+
+
+def _meta_test_part(
+    config: dict[str, Any],
+    state: dict[str, Any],
+    indices: list[int],
+    use_gpu: bool,
+    threads: int,
+    quiet: bool,
+) -> EpisodeScores:
+    """One Ray task of `fan_out_meta_test`: the learner rebuilt from the config and its state
+    (as the driver's), then the core's `recipes.meta_test_learner` on episodes ``indices``."""
+    from metapeft_ray.core.config import validate_config
+    from metapeft_ray.core.recipes import meta_test_learner
+
+    cfg = validate_config(config)
+    if quiet:
+        quiet_transformers()
+    torch.set_num_threads(threads)  # the CPUs the task holds
+    device = torch.device("cuda" if use_gpu else "cpu")
+    learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=device)
+    learner.load_state_dict(state)
+    return meta_test_learner(cfg, learner, indices)
 
 
 # -- the worker ---------------------------------------------------------------------------------

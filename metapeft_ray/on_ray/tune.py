@@ -124,24 +124,27 @@ def experiment_uri(cfg: Config) -> str:
 
 def _distributed_trial(cfg: Config, workers: int) -> None:
     """A trial that is itself a distributed run: the same worker loop as `metapeft train`,
-    reporting (with a checkpoint) at every validation step, relayed to Tune."""
+    reporting (with a checkpoint) at every validation step, relayed to Tune. Its ``run.name`` is
+    the trial's name, so its workers tag their live metrics with it (as a single-process trial's)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from metapeft_ray.on_ray import distributed
 
     # the trainer's storage: beside the trial's in the experiment (local or s3://, as the search)
-    trial_dir = storage.join(experiment_uri(cfg), tune.get_context().get_trial_name())
+    name = tune.get_context().get_trial_name()
     cfg = cfg.with_overrides(
         {
             "distributed.workers": workers,
             "meta.checkpoint_every": cfg.meta.val_every,
-            "run.output_dir": trial_dir,
-            "run.name": "train",
+            "run.output_dir": storage.join(experiment_uri(cfg), name),
+            "run.name": name,
         }
     )
     use_gpu, per_worker = distributed.worker_resources(cfg, distributed.cluster_view())
-    distributed.fit(cfg, use_gpu, per_worker, progress=False, callbacks=[TuneReportCallback()])
+    distributed.fit(
+        cfg, use_gpu, per_worker, progress=False, callbacks=[TuneReportCallback()], storage_name="train"
+    )
 
 
 def _distributed_concurrency(base: Config, s: TuneSettings) -> int | None:
@@ -293,10 +296,10 @@ def run_search(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from metapeft_ray.on_ray.distributed import cluster_view, connect, fan_out_meta_test, worker_resources
     from metapeft_ray.core.recipes import finish
     from metapeft_ray.core.runstore import staged
     from metapeft_ray.core.train import MetaLearner, prepare_sampler
-    from metapeft_ray.on_ray.distributed import cluster_view, connect
 
     space = load_space(space_path, base)
     s = space.tune
@@ -309,6 +312,14 @@ def run_search(
     connect(base, address, dashboard=distributed_trials)
     max_concurrent = _distributed_concurrency(base, s) if distributed_trials else s.max_concurrent
     resources = trial_resources(s, cluster_view())
+    # The exports' meta-tests run on the cluster, in as many parts as a trial has workers, each
+    # with one worker's (or a single-process trial's) resources: not on this driver.
+    use_gpu, per_part = (
+        worker_resources(base, cluster_view())
+        if distributed_trials
+        else (resources["gpu"] > 0, {"CPU": float(resources["cpu"]), "GPU": resources["gpu"]})
+    )
+    fan_out = fan_out_meta_test(s.trial_workers, use_gpu, per_part, progress=progress)
 
     fs, path = storage.pyarrow_filesystem(base.run.output_dir)
     exp_path = storage.join(path, name)
@@ -404,7 +415,7 @@ def run_search(
             OBJECTIVE: val,
             "meta_step": learner.step,
             "stopped_early_at": stopped_at if history else None,
-            "meta_test": finish(cfg, learner, out / name, history, progress=progress)["results"],
+            "meta_test": finish(cfg, learner, out / name, history, progress, fan_out)["results"],
         }
 
     with staged(storage.join(root, "summary")) as out:
