@@ -25,12 +25,13 @@ import pytest
 import torch
 
 from metapeft_ray.core import runstore, storage
-from metapeft_ray.on_ray import distributed
 from metapeft_ray.core.config import Config, load_config
 from metapeft_ray.core.evaluate import merge_scores
 from metapeft_ray.core.recipes import meta_test_learner
 from metapeft_ray.core.runstore import run_uri
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
+from metapeft_ray.on_ray import distributed
+from tests.tiny import tiny_overrides
 
 try:
     from tests.conftest import S3_BUCKET

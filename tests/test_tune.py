@@ -155,8 +155,8 @@ def test_a_distributed_trial_names_its_metrics_after_the_trial(  # noqa: ANN001
     from ray.tune.integration import ray_train
 
     from metapeft_ray.core import metrics
-    from metapeft_ray.on_ray import distributed, tune
     from metapeft_ray.core.config import validate_config
+    from metapeft_ray.on_ray import distributed, tune
 
     monkeypatch.setattr(ray_tune, "get_context", lambda: SimpleNamespace(get_trial_name=lambda: "trial_x"))
     monkeypatch.setattr(ray_train, "TuneReportCallback", lambda: "relay")  # needs a Tune session

@@ -296,10 +296,10 @@ def run_search(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from metapeft_ray.on_ray.distributed import cluster_view, connect, fan_out_meta_test, worker_resources
     from metapeft_ray.core.recipes import finish
     from metapeft_ray.core.runstore import staged
     from metapeft_ray.core.train import MetaLearner, prepare_sampler
+    from metapeft_ray.on_ray.distributed import cluster_view, connect, fan_out_meta_test, worker_resources
 
     space = load_space(space_path, base)
     s = space.tune
