@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metapeft_ray.core import baselines, runstore, storage
+from metapeft_ray.core import metrics as live_metrics
 from metapeft_ray.core.config import Config
-from metapeft_ray.core.core import baselines, runstore, storage
-from metapeft_ray.core.core import metrics as live_metrics
 from metapeft_ray.core.episodes import EpisodeSampler
 from metapeft_ray.core.evaluate import (
     EpisodeScores,
