@@ -72,7 +72,7 @@ def local_exporter() -> Iterator[int]:
 def test_importing_metrics_and_recipes_does_not_import_ray() -> None:
     code = (
         "import sys, metapeft_ray.core.metrics, metapeft_ray.core.recipes; "
-        "from metapeft_ray import metrics as m; "
+        "from metapeft_ray.core import metrics as m; "
         "m.record_step({'meta_loss': 1.0}, run='a', worker='0', algorithm='maml'); "
         "m.record_episode(0.1, run='a', worker='0', algorithm='maml'); "
         "print('ray' in sys.modules)"
@@ -84,7 +84,7 @@ def test_importing_metrics_and_recipes_does_not_import_ray() -> None:
 def test_records_are_noops_without_ray_or_exporter() -> None:
     # In a fresh process: this pytest process may already hold the session's Ray.
     code = (
-        "from metapeft_ray import metrics as m; assert m._backend() is None; "
+        "from metapeft_ray.core import metrics as m; assert m._backend() is None; "
         "tags = dict(run='a', worker='0', algorithm='maml'); "
         "m.record_step({'meta_loss': 1.0}, **tags); m.record_episode(0.2, **tags); "
         "m.record_failure(**tags); m.record_val(0.5, **tags)"
