@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from transformers import AutoModel, BertConfig, LlamaConfig, PretrainedConfig
 
+from metapeft_ray.core import registry
 from metapeft_ray.core.config import load_config
-from metapeft_ray.core.methods import METHODS
+from metapeft_ray.core.methods import method as peft_method
 from metapeft_ray.core.model import adapter_spec, resolve_backbone
 
 from common import write_result
@@ -55,7 +56,7 @@ def adapter_sizes(config: PretrainedConfig, method: str) -> tuple[int, int, int]
     """(backbone params, adapter params, Meta-SGD per-tensor lrs) with the method's defaults."""
     with torch.device("meta"):
         spec = adapter_spec(load_config(None, [f"peft.method={method}"]))  # the method's defaults
-        model = METHODS[method].wrap(AutoModel.from_config(config), spec, "")
+        model = peft_method(method).wrap(AutoModel.from_config(config), spec, "")
     total = sum(p.numel() for p in model.parameters())
     adapter = {n: p for n, p in model.named_parameters() if p.requires_grad}
     return (
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows: list[dict[str, Any]] = []
     for backbone, config in backbones().items():
-        for method in METHODS:
+        for method in registry.METHODS:
             frozen, adapter, tensors = adapter_sizes(config, method)
             rows.append(
                 {

@@ -26,7 +26,7 @@ import torch
 from metapeft_ray.core.config import Config, load_config
 from metapeft_ray.core.episodes import Episode
 from metapeft_ray.core.evaluate import mean_ci95
-from metapeft_ray.core.methods import METHODS
+from metapeft_ray.core.methods import method
 from metapeft_ray.core.model import Encoder, encoder_from_config
 from metapeft_ray.core.train import prepare_sampler
 
@@ -77,7 +77,7 @@ def meta_encoder(
     torch.manual_seed(cfg.run.seed)
     encoder = encoder_from_config(cfg, device=device)
     params = encoder.adapter_params()
-    METHODS[cfg.peft.method].meta_init(params, encoder.spec, cfg.run.seed)
+    method(cfg.peft.method).meta_init(params, encoder.spec, cfg.run.seed)
     return encoder, params
 
 

@@ -28,13 +28,14 @@ from typing import Any
 
 import torch
 
+from metapeft_ray.core import registry
 from metapeft_ray.core.config import Config, load_config
 from metapeft_ray.core.evaluate import METHOD_LABELS, meta_test, paired
 from metapeft_ray.core.recipes import build_scorers
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
 
-METHODS = ["lora", "dora", "ia3", "prompt", "prefix", "bottleneck"]
-ALGORITHMS = ["maml", "metasgd", "reptile", "protonet"]
+METHODS = list(registry.METHODS)
+ALGORITHMS = list(registry.ALGORITHMS)
 DATASET_LABELS = {"banking77": "Banking77", "hwu64": "HWU64"}
 
 

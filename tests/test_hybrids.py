@@ -18,15 +18,16 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from metapeft_ray.core.algorithms import LOG_LR_PREFIX
+from metapeft_ray.core import registry
+from metapeft_ray.core.algorithms.metasgd import LOG_LR_PREFIX
 from metapeft_ray.core.config import ConfigError, load_config
 from metapeft_ray.core.export import export_adapter, load_adapter, load_inner_lrs
 from metapeft_ray.core.meta import episode_tensors, head_logits, proto_head
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
-METHODS = ["lora", "dora", "ia3", "prompt", "prefix", "bottleneck"]
-ALGORITHMS = ["maml", "metasgd", "reptile", "protonet"]
+METHODS = list(registry.METHODS)
+ALGORITHMS = list(registry.ALGORITHMS)
 # The fast tier (`-m "not slow"`) runs every method once and every algorithm at least once; the
 # rest of the matrix is `slow` (each combination builds its own learner: seconds on 2 cores).
 FAST_PAIRS = {

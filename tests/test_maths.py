@@ -240,14 +240,14 @@ def test_activation_checkpointing_keeps_the_meta_gradient(tiny, setup, method: s
     meta-gradient equals the one from kept activations, for every method that supports it
     (prefix tuning is refused at load). ``every_weight``: the whole backbone as meta-parameters,
     as bench_memory's full-model contender runs it."""
-    from metapeft_ray.core.config import DEFAULT_PLACEMENT
-    from metapeft_ray.core.methods import METHODS
+    from metapeft_ray.core import registry
+    from metapeft_ray.core.methods import method as peft_method
 
     *_, episode = setup
-    placement = DEFAULT_PLACEMENT[method]
+    placement = registry.METHODS[method].default_placement
     enc, checkpointed = (_encoder(tiny[0], placement, method=method, checkpointing=c) for c in (False, True))
     params = enc.adapter_params()
-    METHODS[method].meta_init(params, enc.spec, 0)
+    peft_method(method).meta_init(params, enc.spec, 0)
     if wrt == "every_weight":
         params = {
             n: p.detach().clone().requires_grad_()

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from metapeft_ray.core import registry
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -142,25 +144,19 @@ PLACEMENTS: dict[str, tuple[str, ...]] = {
     "attn_kv_ffn_out": ("k", "v", "ffn_out"),
     "all_linear": ("q", "k", "v", "o", "ffn_in", "ffn_out"),
 }
-PeftMethodName = Literal["lora", "dora", "ia3", "prompt", "prefix", "bottleneck"]
-# The placement a method gets when peft.placement is not given (None: the method has none).
-DEFAULT_PLACEMENT: dict[str, str | None] = {
-    "lora": "attn_qv",
-    "dora": "attn_qv",
-    "ia3": "attn_kv_ffn_out",  # the IA3 paper's: keys, values, the FFN's inner activation
-    "bottleneck": "ffn_out",  # after the feed-forward block (Pfeiffer); attn_ffn_out = Houlsby
-    "prompt": None,
-    "prefix": None,
-}
-PROMPT_METHODS = ("prompt", "prefix")
-# A bottleneck adapter goes after a block's output projection: attention output and/or FFN output.
-BOTTLENECK_ROLES = frozenset({"o", "ffn_out"})
+
+
+def _registered(kind: str, name: str, known: Mapping[str, object]) -> str:
+    if name not in known:
+        raise ValueError(f"not a registered {kind}; choose one of {', '.join(known)}")
+    return name
 
 
 class PeftSection(_Section):
-    method: PeftMethodName = "lora"
-    """lora, dora (LoRA with peft's weight decomposition), ia3, prompt (prompt tuning), prefix
-    (prefix tuning), bottleneck (our residual down/up adapter after attention and/or FFN blocks)."""
+    method: str = "lora"
+    """A registered method (`registry.METHODS`): lora, dora (LoRA with peft's weight
+    decomposition), ia3, prompt (prompt tuning), prefix (prefix tuning), bottleneck (our residual
+    down/up adapter after attention and/or FFN blocks)."""
     rank: int = Field(8, ge=1)
     """LoRA/DoRA rank (ignored by the other methods)."""
     alpha: float = Field(16.0, gt=0)
@@ -184,20 +180,25 @@ class PeftSection(_Section):
     bottleneck_dim: int = Field(16, ge=1)
     """Bottleneck adapter: width of the down-projection."""
 
+    @field_validator("method")
+    @classmethod
+    def _method_is_registered(cls, method: str) -> str:
+        return _registered("PEFT method", method, registry.METHODS)
+
     @model_validator(mode="before")
     @classmethod
     def _method_default_placement(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("placement") is None:
-            method = data.get("method", "lora")
-            if method in DEFAULT_PLACEMENT:
-                data = {**data, "placement": DEFAULT_PLACEMENT[method]}
+            info = registry.METHODS.get(data.get("method", "lora"))
+            if info is not None:
+                data = {**data, "placement": info.default_placement}
         return data
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> PeftSection:
-        m = self.method
-        if m in PROMPT_METHODS:
-            where = "the input" if m == "prompt" else "every layer's keys and values"
+        m, info = self.method, registry.METHODS[self.method]
+        if info.virtual_tokens_at:
+            where = info.virtual_tokens_at
             problems = []
             if self.placement is not None or self.target_modules:
                 problems.append(
@@ -219,32 +220,28 @@ class PeftSection(_Section):
                 f"peft.target_modules is only used with peft.placement=custom "
                 f"(got placement={self.placement!r}); drop one of them"
             )
-        if m == "bottleneck" and self.placement in PLACEMENTS:
+        if info.roles is not None and self.placement in PLACEMENTS:
             roles = PLACEMENTS[self.placement]
-            if not set(roles) <= BOTTLENECK_ROLES:
+            if not set(roles) <= info.roles:
                 raise ValueError(
-                    f"peft.method=bottleneck puts an adapter after a block's output projection, but "
-                    f"peft.placement={self.placement} adapts {', '.join(roles)}; use ffn_out (after the "
-                    f"feed-forward block), attn_out (after attention) or attn_ffn_out (both, Houlsby)"
+                    f"peft.method={m} {info.roles_why}, but peft.placement={self.placement} adapts "
+                    f"{', '.join(roles)}; {info.roles_fix}"
                 )
-        if self.dropout > 0 and m not in ("lora", "dora"):
+        if self.dropout > 0 and not info.dropout:
+            with_dropout = "/".join(n for n, i in registry.METHODS.items() if i.dropout)
             raise ValueError(
-                f"peft.dropout={self.dropout} applies to lora/dora only; peft.method={m} has no "
+                f"peft.dropout={self.dropout} applies to {with_dropout} only; peft.method={m} has no "
                 f"adapter dropout, set peft.dropout=0"
             )
         return self
 
 
-SECOND_ORDER_ALGORITHMS = ("maml", "metasgd")
-"""The algorithms whose inner loop can be differentiated (second order unless
-``meta.first_order``); Reptile and ProtoNet never are."""
-
-
 class MetaSection(_Section):
-    algorithm: Literal["maml", "metasgd", "reptile", "protonet"] = "maml"
-    """maml (Proto-MAML head; second order unless first_order), metasgd (MAML with learned
-    per-tensor/per-parameter inner learning rates), reptile (first-order, no query gradient),
-    protonet (prototypical loss on the PEFT-adapted encoder, no inner steps at training)."""
+    algorithm: str = "maml"
+    """A registered algorithm (`registry.ALGORITHMS`): maml (Proto-MAML head; second order unless
+    first_order), metasgd (MAML with learned per-tensor/per-parameter inner learning rates),
+    reptile (first-order, no query gradient), protonet (prototypical loss on the PEFT-adapted
+    encoder, no inner steps at training)."""
     first_order: bool = False
     """maml / metasgd: drop the second-order terms. Reptile and protonet never need them."""
     inner_steps: int = Field(1, ge=0)
@@ -266,25 +263,33 @@ class MetaSection(_Section):
     val_episodes: int = Field(20, ge=1)
     checkpoint_every: int = Field(25, ge=1)
 
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm_is_registered(cls, algorithm: str) -> str:
+        return _registered("meta-algorithm", algorithm, registry.ALGORITHMS)
+
     @model_validator(mode="after")
     def _steps_fit_the_algorithm(self) -> MetaSection:
         a, k = self.algorithm, self.inner_steps
-        if a == "protonet" and k != 0:
+        info = registry.ALGORITHMS[a]
+        low, high = info.inner_steps
+        if k < low:
             raise ValueError(
-                f"meta.algorithm=protonet trains with the prototypical loss and takes no inner steps, "
-                f"but meta.inner_steps={k}; set meta.inner_steps=0 (eval.inner_steps=N adapts at "
-                f"meta-test)"
+                f"meta.algorithm={a} {info.steps_why} and needs meta.inner_steps >= {low} (got {k})"
             )
-        if a in ("reptile", "metasgd") and k < 1:
-            why = "moves towards the adapted weights" if a == "reptile" else "learns inner learning rates"
-            raise ValueError(f"meta.algorithm={a} {why} and needs meta.inner_steps >= 1 (got {k})")
+        if high is not None and k > high:
+            most = "no" if high == 0 else f"at most {high}"
+            raise ValueError(
+                f"meta.algorithm={a} {info.steps_why} and takes {most} inner steps, but "
+                f"meta.inner_steps={k}; set meta.inner_steps={high}"
+            )
         return self
 
     @property
     def second_order(self) -> bool:
         """Whether the inner loop's graph is differentiated (then the backbone needs eager
         attention): MAML and Meta-SGD unless first_order; Reptile and ProtoNet never."""
-        return self.algorithm in SECOND_ORDER_ALGORITHMS and not self.first_order
+        return registry.ALGORITHMS[self.algorithm].second_order and not self.first_order
 
 
 EvalMethod = Literal[
@@ -425,10 +430,11 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _learned_head_needs_a_query_gradient(self) -> Config:
-        if self.head.learn and self.meta.algorithm == "reptile":
+        if self.head.learn and not registry.ALGORITHMS[self.meta.algorithm].query_gradient:
+            use = ", ".join(n for n, a in registry.ALGORITHMS.items() if a.query_gradient)
             raise ValueError(
                 f"head.learn={self.head.learn} needs the query loss's gradient, which "
-                f"meta.algorithm=reptile never takes; use maml, metasgd or protonet, or set head.learn=[]"
+                f"meta.algorithm={self.meta.algorithm} never takes; use {use}, or set head.learn=[]"
             )
         if "inner_scale" in self.head.learn and not self.meta.second_order:
             raise ValueError(
@@ -440,12 +446,11 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _checkpointing_fits_the_method(self) -> Config:
-        if self.model.activation_checkpointing and self.peft.method == "prefix":
+        why = registry.METHODS[self.peft.method].no_activation_checkpointing
+        if self.model.activation_checkpointing and why:
             raise ValueError(
-                "model.activation_checkpointing=true does not work with peft.method=prefix: prefix tuning "
-                "passes its virtual keys and values to every block in a cache that the block extends, so "
-                "recomputing the block in the backward extends it twice (a shape error); use another "
-                "method or set model.activation_checkpointing=false"
+                f"model.activation_checkpointing=true does not work with peft.method={self.peft.method}: "
+                f"{why}; use another method or set model.activation_checkpointing=false"
             )
         return self
 

@@ -20,7 +20,7 @@ import torch
 
 from metapeft_ray.core import storage
 from metapeft_ray.core.config import Config, validate_config
-from metapeft_ray.core.methods import METHODS
+from metapeft_ray.core.methods import method
 from metapeft_ray.core.model import Encoder, encoder_from_config
 
 METADATA_FILE = "metapeft.json"
@@ -100,7 +100,7 @@ def load_adapter(
     encoder = encoder_from_config(cfg, device=device)
     default_init = {k: v.detach().clone() for k, v in encoder.adapter_params().items()}
     try:
-        METHODS[cfg.peft.method].load_weights(encoder.model, path, encoder.device)
+        method(cfg.peft.method).load_weights(encoder.model, path, encoder.device)
     except ValueError as err:
         raise ValueError(f"{uri}: {err}") from None
     return encoder, default_init, cfg, metadata

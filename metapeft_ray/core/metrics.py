@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from metapeft_ray.core.config import SECOND_ORDER_ALGORITHMS
+from metapeft_ray.core import registry
 
 if TYPE_CHECKING:
     from metapeft_ray.core.config import Config
@@ -170,7 +170,7 @@ def sample_names(specs: tuple[MetricSpec, ...] = METRICS) -> set[str]:
 def algorithm_name(algorithm: str, first_order: bool) -> str:
     """The ``algorithm`` tag: ``meta.algorithm``, with ``_fo`` for the first-order variant of an
     algorithm that has a second-order one (``maml_fo``; Reptile and ProtoNet have none)."""
-    return f"{algorithm}_fo" if first_order and algorithm in SECOND_ORDER_ALGORITHMS else algorithm
+    return f"{algorithm}_fo" if first_order and registry.ALGORITHMS[algorithm].second_order else algorithm
 
 
 def tags_for(cfg: Config, worker: str | int) -> dict[str, str]:

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from metapeft_ray.core.methods import METHODS, AdapterSpec
+from metapeft_ray.core import registry
+from metapeft_ray.core.methods import AdapterSpec, method
 from metapeft_ray.core.methods.lora import meta_init_lora, wrap_with_lora
 from metapeft_ray.core.placements import (
     ARCHITECTURES,
@@ -209,19 +210,19 @@ class Encoder:
 
     def embed(self, params: Mapping[str, Tensor] | None, batch: Mapping[str, Tensor]) -> Tensor:
         """Embeddings with ``params`` substituted for the adapter; ``None`` = backbone alone."""
-        method = METHODS[self.spec.method]
+        peft_method = method(self.spec.method)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
             if params is None:
-                hidden = method.backbone_hidden(self.model, batch)
+                hidden = peft_method.backbone_hidden(self.model, batch)
             elif self.tune_backbone:
                 weights = {f"model.{k}": v for k, v in params.items()}
-                hidden = functional_call(_BackboneForward(self.model, method), weights, (batch,))
+                hidden = functional_call(_BackboneForward(self.model, peft_method), weights, (batch,))
             else:
                 hidden = functional_call(
                     self.model, dict(params), args=(), kwargs=dict(batch)
                 ).last_hidden_state
-                hidden = hidden[:, method.hidden_offset(self.spec) :]
+                hidden = hidden[:, peft_method.hidden_offset(self.spec) :]
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).float()
         return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
@@ -259,13 +260,14 @@ def build_encoder(
 ) -> Encoder:
     """The frozen backbone wrapped with ``spec.method``'s adapter in its default init (meta-init
     is the learner's job: `PeftMethod.meta_init`)."""
-    if spec.method not in METHODS:
-        raise ValueError(f"peft.method={spec.method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if spec.method not in registry.METHODS:
+        known = ", ".join(registry.METHODS)
+        raise ValueError(f"peft.method={spec.method!r} is unknown; choose one of {known}")
     base, tokenizer = load_backbone(
         backbone, eager_attention=second_order, activation_checkpointing=activation_checkpointing
     )
     hub_name = PACKAGED_HUB_ID if backbone == PACKAGED_BACKBONE else backbone
-    peft_method = METHODS[spec.method]
+    peft_method = method(spec.method)
     model = peft_method.wrap(base, spec, hub_name)
     model.to(device)
     peft_method.set_modes(model, spec)
@@ -275,7 +277,7 @@ def build_encoder(
 def adapter_spec(cfg: Config) -> AdapterSpec:
     """The flat adapter settings of a config: every ``peft.*`` field `AdapterSpec` has (a method's
     new field is added to both, nowhere else), ``peft.target_modules`` as ``custom_targets`` and
-    ``model.max_length``. With ``METHODS[spec.method].wrap(backbone, spec, name)`` a caller can
+    ``model.max_length``. With ``method(spec.method).wrap(backbone, spec, name)`` a caller can
     check a config against a weightless skeleton of the backbone."""
     p = cfg.peft
     shared = {f.name for f in fields(AdapterSpec)} & set(type(p).model_fields)
@@ -297,7 +299,7 @@ def adapter_skeleton(cfg: Config, hf_config: Any = None) -> nn.Module:
         hf_config = AutoConfig.from_pretrained(resolve_backbone(cfg.model.backbone))
     with torch.device("meta"):
         skeleton = AutoModel.from_config(hf_config)
-        return METHODS[cfg.peft.method].wrap(skeleton, adapter_spec(cfg), "")
+        return method(cfg.peft.method).wrap(skeleton, adapter_spec(cfg), "")
 
 
 def encoder_from_config(cfg: Config, *, device: torch.device | None = None) -> Encoder:

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metapeft_ray.core.algorithms import ALGORITHMS, MetaAlgorithm
+from metapeft_ray.core.algorithms import MetaAlgorithm, algorithm
 from metapeft_ray.core.algorithms.maml import MAML
 from metapeft_ray.core.config import Config, ConfigError
 from metapeft_ray.core.data import load_dataset
 from metapeft_ray.core.episodes import ClassSplits, EpisodeSampler, EpisodeSpec, check_labels
 from metapeft_ray.core.meta import HEAD_PREFIX, EpisodeResult, InnerLoop
-from metapeft_ray.core.methods import METHODS
+from metapeft_ray.core.methods import method
 from metapeft_ray.core.model import Encoder, encoder_from_config
 from metapeft_ray.core.splits import match_patterns
 
@@ -151,7 +151,7 @@ class MetaLearner:
         # The method's default init (LoRA: B = 0) is kept for the fine-tuning baseline.
         self.default_init = {k: v.detach().clone() for k, v in self.params.items()}
         spec = encoder.spec if b_std is None else dataclasses.replace(encoder.spec, init_b_std=b_std)
-        METHODS[spec.method].meta_init(self.params, spec, seed)
+        method(spec.method).meta_init(self.params, spec, seed)
         algorithm_extra = self.algorithm.extra_meta_params(self.params, lr=inner.lr)
         head = inner.head_meta_params(learn_head, device=encoder.device)
         self.extra = {**algorithm_extra, **head}
@@ -189,7 +189,7 @@ class MetaLearner:
             outer_lr=m.outer_lr,
             val_episodes=m.val_episodes,
             b_std=cfg.peft.init_b_std,
-            algorithm=ALGORITHMS[m.algorithm].from_settings(m.model_dump()),
+            algorithm=algorithm(m.algorithm).from_settings(m.model_dump()),
             outer_optimizer=m.outer_optimizer,
             extra_outer_lr=m.metasgd_outer_lr,
             learn_head=cfg.head.learn,

@@ -21,7 +21,8 @@ Params = dict[str, Tensor]
 
 
 class MetaAlgorithm:
-    """Base of the registered algorithms (``metapeft_ray.core.algorithms.ALGORITHMS``)."""
+    """Base of the meta-algorithms (declared in `metapeft_ray.core.registry`, looked up with
+    `metapeft_ray.core.algorithms.algorithm`)."""
 
     name: ClassVar[str]
 

@@ -12,6 +12,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from metapeft_ray.core import registry
+
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -32,11 +34,10 @@ class AdapterSpec:
 
 
 class PeftMethod(ABC):
-    """Base of the registered methods (``metapeft_ray.core.methods.METHODS``)."""
+    """Base of the PEFT methods (declared in `metapeft_ray.core.registry`, looked up with
+    `metapeft_ray.core.methods.method`)."""
 
     name: ClassVar[str]
-    prompt_learning: ClassVar[bool] = False
-    """Virtual tokens instead of modules: no placement, no layer selection."""
 
     @abstractmethod
     def wrap(self, backbone: nn.Module, spec: AdapterSpec, base_model_name: str) -> nn.Module:
@@ -71,5 +72,5 @@ class PeftMethod(ABC):
         result = set_peft_model_state_dict(model, weights)
         # Prompt learning loads its embedding strictly inside peft (under another key name).
         missing = [k for k in result.missing_keys if k in own and own[k].requires_grad]
-        if missing and not self.prompt_learning:
+        if missing and not registry.METHODS[self.name].virtual_tokens_at:
             raise ValueError(f"adapter weights missing for {missing[:3]}; was it exported with this config?")

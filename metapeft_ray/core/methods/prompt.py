@@ -32,7 +32,6 @@ from metapeft_ray.core.placements import PlacementError
 
 class PromptTuning(PeftMethod):
     name = "prompt"
-    prompt_learning = True
 
     def _config(self, spec: AdapterSpec):  # noqa: ANN202
         from peft import PromptTuningConfig, TaskType
