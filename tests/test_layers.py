@@ -72,3 +72,19 @@ def test_importing_the_core_loads_neither_ray_nor_the_layers_above() -> None:
         "above = [m for m in sys.modules if m.startswith(('metapeft_ray.on_ray', 'metapeft_ray.cli'))]\n"
         "assert not above, f'the core imported {above}'\n"
     )
+
+
+def test_the_wheel_ships_every_data_file_of_the_package() -> None:
+    """Each file in the package that is not Python (configs, search spaces, py.typed) matches a
+    ``package-data`` glob of pyproject.toml, or an installed (non-editable) wheel lacks it."""
+    import tomllib
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    pkg = Path(metapeft_ray.__file__).parent
+    shipped = {p for g in globs["metapeft_ray"] for p in pkg.glob(g)}
+    data = {
+        p
+        for p in pkg.rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+    }
+    assert not data - shipped, f"not in [tool.setuptools.package-data]: {sorted(data - shipped)}"
