@@ -1,6 +1,7 @@
 """A small Tune search on the session's local Ray: Optuna + ASHA, a rejected trial, resume
-(from the checkpoint, not from step 0), distributed trials (really 2 ranks), and the best init
-loading with PeftModel.from_pretrained and scoring its reported meta-val accuracy again."""
+(from the checkpoint, not from step 0), distributed trials (really 2 ranks), the best init
+loading with PeftModel.from_pretrained and scoring its reported meta-val accuracy again, and a
+stopped trial trained on by the summary in a Ray task, not on the driver."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import pytest
 import torch
 
 from metapeft_ray.core import runstore
-from metapeft_ray.core.config import ConfigError, load_config
+from metapeft_ray.core.config import Config, ConfigError, load_config
+from metapeft_ray.core.export import load_adapter
 from metapeft_ray.core.space import base_point, load_space
 from metapeft_ray.on_ray.tune import pareto_front
 from tests.conftest import S3_BUCKET
@@ -66,6 +68,25 @@ def meta_val_accuracy(config: Path, adapter: Path) -> float:
         return learner.validate()["meta_val_accuracy"]
     finally:
         torch.set_num_threads(threads)
+
+
+def train_on_here(cfg: Config, trial_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """What the search's export did on its driver before issue 14: the trial's checkpoint of
+    ``step`` trained on in this process to ``meta.meta_steps`` (one thread, as the task has).
+    Returns the adapter init and the metrics of the steps taken."""
+    from metapeft_ray.core.train import MetaLearner, prepare_sampler
+
+    states = [runstore.load_state(p.parent) for p in trial_dir.glob("checkpoint_*/state.pt")]
+    [state] = [s for s in states if s["meta_step"] == step]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
+        learner.load_state_dict(state)
+        history = list(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every))
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v.detach() for k, v in learner.params.items()}, history
 
 
 def test_space_files_are_checked_against_the_config_tree(tmp_path: Path) -> None:
@@ -177,15 +198,23 @@ def test_a_distributed_trial_names_its_metrics_after_the_trial(  # noqa: ANN001
 @pytest.mark.ray
 @pytest.mark.slow
 def test_search_rejects_stops_early_and_exports_the_best(
-    ray_cluster: dict[str, str], tiny_backbone: str, tiny_dataset: str, tmp_path: Path
+    ray_cluster: dict[str, str],
+    tiny_backbone: str,
+    tiny_dataset: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModel
 
+    from metapeft_ray.on_ray.distributed import TEST_PID_DIR_ENV
     from metapeft_ray.on_ray.tune import run_search
 
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
+    pid_dir = tmp_path / "pids"  # the training on publishes its PID there after each step
+    pid_dir.mkdir()
+    monkeypatch.setenv(TEST_PID_DIR_ENV, str(pid_dir))
     # The base config is the diverging grid point (inner lr 20): ASHA stops it, the summary trains
     # it on to the full budget and meta-tests it beside the best.
     base = _base(tiny_backbone, tiny_dataset, tmp_path, **{"meta.inner_lr": 20.0})
@@ -209,6 +238,23 @@ def test_search_rejects_stops_early_and_exports_the_best(
     base_trial = report["base_trial"]
     assert base_trial["meta.inner_lr"] == 20.0 and base_trial["peft.layers"] == "all"
     assert base_trial["stopped_early_at"] < base_trial["meta_step"] == 4
+    # It was trained on in a Ray task, not in this (the driver's) process: one PID per step taken.
+    stopped = base_trial["stopped_early_at"]
+    pids = {
+        int(re.match(r"train-on-step(\d+)-", p.name)[1]): int(p.read_text())
+        for p in pid_dir.glob("train-on-step*.pid")
+    }
+    assert sorted(pids) == list(range(stopped + 1, 5)), sorted(pids)
+    assert len(set(pids.values())) == 1 and os.getpid() not in pids.values(), pids
+    # ... with the numbers the training on in this process gives, from the same checkpoint
+    [trial_dir] = summary.parent.glob(f"{base_trial['trial']}_*")
+    trained_here, history = train_on_here(base, trial_dir, stopped)
+    assert base_trial["meta_val_accuracy"] == history[-1]["meta_val_accuracy"]
+    encoder, *_ = load_adapter(str(summary / "base" / "adapter"))
+    exported = encoder.adapter_params()
+    assert exported.keys() == trained_here.keys()
+    for name, value in trained_here.items():
+        torch.testing.assert_close(exported[name].detach().cpu(), value, equal_nan=True)
     assert set(base_trial["meta_test"]) == {"meta", "meta_init", "proto", "logreg", "finetune"}
     assert set(best["meta_test"]) == {"meta", "meta_init", "proto", "logreg", "finetune"}
     assert "best trial against the base config" in (summary / "report.md").read_text()

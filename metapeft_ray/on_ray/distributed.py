@@ -67,6 +67,7 @@ __all__ = [
     "cluster_view",
     "fan_out_meta_test",
     "fit",
+    "train_on",
     "train_ray",
     "worker_resources",
 ]
@@ -571,7 +572,7 @@ def _count_failures(counter: Any) -> Any:
     return CountFailures()
 
 
-# -- the meta-test on the workers ---------------------------------------------------------------
+# -- the export's work on the workers: training on, meta-test -----------------------------------
 
 
 def fan_out_meta_test(
@@ -598,14 +599,8 @@ def fan_out_meta_test(
         from tqdm.auto import tqdm
 
         parts = min(workers, cfg.eval.episodes)  # never an empty part
-        extra = {k: v for k, v in per_worker.items() if k not in ("CPU", "GPU")}
-        # max_calls=1: the part's process exits when it returns (no backbone left in an idle worker)
-        task = ray.remote(max_calls=1)(_meta_test_part).options(
-            num_cpus=per_worker.get("CPU", 1.0),
-            num_gpus=per_worker.get("GPU", 0.0) if use_gpu else 0.0,
-            resources=extra or None,
-        )
-        state, threads = ray.put(learner.state_dict()), max(1, int(per_worker.get("CPU", 1.0)))
+        task = _worker_task(_meta_test_part, use_gpu, per_worker)
+        state, threads = ray.put(learner.state_dict()), _threads(per_worker)
         pending = [
             task.remote(
                 cfg.to_dict(), state, list(range(part, cfg.eval.episodes, parts)), use_gpu, threads, quiet
@@ -622,6 +617,66 @@ def fan_out_meta_test(
     return run
 
 
+def train_on(
+    cfg: Config,
+    state: Mapping[str, Any],
+    use_gpu: bool,
+    per_worker: Mapping[str, float],
+    *,
+    quiet: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Meta-train the learner of ``state`` (a `MetaLearner.state_dict`, e.g. the checkpoint of a
+    Tune trial that ASHA stopped early) on to ``meta.meta_steps``, in one Ray task with one
+    training worker's resources (``per_worker``), not in this process. Returns the learner's
+    state at ``meta.meta_steps`` (its tensors on the CPU) and the metrics of the steps it took.
+
+    One task also for the state of a distributed run: the learner continues from the state
+    (parameters, optimiser, step) and draws the same episodes, and one process computes the same
+    meta-gradients as W ranks (float32 tolerance, see the module docstring); W workers would
+    only be faster, at the price of a worker group for a few steps."""
+    import ray
+
+    task = _worker_task(_train_on, use_gpu, per_worker)
+    return ray.get(task.remote(cfg.to_dict(), dict(state), use_gpu, _threads(per_worker), quiet))
+
+
+def _worker_task(fn: Any, use_gpu: bool, per_worker: Mapping[str, float]) -> Any:
+    """``fn`` as a Ray task with one training worker's resources. ``max_calls=1``: the task's
+    process exits when it returns (no backbone left in an idle worker). The test hook's
+    directory (`_test_hook`) goes with it, as to the Train workers."""
+    import ray
+
+    extra = {k: v for k, v in per_worker.items() if k not in ("CPU", "GPU")}
+    env = {k: v for k, v in os.environ.items() if k == TEST_PID_DIR_ENV}
+    return ray.remote(max_calls=1)(fn).options(
+        num_cpus=per_worker.get("CPU", 1.0),
+        num_gpus=per_worker.get("GPU", 0.0) if use_gpu else 0.0,
+        resources=extra or None,
+        runtime_env={"env_vars": env} if env else None,
+    )
+
+
+def _threads(per_worker: Mapping[str, float]) -> int:
+    """torch's threads in a task: the CPUs it holds."""
+    return max(1, int(per_worker.get("CPU", 1.0)))
+
+
+def _worker_learner(
+    config: dict[str, Any], state: dict[str, Any], use_gpu: bool, threads: int, quiet: bool
+) -> tuple[Config, MetaLearner]:
+    """In a `_worker_task`: the config and the learner rebuilt from its state, as the driver's."""
+    from metapeft_ray.core.config import validate_config
+
+    cfg = validate_config(config)
+    if quiet:
+        quiet_transformers()
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if use_gpu else "cpu")
+    learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=device)
+    learner.load_state_dict(state)
+    return cfg, learner
+
+
 def _meta_test_part(
     config: dict[str, Any],
     state: dict[str, Any],
@@ -630,19 +685,36 @@ def _meta_test_part(
     threads: int,
     quiet: bool,
 ) -> EpisodeScores:
-    """One Ray task of `fan_out_meta_test`: the learner rebuilt from the config and its state
-    (as the driver's), then the core's `recipes.meta_test_learner` on episodes ``indices``."""
-    from metapeft_ray.core.config import validate_config
+    """One Ray task of `fan_out_meta_test`: the core's `recipes.meta_test_learner` on episodes
+    ``indices``."""
     from metapeft_ray.core.recipes import meta_test_learner
 
-    cfg = validate_config(config)
-    if quiet:
-        quiet_transformers()
-    torch.set_num_threads(threads)  # the CPUs the task holds
-    device = torch.device("cuda" if use_gpu else "cpu")
-    learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=device)
-    learner.load_state_dict(state)
+    cfg, learner = _worker_learner(config, state, use_gpu, threads, quiet)
     return meta_test_learner(cfg, learner, indices)
+
+
+def _train_on(
+    config: dict[str, Any], state: dict[str, Any], use_gpu: bool, threads: int, quiet: bool
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """The Ray task of `train_on`."""
+    cfg, learner = _worker_learner(config, state, use_gpu, threads, quiet)
+    history: list[dict[str, float]] = []
+    for metrics in learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every):
+        history.append(metrics)
+        _test_hook("train-on", learner.step)
+    # a GPU learner's optimiser state is on the GPU; the driver may have none
+    return _to_cpu(learner.state_dict()), history
+
+
+def _to_cpu(tree: Any) -> Any:
+    """``tree`` (dicts, lists, tuples of tensors and plain values) with every tensor on the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
 
 
 # -- the worker ---------------------------------------------------------------------------------
@@ -687,7 +759,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             live_metrics.record_step(metrics, **tags)
         if feed is not None:
             feed.put_nowait(metrics)
-        _test_hook(rank, learner.step)
+        _test_hook(f"rank{rank}", learner.step)
 
     m = cfg.meta
     learner.run(
@@ -729,14 +801,15 @@ def _report(learner: MetaLearner, state: dict[str, Any], rank: int) -> None:
     )
 
 
-def _test_hook(rank: int, step: int) -> None:
-    """Tests only (``METAPEFT_TEST_PID_DIR``): publish this worker's PID after each step and,
-    while ``hold-step<N>`` exists there, wait after step N so the test can kill a worker then."""
+def _test_hook(who: str, step: int) -> None:
+    """Tests only (``METAPEFT_TEST_PID_DIR``): publish this process's PID after each step (as
+    ``<who>-step<N>-*.pid``, ``who`` ``rank<R>`` or ``train-on``) and, while ``hold-step<N>``
+    exists there, wait after step N so the test can kill a worker then."""
     pid_dir = os.environ.get(TEST_PID_DIR_ENV)
     if not pid_dir:
         return
     d = Path(pid_dir)
-    (d / f"rank{rank}-step{step}-{uuid.uuid4().hex[:6]}.pid").write_text(str(os.getpid()))
+    (d / f"{who}-step{step}-{uuid.uuid4().hex[:6]}.pid").write_text(str(os.getpid()))
     deadline = time.monotonic() + 120
     while (d / f"hold-step{step}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -9,7 +9,8 @@ A trial meta-trains in one process, or is itself a distributed run (``tune.trial
 `TorchTrainer` inside the trial), and reports the meta-validation accuracy (never the meta-test
 classes) every ``meta.val_every`` steps with a checkpoint, so ASHA can stop weak trials early.
 At the end the best config is written as YAML, the best trial's init is exported in PEFT format
-and meta-tested with confidence intervals, and all trials are reported (Markdown, JSON, PNG).
+and meta-tested with confidence intervals, and all trials are reported (Markdown, JSON, PNG). The
+driver stays light: a stopped trial's training on and the meta-tests run as Ray tasks.
 """
 
 from __future__ import annotations
@@ -299,7 +300,13 @@ def run_search(
     from metapeft_ray.core.recipes import finish
     from metapeft_ray.core.runstore import staged
     from metapeft_ray.core.train import MetaLearner, prepare_sampler
-    from metapeft_ray.on_ray.distributed import cluster_view, connect, fan_out_meta_test, worker_resources
+    from metapeft_ray.on_ray.distributed import (
+        cluster_view,
+        connect,
+        fan_out_meta_test,
+        train_on,
+        worker_resources,
+    )
 
     space = load_space(space_path, base)
     s = space.tune
@@ -312,8 +319,9 @@ def run_search(
     connect(base, address, dashboard=distributed_trials)
     max_concurrent = _distributed_concurrency(base, s) if distributed_trials else s.max_concurrent
     resources = trial_resources(s, cluster_view())
-    # The exports' meta-tests run on the cluster, in as many parts as a trial has workers, each
-    # with one worker's (or a single-process trial's) resources: not on this driver.
+    # The exports' training on and meta-tests run on the cluster, with one worker's (or a
+    # single-process trial's) resources, the meta-test in as many parts as a trial has workers:
+    # not on this driver.
     use_gpu, per_part = (
         worker_resources(base, cluster_view())
         if distributed_trials
@@ -396,18 +404,29 @@ def run_search(
     def export(row: dict[str, Any], name: str, out: Path) -> dict[str, Any]:
         """Export a trial's init as ``out/name`` and meta-test it, at the full budget: a trial that
         ASHA stopped early is first trained on from its checkpoint to ``meta.meta_steps`` (the same
-        episodes it would have seen), so best and base compare like for like."""
+        episodes it would have seen), so best and base compare like for like. The training on
+        (`distributed.train_on`: one task with one worker's resources, also for a distributed
+        trial) and the meta-test (``fan_out``) run as Ray tasks; this driver reads the
+        checkpoint's state and writes the files."""
         cfg = base.with_overrides({**{k: row[k] for k in keys}, "run.name": name})
-        learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
         ckpt = row["_result"].checkpoint
         if ckpt is None and row["checkpoint_path"]:
             from ray.train import Checkpoint
 
             ckpt = Checkpoint(row["checkpoint_path"], filesystem=fs)
         with ckpt.as_directory() as d:
-            learner.load_state_dict(runstore.load_state(d))
-        stopped_at = learner.step
-        history = list(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every))
+            state = runstore.load_state(d)
+        stopped_at = int(state["meta_step"])
+        history: list[dict[str, float]] = []
+        if stopped_at < cfg.meta.meta_steps:
+            state, history = train_on(cfg, state, use_gpu, per_part)
+        # This learner still loads the backbone (on the CPU; it runs no forward pass): `finish`
+        # exports through the PEFT-wrapped model's `save_pretrained`, which needs the adapter's
+        # real tensors in the model. A weightless (meta-device) skeleton would need them, and
+        # peft's own tensors (prompt tuning's token ids), materialised method by method, and would
+        # leave the learner's default init unset: a second way to build an encoder, not made here.
+        learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=torch.device("cpu"))
+        learner.load_state_dict(state)
         val = history[-1][OBJECTIVE] if history else row[OBJECTIVE]
         return {
             "trial": row["trial"],
