@@ -313,10 +313,17 @@ class MetaLearner:
         return history
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue bit-for-bit (episodes are rebuilt from specs)."""
+        """Everything a resumed run needs to continue bit-for-bit (episodes are rebuilt from specs),
+        as CPU copies: a checkpoint, a Ray object or a task's result holds no device tensor and no
+        alias of the live optimizer state (`load_state_dict` moves it back to the parameters' device)."""
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {
+            i: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for i, s in optimizer["state"].items()
+        }
         state: dict[str, Any] = {
             "adapter": {k: v.detach().cpu() for k, v in self.params.items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "meta_step": self.step,
         }
         if self.extra:  # Meta-SGD's log learning rates

@@ -702,19 +702,7 @@ def _train_on(
     for metrics in learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every):
         history.append(metrics)
         _test_hook("train-on", learner.step)
-    # a GPU learner's optimiser state is on the GPU; the driver may have none
-    return _to_cpu(learner.state_dict()), history
-
-
-def _to_cpu(tree: Any) -> Any:
-    """``tree`` (dicts, lists, tuples of tensors and plain values) with every tensor on the CPU."""
-    if isinstance(tree, torch.Tensor):
-        return tree.cpu()
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_to_cpu(v) for v in tree)
-    return tree
+    return learner.state_dict(), history  # CPU tensors: the driver may have no GPU
 
 
 # -- the worker ---------------------------------------------------------------------------------

@@ -420,11 +420,8 @@ def run_search(
         history: list[dict[str, float]] = []
         if stopped_at < cfg.meta.meta_steps:
             state, history = train_on(cfg, state, use_gpu, per_part)
-        # This learner still loads the backbone (on the CPU; it runs no forward pass): `finish`
-        # exports through the PEFT-wrapped model's `save_pretrained`, which needs the adapter's
-        # real tensors in the model. A weightless (meta-device) skeleton would need them, and
-        # peft's own tensors (prompt tuning's token ids), materialised method by method, and would
-        # leave the learner's default init unset: a second way to build an encoder, not made here.
+        # The backbone is still loaded here (on the CPU, no forward pass): `finish` exports
+        # through the PEFT model's `save_pretrained`, which needs the adapter's tensors in it.
         learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=torch.device("cpu"))
         learner.load_state_dict(state)
         val = history[-1][OBJECTIVE] if history else row[OBJECTIVE]
