@@ -14,6 +14,12 @@ earlier recipe or another meta-test inner loop beside the shipped one). An adapt
 what the inner loop adds on the same episodes. Cells of several folds pool the per-episode values; the
 paired difference of a row uses, in each fold, the reference's values on the episodes the row
 scored (a costly baseline's prefix).
+
+The JSON keeps every fold's per-episode values (``folds``), and a previous ``accuracy.json`` is
+an input like a report: a later run adds its cells to the table without the runs behind the
+earlier ones (``python benchmarks/accuracy.py benchmarks/results/accuracy.json NEW/report.json``).
+Rows of a table written before the values were kept are carried as they are, unless a report
+gives their cell anew.
 """
 
 from __future__ import annotations
@@ -37,9 +43,21 @@ INIT = "init"  # stands for an adapted row's own init, no adaptation (meta -> me
 NAMES_REFERENCE = "logreg_names"
 
 
-def load(arg: str) -> tuple[tuple[str, str, str], dict[str, Any]]:
+Key = tuple[str, str, str]  # (protocol, test dataset, fold)
+
+
+def load(arg: str) -> tuple[list[tuple[Key, dict[str, Any]]], list[dict[str, Any]]]:
+    """The folds an input holds (a report: one; a previous table: its kept folds) and, from a
+    table written before the folds were kept, its rows."""
     path, _, alias = arg.partition(":")
     report = json.loads(Path(path).read_text())
+    if "cells" in report:  # a previous accuracy.json
+        parts = []
+        for f in report.get("folds", []):
+            results = {m: {c: {"per_episode": v} for c, v in per.items()} for m, per in f["results"].items()}
+            where = f"{path} ({f['dataset']} fold {f['fold']})"
+            parts.append(((f["protocol"], f["dataset"], f["fold"]), {**f, "results": results, "path": where}))
+        return parts, [] if "folds" in report else report["cells"]
     results = dict(report["results"])
     if alias:
         results = {
@@ -56,26 +74,56 @@ def load(arg: str) -> tuple[tuple[str, str, str], dict[str, Any]]:
         "q_query": cfg["eval"]["q_query"],
         "classes": report.get("test_classes"),
     }
-    return key, {"results": results, "identity": identity, "path": path}
+    return [(key, {"results": results, "identity": identity, "path": path})], []
 
 
-def pool(reports: list[str]) -> list[dict[str, Any]]:
-    folds: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for arg in reports:
-        key, rep = load(arg)
-        merged = folds.setdefault(key, {"results": {}, "identity": rep["identity"], "paths": []})
-        if merged["identity"] != rep["identity"]:
-            raise SystemExit(
-                f"{rep['path']}: other episodes than {merged['paths']} (seed, q_query or classes)"
-            )
-        for method, per_cell in rep["results"].items():
-            mine = merged["results"].setdefault(method, {})
-            if clash := set(mine) & set(per_cell):
+def gather(inputs: list[str]) -> tuple[dict[Key, dict[str, Any]], list[dict[str, Any]]]:
+    """Every input's folds merged by (protocol, test dataset, fold), and the carried rows."""
+    folds: dict[Key, dict[str, Any]] = {}
+    carried: list[dict[str, Any]] = []
+    for arg in inputs:
+        parts, rows = load(arg)
+        carried += rows
+        for key, rep in parts:
+            merged = folds.setdefault(key, {"results": {}, "identity": rep["identity"], "paths": []})
+            if merged["identity"] != rep["identity"]:
                 raise SystemExit(
-                    f"{rep['path']}: {method} {sorted(clash)} already come from {merged['paths']}"
+                    f"{rep['path']}: other episodes than {merged['paths']} (seed, q_query or classes)"
                 )
-            mine.update(per_cell)
-        merged["paths"].append(rep["path"])
+            for method, per_cell in rep["results"].items():
+                mine = merged["results"].setdefault(method, {})
+                if clash := set(mine) & set(per_cell):
+                    raise SystemExit(
+                        f"{rep['path']}: {method} {sorted(clash)} already come from {merged['paths']}"
+                    )
+                mine.update(per_cell)
+            merged["paths"].append(rep["path"])
+    return folds, carried
+
+
+def kept(folds: dict[Key, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The folds as the JSON keeps them: per-episode values (4 decimals) by method and cell."""
+    return [
+        {
+            "protocol": protocol,
+            "dataset": dataset,
+            "fold": fold,
+            "identity": f["identity"],
+            "results": {
+                m: {c: [round(v, 4) for v in stats["per_episode"]] for c, stats in per.items()}
+                for m, per in f["results"].items()
+            },
+        }
+        for (protocol, dataset, fold), f in sorted(folds.items())
+    ]
+
+
+def pool(inputs: list[str]) -> list[dict[str, Any]]:
+    return table(*gather(inputs))
+
+
+def table(folds: dict[Key, dict[str, Any]], carried: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (protocol, test dataset, cell, method): folds pooled, paired with the references."""
     # (protocol, dataset, cell, method) -> per fold: (values, {reference: its values})
     Fold = tuple[list[float], dict[str, list[float]]]
     cells: dict[tuple[str, str, str, str], list[Fold]] = defaultdict(list)
@@ -116,7 +164,10 @@ def pool(reports: list[str]) -> list[dict[str, Any]]:
                 f"{ref}_mean_on_these_episodes": p["reference_mean"],
             }
         rows.append(row)
-    return rows
+    given = {(r["protocol"], r["dataset"], r["n_way"], r["k_shot"], r["method"]) for r in rows}
+    return rows + [
+        r for r in carried if (r["protocol"], r["dataset"], r["n_way"], r["k_shot"], r["method"]) not in given
+    ]
 
 
 def summary(rows: list[dict[str, Any]]) -> list[str]:
@@ -211,13 +262,19 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("reports", nargs="+", help="report.json paths, PATH:ALIAS to rename its meta rows")
+    p.add_argument(
+        "reports",
+        nargs="+",
+        help="report.json paths (PATH:ALIAS renames its meta rows), a previous accuracy.json",
+    )
     p.add_argument("--out", default=str(RESULTS / "accuracy"), help="output path without suffix")
     args = p.parse_args()
-    rows = pool(args.reports)
+    folds, carried = gather(args.reports)
+    rows = table(folds, carried)
     command = environment()["command"]
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"environment": environment(), "cells": rows}, indent=2))
+    body = {"environment": environment(), "cells": rows, "folds": kept(folds)}
+    out.with_suffix(".json").write_text(json.dumps(body, indent=1))
     out.with_suffix(".md").write_text(markdown(rows, command))
     print(out.with_suffix(".md").read_text())
 

@@ -406,3 +406,40 @@ def test_accuracy_pools_folds_episode_by_episode_and_pairs_prefixes(tmp_path: Pa
     assert rows["meta"]["paired_diff_vs_init"] == pytest.approx(0.2 / 3)  # diffs .2 0 0
     assert rows["meta_5steps"]["paired_diff_vs_init"] == pytest.approx(0.4 / 3)  # diffs 0 .2 .2
     assert "paired_diff_vs_init" not in rows["meta_5steps_init"]
+
+
+def test_accuracy_table_is_an_input_to_the_next_table(tmp_path: Path) -> None:
+    """A later run adds its cells to a written table without the runs behind it: the JSON keeps
+    every fold's per-episode values, and a table from before that keeps its rows."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import accuracy
+
+    def report(name: str, fold: int, results: dict) -> str:
+        body = {
+            "test_classes": ["a", "b"],
+            "splits": {"dataset": "hwu64", "fold": fold},
+            "config": {"run": {"seed": 0}, "eval": {"q_query": 5}},
+            "results": {m: {c: {"per_episode": v} for c, v in per.items()} for m, per in results.items()},
+        }
+        (path := tmp_path / f"{name}.json").write_text(json.dumps(body))
+        return str(path)
+
+    one = report("f0", 0, {"logreg": {"5w1s": [0.6, 0.8]}, "meta": {"5w1s": [1.0, 0.8]}})
+    two = report("f1", 1, {"logreg": {"5w1s": [0.4, 1.0]}, "meta": {"5w1s": [0.6, 1.0]}})
+    folds, carried = accuracy.gather([one])
+    legacy_row = {"protocol": "in-domain", "dataset": "hwu64", "n_way": 20, "k_shot": 1, "method": "meta"}
+    (old := tmp_path / "old.json").write_text(json.dumps({"cells": [legacy_row]}))
+    (table := tmp_path / "table.json").write_text(
+        json.dumps({"cells": accuracy.table(folds, carried), "folds": accuracy.kept(folds)})
+    )
+    rows = {(r["method"], r["n_way"]): r for r in accuracy.pool([str(table), two, str(old)])}
+    # fold 0 from the table, fold 1 from its report: pooled and paired as if both were reports
+    assert rows == {(r["method"], r["n_way"]): r for r in accuracy.pool([one, two, str(old)])}
+    assert rows[("meta", 5)]["folds"] == 2 and rows[("meta", 5)]["paired_diff_vs_logreg"] == pytest.approx(
+        0.15
+    )
+    assert rows[("meta", 20)] == legacy_row  # carried as it was: no report gives its cell
+    with pytest.raises(SystemExit, match="already come from"):  # a table's fold is not added twice
+        accuracy.pool([str(table), one])
