@@ -10,6 +10,10 @@ scoring it, and the meta-training time.
 
     python benchmarks/hybrids.py --meta-steps 30 --episodes 100            # everything
     python benchmarks/hybrids.py --combos lora:maml,ia3:reptile --episodes 20   # a subset
+    python benchmarks/hybrids.py --config fewshot --first-order ...             # on the recipe
+
+Each meta-learned row is meta-tested adapted (its inner loop at meta-test) and unadapted (the
+init alone, "init" rows): Δinit is what the inner loop adds, paired on the same episodes.
 
 Writes ``benchmarks/results/hybrids.md`` (the table, with the command that produced it) and
 ``hybrids.json`` (every number). Single process, no Ray: the same `MetaLearner` and `meta_test`
@@ -41,6 +45,11 @@ DATASET_LABELS = {"banking77": "Banking77", "hwu64": "HWU64"}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--config",
+        default=None,
+        help="base config (a file or a shipped name, e.g. fewshot) under the options below",
+    )
     p.add_argument("--datasets", nargs="+", default=["banking77", "hwu64"])
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
@@ -55,9 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-way", type=int, default=5)
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     p.add_argument("--train-shot", type=int, default=1, help="k_shot of the meta-training episodes")
+    p.add_argument(
+        "--train-way", type=int, default=None, help="n_way of the meta-training episodes (--n-way)"
+    )
     p.add_argument("--q-query", type=int, default=5)
     p.add_argument("--inner-steps", type=int, default=1, help="inner steps (training and meta-test)")
     p.add_argument("--inner-lr", type=float, default=0.05)
+    p.add_argument(
+        "--eval-inner-steps", type=int, default=None, help="inner steps at meta-test (--inner-steps)"
+    )
+    p.add_argument("--eval-inner-lr", type=float, default=None, help="inner lr at meta-test (--inner-lr)")
     p.add_argument("--outer-lr", type=float, default=1e-3)
     p.add_argument("--first-order", action="store_true", help="first-order MAML / Meta-SGD")
     p.add_argument(
@@ -102,7 +118,7 @@ def make_cfg(args: argparse.Namespace, dataset: str, method: str, algorithm: str
         "run.seed": args.seed,
         "data.dataset": dataset,
         "data.fold": args.fold,
-        "episode.n_way": args.n_way,
+        "episode.n_way": args.train_way or args.n_way,
         "episode.k_shot": args.train_shot,
         "episode.q_query": args.q_query,
         "peft.method": method,
@@ -119,25 +135,19 @@ def make_cfg(args: argparse.Namespace, dataset: str, method: str, algorithm: str
         "eval.n_way": args.n_way,
         "eval.shots": args.shots,
         "eval.q_query": args.q_query,
+        "eval.inner_steps": args.inner_steps if args.eval_inner_steps is None else args.eval_inner_steps,
+        "eval.inner_lr": args.eval_inner_lr or args.inner_lr,
     }
-    asked = _learned(args)
-    # Reptile takes no query gradient (no head value can be learned); first-order MAML and ProtoNet
-    # cannot move the inner temperature (it acts only through second-order terms).
-    learn = [] if algorithm == "reptile" else asked
+    # head.learn as asked, less what the algorithm cannot learn: Reptile takes no query gradient
+    # (no head value), first-order MAML and ProtoNet cannot move the inner temperature (it acts
+    # only through second-order terms)
+    raw = load_config(
+        args.config, [f"{k}={json.dumps(v)}" for k, v in o.items() if k != "meta.algorithm"] + args.set
+    )
+    learn = [] if algorithm == "reptile" else list(raw.head.learn)
     if algorithm == "protonet" or args.first_order:
         learn = [v for v in learn if v != "inner_scale"]
-    fix = [f"head.learn={json.dumps(learn)}"] if learn != asked else []
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in o.items()] + list(args.set) + fix)
-
-
-def _learned(args: argparse.Namespace) -> list[str]:
-    """The head values ``--set head.learn=[...]`` asks to learn (empty without it)."""
-    for item in reversed(args.set):
-        if item.startswith("head.learn="):
-            import yaml
-
-            return list(yaml.safe_load(item.partition("=")[2]) or [])
-    return []
+    return raw.with_overrides({"meta.algorithm": algorithm, "head.learn": learn})
 
 
 def _paired(result: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row(m, label=METHOD_LABELS[m], params=0)["cells"][dataset] = frozen[dataset][m]
             wanted = args.finetune is None or method in args.finetune
             if wanted and method not in done_methods:  # the method's plain fine-tune, once per method
-                ft = _test(cfg, learner, ["finetune"], args.inner_steps)
+                ft = _test(cfg, learner, ["finetune"], 0)  # its own steps: eval.finetune
                 row(
                     f"{method}/finetune",
                     method=method,
@@ -201,22 +211,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             history = list(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every))
             train_s = time.perf_counter() - t0
-            steps = args.protonet_eval_steps if algorithm == "protonet" else args.inner_steps
-            res = _test(cfg, learner, ["meta"], steps)
+            steps = args.protonet_eval_steps if algorithm == "protonet" else cfg.eval.inner_steps
+            res = _test(cfg, learner, ["meta", "meta_init"], steps)
             r = row(
                 f"{method}/{algorithm}", method=method, algorithm=algorithm, params=n_adapter, extra=n_extra
             )
-            r["cells"][dataset] = {
-                **_paired(res["meta"], frozen[dataset]),
+            r["cells"][dataset] = _paired(res["meta"], frozen[dataset]) | {
                 "train_s": train_s,
                 "final_meta_loss": history[-1]["meta_loss"],
             }
+            if steps:  # the init alone beside it, and what the inner loop adds (with 0 steps, nothing)
+                for c, stats in res["meta"].items():
+                    r["cells"][dataset][c]["paired_vs_init"] = paired(
+                        stats["per_episode"], res["meta_init"][c]["per_episode"]
+                    )
+                init = row(
+                    f"{method}/{algorithm}/init",
+                    method=method,
+                    algorithm=f"{algorithm}, init alone",
+                    params=n_adapter,
+                )
+                init["cells"][dataset] = _paired(res["meta_init"], frozen[dataset])
             cell = ", ".join(f"{k} {100 * v['mean']:.1f}" for k, v in res["meta"].items())
             print(f"{dataset} {method}/{algorithm}: {cell} (train {train_s:.0f}s)", flush=True)
     return rows
 
 
 def markdown(args: argparse.Namespace, rows: dict[str, Any], command: str, wall_s: float) -> str:
+    cfg = make_cfg(args, args.datasets[0], "lora", "maml")
     settings = [f"{args.n_way}w{k}s" for k in args.shots]
     cols = [(d, s) for d in args.datasets for s in settings]
     head = " | ".join(f"{DATASET_LABELS.get(d, d)} {s}" for d, s in cols)
@@ -226,15 +248,18 @@ def markdown(args: argparse.Namespace, rows: dict[str, Any], command: str, wall_
         "",
         f"Reproduce: `{command}`",
         "",
-        f"all-MiniLM-L6-v2 (frozen), fold {args.fold} of 5 (held-out test classes), seed {args.seed}. "
+        f"all-MiniLM-L6-v2 (frozen), fold {args.fold} of {cfg.data.folds} (held-out test classes), "
+        f"seed {args.seed}{f', config {args.config}' if args.config else ''}. "
         f"Meta-training: {args.meta_steps} meta-steps x {args.meta_batch} episodes of "
-        f"{args.n_way}-way {args.train_shot}-shot, {args.q_query} queries/class, "
+        f"{cfg.episode.n_way}-way {args.train_shot}-shot, {args.q_query} queries/class, "
         f"{args.inner_steps} inner step(s) at lr {args.inner_lr} "
         f"({'first' if args.first_order else 'second'}-order MAML/Meta-SGD), outer Adam lr {args.outer_lr}. "
         f"Meta-test: {args.episodes} episodes per cell, the same episodes for every row, "
-        f"{args.q_query} queries/class, {args.inner_steps} adaptation step(s) "
-        f"(ProtoNet rows: {args.protonet_eval_steps}). Cells: accuracy % mean ± 95 % CI, and Δ: the "
-        "paired difference from frozen + logistic regression on the same episodes (points ± 95 % CI). "
+        f"{args.q_query} queries/class, {cfg.eval.inner_steps} adaptation step(s) at lr {cfg.eval.inner_lr} "
+        f"(ProtoNet rows: {args.protonet_eval_steps}); fine-tune rows: {cfg.eval.finetune.steps} Adam steps "
+        f"at lr {cfg.eval.finetune.lr}. Cells: accuracy % mean ± 95 % CI, Δ: the "
+        "paired difference from frozen + logistic regression on the same episodes (points ± 95 % CI), "
+        "and Δinit: an adapted row's paired difference from its init alone (the next row). "
         f"Extra settings: `{' '.join(args.set) or 'none'}` (Reptile, which takes no query gradient, "
         "learns no head values). "
         f"Total wall time {wall_s / 60:.1f} min on this machine (2 shared CPU cores, "
@@ -249,8 +274,9 @@ def markdown(args: argparse.Namespace, rows: dict[str, Any], command: str, wall_
         for d, s in cols:
             c = r["cells"].get(d, {}).get(s)
             text = f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}" if c else "—"
-            if c and "paired" in c:
-                text += f" (Δ {100 * c['paired']['diff']:+.1f} ± {100 * c['paired']['ci95']:.1f})"
+            for key, name in (("paired", "Δ"), ("paired_vs_init", "Δinit")):
+                if c and key in c:
+                    text += f"<br>{name} {100 * c[key]['diff']:+.1f} ± {100 * c[key]['ci95']:.1f}"
             cells.append(text)
         ms = []
         for s in settings:
@@ -261,7 +287,9 @@ def markdown(args: argparse.Namespace, rows: dict[str, Any], command: str, wall_
             ]
             ms.append(f"{sum(vals) / len(vals):.0f}" if vals else "—")
         train = [r["cells"][d]["train_s"] for d in args.datasets if "train_s" in r["cells"].get(d, {})]
-        params = f"{info.get('params', 0):,}" + (f" + {info['extra']:,} lrs" if info.get("extra") else "")
+        params = f"{info.get('params', 0):,}" + (
+            f" + {info['extra']:,} lrs/head values" if info.get("extra") else ""
+        )
         label = info.get("label")
         method, algo = (label, "—") if label else (info["method"], info["algorithm"])
         lines.append(
