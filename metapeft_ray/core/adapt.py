@@ -59,6 +59,7 @@ def adapt_to_support(
         views=encoder.tokenize(word_dropout_views(support.texts, views, inner.view_drop, 0))
         if views
         else None,
+        leave_one_out=inner.leave_one_out,
     )
     return AdaptedTask(tuple(classes), adapted, float(inner.scale))
 

@@ -111,6 +111,11 @@ class HeadSection(_Section):
     example is its own prototype and its loss is ~0; its views' loss is not, so the inner loop
     has something to fit."""
     view_drop: float = Field(0.3, gt=0, lt=1)
+    support_loss: Literal["prototypes", "leave_one_out"] = "prototypes"
+    """The inner loop's loss: ``prototypes`` scores each support example against the prototypes it
+    is part of (at 1 shot its own; with a fixed head adapted by SGD); ``leave_one_out`` leaves it
+    out of its own class's prototype (at 1 shot that is the class name alone: needs
+    ``label_names``) and re-computes the prototypes from the adapted encoder at every step."""
     learn: list[HeadValue] = Field(default_factory=list)
     """Head values meta-learned with the adapter init (log-parametrised, so they stay positive),
     exported with the adapter and used at meta-test and by ``metapeft adapt``."""
@@ -125,6 +130,11 @@ class HeadSection(_Section):
             )
         if len(set(self.learn)) != len(self.learn):
             raise ValueError(f"head.learn lists a value twice: {self.learn}")
+        if self.support_loss == "leave_one_out" and self.views:
+            raise ValueError(
+                f"head.views={self.views} does not combine with head.support_loss=leave_one_out (the "
+                "views are scored against the clean support's prototypes); set head.views=0"
+            )
         return self
 
 
@@ -427,6 +437,17 @@ class Config(_Section):
     meta: MetaSection = Field(default_factory=MetaSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+
+    @model_validator(mode="after")
+    def _leave_one_out_needs_a_second_example(self) -> Config:
+        one_shot = [k for k in (self.episode.k_shot, *self.eval.shots) if k < 2]
+        if self.head.support_loss == "leave_one_out" and not self.head.label_names and one_shot:
+            raise ValueError(
+                "head.support_loss=leave_one_out leaves a 1-shot example nothing to be scored against "
+                f"(episode.k_shot={self.episode.k_shot}, eval.shots={self.eval.shots}); set "
+                "head.label_names=true (its class name is then its prototype) or use k_shot >= 2"
+            )
+        return self
 
     @model_validator(mode="after")
     def _learned_head_needs_a_query_gradient(self) -> Config:

@@ -60,6 +60,8 @@ class InnerLoop:
     views: int = 0
     view_drop: float = 0.3
     optimizer: Literal["sgd", "adam"] = "sgd"
+    leave_one_out: bool = False
+    """The support loss leaves each example out of its own prototype (`leave_one_out_logits`)."""
 
     @classmethod
     def finetune(cls, steps: int, lr: float, scale: float) -> InnerLoop:
@@ -114,6 +116,33 @@ def proto_head(
     return 2 * protos, -(protos * protos).sum(-1)
 
 
+def leave_one_out_logits(
+    embeddings: Tensor,
+    labels: Tensor,
+    n_way: int,
+    scale: Scalar,
+    names: Tensor | None = None,
+    name_weight: Scalar = 1.0,
+) -> Tensor:
+    """Each support example scored against the prototypes of `proto_head` with itself left out of
+    its own class's: at 1 shot with the class names that prototype is the name alone, so the loss
+    asks the encoder to bring each example to its name, not to itself (which is ~0 loss)."""
+    onehot = F.one_hot(labels, n_way).to(embeddings.dtype)  # [S, N]
+    sums, counts = onehot.T @ embeddings, onehot.sum(0)
+    if names is not None:
+        sums, counts = sums + name_weight * names, counts + name_weight
+    if bool((counts - onehot.max(0).values <= 0).any()):
+        raise ValueError(
+            "the leave-one-out support loss needs a second example or the class name in every class "
+            "(k_shot >= 2 or head.label_names=true)"
+        )
+    # example i's prototypes: its own class's sum less itself; the others' as they are
+    protos = (sums - onehot.unsqueeze(2) * embeddings.unsqueeze(1)) / (counts - onehot).unsqueeze(
+        2
+    )  # [S, N, D]
+    return scale * (2 * torch.einsum("sd,snd->sn", embeddings, protos) - (protos * protos).sum(-1))
+
+
 def head_logits(embeddings: Tensor, weight: Tensor, bias: Tensor, scale: Scalar) -> Tensor:
     # Written out rather than torch.cdist: cdist has no double backward.
     return scale * (embeddings @ weight.T + bias)
@@ -146,6 +175,7 @@ def adapt(
     names: Mapping[str, Tensor] | None = None,
     name_weight: Scalar = 1.0,
     views: Mapping[str, Tensor] | None = None,
+    leave_one_out: bool = False,
 ) -> Adapted:
     """The one inner loop: ``steps`` gradient steps on the support loss over ``params`` + head.
 
@@ -159,8 +189,26 @@ def adapt(
     (default ``scale``); ``names`` (the tokenised class names) make the head's prototypes start
     from the names' embeddings as ``name_weight`` examples each (`proto_head`). ``views`` (the
     tokenised augmented views of the support examples, view-major) join the support loss, scored
-    against the clean support's prototypes.
+    against the clean support's prototypes. ``leave_one_out``: the support loss scores each
+    example against prototypes without itself (`leave_one_out_logits`), recomputed from the
+    adapted encoder at every step, and the returned head is the adapted encoder's prototypes.
     """
+    if leave_one_out:
+        return _adapt_leave_one_out(
+            encoder,
+            params,
+            support,
+            support_labels,
+            n_way,
+            steps,
+            lr,
+            scale,
+            first_order,
+            param_lrs,
+            inner_scale,
+            names,
+            name_weight,
+        )
     embedded = encoder.embed(params, support)
     named = None if names is None else encoder.embed(params, names)
     weight, bias = proto_head(embedded, support_labels, n_way, named, name_weight)
@@ -205,6 +253,40 @@ def adapt(
             for (name, p), g in zip(fast.items(), g_params, strict=True)
         }
         weight, bias = weight - lr * g_weight, bias - lr * g_bias
+    return Adapted(fast, weight, bias, losses)
+
+
+def _adapt_leave_one_out(
+    encoder: Encoder,
+    params: Mapping[str, Tensor],
+    support: Mapping[str, Tensor],
+    labels: Tensor,
+    n_way: int,
+    steps: int,
+    lr: float,
+    scale: Scalar,
+    first_order: bool,
+    param_lrs: Mapping[str, Tensor] | None,
+    inner_scale: Scalar | None,
+    names: Mapping[str, Tensor] | None,
+    name_weight: Scalar,
+) -> Adapted:
+    fast, losses = dict(params), []
+    inner_scale = scale if inner_scale is None else inner_scale
+    for _ in range(steps):
+        named = None if names is None else encoder.embed(fast, names)
+        emb = encoder.embed(fast, support)
+        loss = F.cross_entropy(
+            leave_one_out_logits(emb, labels, n_way, inner_scale, named, name_weight), labels
+        )
+        losses.append(loss.item())
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+        fast = {
+            name: p - param_lrs[name] * g if param_lrs else torch.add(p, g, alpha=-lr)
+            for (name, p), g in zip(fast.items(), grads, strict=True)
+        }
+    named = None if names is None else encoder.embed(fast, names)
+    weight, bias = proto_head(encoder.embed(fast, support), labels, n_way, named, name_weight)
     return Adapted(fast, weight, bias, losses)
 
 
@@ -315,6 +397,7 @@ def run_episode(
                 names=names,
                 name_weight=1.0 if inner.name_weight is None else inner.name_weight,
                 views=view_batch,
+                leave_one_out=inner.leave_one_out,
             )
         with torch.set_grad_enabled(meta_gradient):
             logits = head_logits(
@@ -330,7 +413,12 @@ def run_episode(
             with torch.no_grad():  # the inner loop's objective, views included
                 embs = [encoder.embed(adapted.params, b) for b in (support, view_batch) if b is not None]
                 s_scale = inner.scale if inner.inner_scale is None else inner.inner_scale
-                s_logits = head_logits(torch.cat(embs), adapted.weight, adapted.bias, s_scale)
+                if inner.leave_one_out:
+                    named = None if names is None else encoder.embed(adapted.params, names)
+                    weight = 1.0 if inner.name_weight is None else inner.name_weight
+                    s_logits = leave_one_out_logits(embs[0], s_labels, n_way, s_scale, named, weight)
+                else:
+                    s_logits = head_logits(torch.cat(embs), adapted.weight, adapted.bias, s_scale)
                 after = F.cross_entropy(s_logits, s_labels.repeat(1 + views)).item()
     before = adapted.support_losses[0] if adapted.support_losses else float("nan")
     accuracy = (logits.argmax(-1) == q_labels).float().mean().item()
