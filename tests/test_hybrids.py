@@ -56,11 +56,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 def make_learner(tiny: tuple[str, str], method: str, algorithm: str = "maml", **extra: Any) -> MetaLearner:
-    overrides: dict[str, Any] = {
-        "peft.method": method,
-        "meta.algorithm": algorithm,
-        "peft.num_virtual_tokens": 4,
-    }
+    overrides: dict[str, Any] = {"peft.method": method, "meta.algorithm": algorithm}
+    if registry.METHODS[method].virtual_tokens_at:
+        overrides["peft.num_virtual_tokens"] = 4
     if algorithm == "protonet":
         overrides["meta.inner_steps"] = 0
     cfg = load_config(None, tiny_overrides(*tiny, **{**overrides, **extra}))

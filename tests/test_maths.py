@@ -14,6 +14,7 @@ from metapeft_ray.core.episodes import ClassSplits, EpisodeSampler
 from metapeft_ray.core.meta import InnerLoop, adapt, episode_tensors, head_logits, proto_head, run_episode
 from metapeft_ray.core.methods import AdapterSpec
 from metapeft_ray.core.model import PlacementError, build_encoder, meta_init_lora, target_modules
+from metapeft_ray.core.registry import LoRAOptions
 from tests.tiny import make_tiny_backbone, make_tiny_dataset
 
 
@@ -34,7 +35,11 @@ def _encoder(
     torch.manual_seed(0)
     return build_encoder(
         AdapterSpec(
-            method=method, placement=placement, layers=layers, rank=rank, alpha=8, dropout=0.0, max_length=16
+            method=method,
+            placement=placement,
+            layers=layers,
+            options=LoRAOptions(rank=rank, alpha=8) if method in ("lora", "dora") else None,
+            max_length=16,
         ),
         backbone=backbone,
         normalize=True,

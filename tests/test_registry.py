@@ -2,10 +2,10 @@
 
 Proved with two that the package does not ship, registered here the way README's "Adding a PEFT
 method" shows: peft's LoHa and an always-first-order MAML. The config reads their torch-free
-declarations (default placement, no adapter dropout, no second order), and one tiny meta-step
-trains through them. Also: the config never imports torch, and every shipped declaration names
-an implementation of that name.
-"""
+declarations (default placement, LoHa's own options, no second order): a LoHa option is set flat
+from an override, validated, saved with the config and reaches peft's LoHa layers with no edit
+to the config, and one tiny meta-step trains through them. Also: the config never imports torch,
+and every shipped declaration names an implementation of that name."""
 
 from __future__ import annotations
 
@@ -15,16 +15,26 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import yaml
+from peft.tuners.loha import LoHaLayer
+from pydantic import Field
 from torch import nn
 
 from metapeft_ray.core import registry
 from metapeft_ray.core.algorithms import algorithm
 from metapeft_ray.core.algorithms.maml import MAML
-from metapeft_ray.core.config import ConfigError, load_config
+from metapeft_ray.core.config import ConfigError, load_config, validate_config
 from metapeft_ray.core.methods import AdapterSpec, PeftMethod, method
 from metapeft_ray.core.placements import target_modules
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
+
+
+class LoHaOptions(registry.MethodOptions):
+    rank: int = Field(8, ge=1)
+    """r of both Hadamard factors."""
+    rank_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the ranks of the weight update (peft's ``rank_dropout``)."""
 
 
 class LoHa(PeftMethod):
@@ -35,10 +45,19 @@ class LoHa(PeftMethod):
     def wrap(self, backbone: nn.Module, spec: AdapterSpec, base_model_name: str) -> nn.Module:
         from peft import LoHaConfig, get_peft_model
 
+        o = spec.options
         targets = target_modules(backbone, spec.placement or "", spec.layers, None)
-        model = get_peft_model(backbone, LoHaConfig(r=spec.rank, alpha=spec.alpha, target_modules=targets))
+        config = LoHaConfig(r=o.rank, rank_dropout=o.rank_dropout, target_modules=targets)
+        model = get_peft_model(backbone, config)
         model.peft_config["default"].base_model_name_or_path = base_model_name  # for the export
         return model
+
+    def set_modes(self, model: nn.Module, spec: AdapterSpec) -> None:
+        model.eval()
+        if spec.options.rank_dropout > 0:  # live in train mode only; the frozen backbone stays in eval
+            for module in model.modules():
+                if isinstance(module, LoHaLayer):
+                    module.train()
 
 
 class FirstOrderMAML(MAML):
@@ -49,7 +68,9 @@ class FirstOrderMAML(MAML):
 
 @pytest.fixture
 def registered() -> Iterator[None]:
-    registry.register_method(registry.MethodInfo("loha", f"{__name__}:LoHa", default_placement="attn_qv"))
+    registry.register_method(
+        registry.MethodInfo("loha", f"{__name__}:LoHa", default_placement="attn_qv", options=LoHaOptions)
+    )
     registry.register_algorithm(registry.AlgorithmInfo("fomaml", f"{__name__}:FirstOrderMAML"))
     try:
         yield
@@ -64,11 +85,26 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 def test_a_registered_method_and_algorithm_validate_and_train(registered, tiny) -> None:  # noqa: ANN001
-    cfg = load_config(None, [*tiny_overrides(*tiny), "peft.method=loha", "meta.algorithm=fomaml"])
+    cfg = load_config(
+        None,
+        [*tiny_overrides(*tiny), "peft.method=loha", "peft.rank_dropout=0.25", "meta.algorithm=fomaml"],
+    )
     assert cfg.peft.placement == "attn_qv" and not cfg.meta.second_order  # read from the declarations
+    assert cfg.peft.options == LoHaOptions(rank=4, rank_dropout=0.25)  # its own options, set flat
+    assert validate_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg  # as a run saves it
+    with pytest.raises(ConfigError, match=r"peft.rank_dropout: Input should be less than 1 \(got 1.5\)"):
+        cfg.with_overrides({"peft.rank_dropout": 1.5})
     with pytest.raises(ConfigError, match="peft.dropout=0.1 applies to lora/dora only"):
         cfg.with_overrides({"peft.dropout": 0.1})
+    with pytest.raises(
+        ConfigError, match="peft.rank_dropout=0.5 applies to loha only, not to peft.method=lora"
+    ):
+        cfg.with_overrides({"peft.method": "lora", "peft.rank_dropout": 0.5})
+    assert cfg.with_overrides({"peft.method": "lora"}).peft.rank_dropout == 0.25  # kept, unused
     learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
+    layers = [m for m in learner.encoder.model.modules() if isinstance(m, LoHaLayer)]
+    assert layers and all(m.r["default"] == 4 and m.rank_dropout["default"] == 0.25 for m in layers)
+    assert all(m.training for m in layers) and not learner.encoder.model.get_base_model().training
     assert learner.params and all(".hada_" in k for k in learner.params)
     before = {k: v.detach().clone() for k, v in learner.params.items()}
     metrics = learner.meta_step()

@@ -23,7 +23,7 @@ import torch
 from metapeft_ray.core import runstore
 from metapeft_ray.core.config import Config, ConfigError, load_config
 from metapeft_ray.core.export import load_adapter
-from metapeft_ray.core.space import base_point, load_space
+from metapeft_ray.core.space import base_point, load_space, trial_config
 from metapeft_ray.on_ray.tune import pareto_front
 from tests.conftest import S3_BUCKET
 from tests.s3server import S3Server
@@ -100,7 +100,18 @@ def test_space_files_are_checked_against_the_config_tree(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as err:
         load_space(bad, load_config("quickstart"))
     assert "search.peft.rnk" in str(err.value) and "search.meta.inner_steps" in str(err.value)
+    assert "did you mean peft.rank?" in str(err.value)
     assert load_space("default", load_config("quickstart")).tune.searcher == "optuna"
+    bad.write_text("search:\n  peft.rank: {choice: [4, 8]}\n")  # a method's option, of another method
+    with pytest.raises(ConfigError, match=r"search.peft.rank: .*applies to lora/dora only, not to .*=ia3"):
+        load_space(bad, load_config("quickstart", ["peft.method=ia3"]))
+
+
+def test_a_trial_leaves_out_the_options_its_method_does_not_take() -> None:
+    base = load_config("quickstart", ["peft.rank=8"])
+    assert trial_config(base, {"peft.method": "lora", "peft.rank": 4}).peft.rank == 4
+    ia3 = trial_config(base, {"peft.method": "ia3", "peft.rank": 4, "meta.inner_lr": 0.1})
+    assert (ia3.peft.method, ia3.peft.rank, ia3.meta.inner_lr) == ("ia3", 8, 0.1)
 
 
 def test_the_base_config_starts_the_search_only_if_it_lies_in_the_space(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from metapeft_ray.core import registry
+
 # Each class has its own content words, so a good encoder separates them easily.
 CLASS_WORDS = [
     ("card", "lost"),
@@ -89,9 +91,12 @@ def tiny_overrides(backbone: str, dataset: str, **extra: object) -> list[str]:
         "meta.meta_batch_size": 2,
         "meta.val_every": 2,
         "meta.val_episodes": 2,
-        "peft.rank": 4,
         "meta.inner_steps": 2,
         "meta.inner_lr": 0.1,
     }
+    # a small LoRA rank; an override of an option the method does not take is refused
+    method = registry.METHODS.get(str(extra.get("peft.method", "lora")))
+    if method is None or "rank" in method.options.model_fields:
+        base["peft.rank"] = 4
     base.update(extra)
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]

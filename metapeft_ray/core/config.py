@@ -8,12 +8,23 @@ Maths functions never take this object; recipes unpack it into flat arguments.
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from metapeft_ray.core import registry
 
@@ -156,6 +167,23 @@ PLACEMENTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _error(key: str, value: Any, message: str) -> InitErrorDetails:
+    return {"type": PydanticCustomError("value_error", message), "loc": (key,), "input": value}
+
+
+def _details(err: ValidationError) -> list[InitErrorDetails]:
+    """``err``'s errors as they read, to raise again with others."""
+    return [
+        {"type": PydanticCustomError(e["type"], e["msg"]), "loc": e["loc"], "input": e["input"]}
+        for e in err.errors()
+    ]
+
+
+def _nearest(key: str, known: list[str]) -> str:
+    near = difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean peft.{near[0]}?" if near else f"; the peft keys are {', '.join(known)}"
+
+
 def _registered(kind: str, name: str, known: Mapping[str, object]) -> str:
     if name not in known:
         raise ValueError(f"not a registered {kind}; choose one of {', '.join(known)}")
@@ -163,16 +191,18 @@ def _registered(kind: str, name: str, known: Mapping[str, object]) -> str:
 
 
 class PeftSection(_Section):
+    """The PEFT method, where it goes, and the methods' own options (`registry.MethodInfo.options`;
+    shipped: ``rank``, ``alpha``, ``dropout``, ``init_b_std`` of lora/dora, ``num_virtual_tokens``
+    of prompt/prefix, ``bottleneck_dim``, ``init_b_std`` of bottleneck), set and read flat
+    (``peft.rank=4``, ``cfg.peft.rank``); `options` holds the chosen method's. Every registered
+    method's options are kept (the others' unused), so a saved config holds them all."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     method: str = "lora"
     """A registered method (`registry.METHODS`): lora, dora (LoRA with peft's weight
     decomposition), ia3, prompt (prompt tuning), prefix (prefix tuning), bottleneck (our residual
     down/up adapter after attention and/or FFN blocks)."""
-    rank: int = Field(8, ge=1)
-    """LoRA/DoRA rank (ignored by the other methods)."""
-    alpha: float = Field(16.0, gt=0)
-    """LoRA/DoRA alpha (ignored by the other methods)."""
-    dropout: float = Field(0.0, ge=0, lt=1)
-    """LoRA/DoRA dropout; the other methods have none."""
     placement: str | None = None
     """Key for which modules carry adapters: attn_q, attn_v, attn_qv, attn_kv, attn_qkv, attn_all,
     attn_out, ffn, ffn_out, attn_ffn_out, attn_kv_ffn_out, all_linear — or ``custom`` with
@@ -181,14 +211,69 @@ class PeftSection(_Section):
     layers: str = "all"
     """Which transformer layers: all, top_half, bottom_half, top_N, bottom_N, or a range 0-2."""
     target_modules: list[str] | None = None
-    init_b_std: float = Field(0.01, gt=0)
-    """Std of the meta-init of the factor peft initialises to zero (LoRA/DoRA B, the bottleneck's
-    up-projection). Never 0: with B = 0 the first inner step cannot move A."""
-    num_virtual_tokens: int = Field(10, ge=1)
-    """Prompt and prefix tuning: virtual tokens (prepended to the input / to every layer's keys
-    and values)."""
-    bottleneck_dim: int = Field(16, ge=1)
-    """Bottleneck adapter: width of the down-projection."""
+
+    @property
+    def options(self) -> registry.MethodOptions:
+        """The chosen method's own options (what its `AdapterSpec` carries)."""
+        declared = registry.METHODS[self.method].options
+        return declared(**{k: getattr(self, k) for k in declared.model_fields})
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _method_options(
+        cls, data: Any, handler: ModelWrapValidatorHandler[PeftSection], info: ValidationInfo
+    ) -> PeftSection:
+        """Every other key is an option, validated by the chosen method's options if they have it,
+        else by the first registered method's that do (kept, unused). Set by an override (the
+        command line, Tune, ``with_overrides``) to anything but its default, an option the chosen
+        method does not take is refused: it would change nothing. Files and saved configs are not
+        overrides, so a saved config, which holds every option, loads as it was written."""
+        if not isinstance(data, dict):
+            return handler(data)
+        chosen = registry.METHODS.get(data.get("method", "lora"))
+        own = chosen.options.model_fields if chosen else {}
+        overridden = (info.context or {}).get("overridden", ())
+        owners = registry.option_owners()
+        given = {k: v for k, v in data.items() if k not in cls.model_fields}
+        known = [*cls.model_fields, *owners]
+        errors = [
+            _error(k, v, f"unknown key{_nearest(k, known)}") for k, v in given.items() if k not in owners
+        ]
+        options: dict[str, Any] = {}
+        if chosen:
+            mine = {k: given[k] for k in own if k in given}
+            try:
+                options |= chosen.options.model_validate(mine).model_dump()
+            except ValidationError as err:
+                errors += _details(err)
+        for key, infos in owners.items():
+            if key in own:
+                continue
+            model = infos[0].options
+            try:
+                valid = model.model_validate({key: given[key]} if key in given else {})
+            except ValidationError as err:
+                errors += _details(err)
+                continue
+            options[key] = value = getattr(valid, key)
+            default = model.model_fields[key].default
+            if chosen and f"peft.{key}" in overridden and value != default:
+                takes = "/".join(i.name for i in infos)
+                errors.append(
+                    _error(
+                        key,
+                        value,
+                        f"peft.{key}={value} applies to {takes} only, not to peft.method={chosen.name}; "
+                        f"drop it (or set peft.{key}={default})",
+                    )
+                )
+        try:
+            section = handler({**{k: v for k, v in data.items() if k in cls.model_fields}, **options})
+        except ValidationError as err:
+            errors = _details(err) + errors
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return section
 
     @field_validator("method")
     @classmethod
@@ -237,12 +322,6 @@ class PeftSection(_Section):
                     f"peft.method={m} {info.roles_why}, but peft.placement={self.placement} adapts "
                     f"{', '.join(roles)}; {info.roles_fix}"
                 )
-        if self.dropout > 0 and not info.dropout:
-            with_dropout = "/".join(n for n, i in registry.METHODS.items() if i.dropout)
-            raise ValueError(
-                f"peft.dropout={self.dropout} applies to {with_dropout} only; peft.method={m} has no "
-                f"adapter dropout, set peft.dropout=0"
-            )
         return self
 
 
@@ -480,7 +559,7 @@ class Config(_Section):
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A re-validated copy with dotted-path overrides applied (used by Tune trials)."""
-        return validate_config(apply_overrides(self.to_dict(), overrides))
+        return validate_config(apply_overrides(self.to_dict(), overrides), overridden=overrides)
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -495,9 +574,11 @@ def _format_errors(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def validate_config(raw: Mapping[str, Any]) -> Config:
+def validate_config(raw: Mapping[str, Any], overridden: Iterable[str] = ()) -> Config:
+    """``overridden``: the dotted keys an override set (the rest were written in a file, or saved
+    with a run): `PeftSection` refuses an override of an option the method does not take."""
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(raw, context={"overridden": frozenset(overridden)})
     except ValidationError as err:
         raise ConfigError(f"invalid config, {err.error_count()} problem(s):\n{_format_errors(err)}") from None
 
@@ -547,4 +628,5 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not isinstance(loaded, dict):
             raise ConfigError(f"{file}: the top level must be a mapping of sections")
         raw = loaded
-    return validate_config(apply_overrides(raw, dict(parse_override(o) for o in overrides)))
+    parsed = dict(parse_override(o) for o in overrides)
+    return validate_config(apply_overrides(raw, parsed), overridden=parsed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -275,15 +275,17 @@ def build_encoder(
 
 
 def adapter_spec(cfg: Config) -> AdapterSpec:
-    """The flat adapter settings of a config: every ``peft.*`` field `AdapterSpec` has (a method's
-    new field is added to both, nowhere else), ``peft.target_modules`` as ``custom_targets`` and
-    ``model.max_length``. With ``method(spec.method).wrap(backbone, spec, name)`` a caller can
-    check a config against a weightless skeleton of the backbone."""
+    """What a config puts on the backbone: ``peft.*`` with the method's own options
+    (``cfg.peft.options``), ``peft.target_modules`` as ``custom_targets``, and ``model.max_length``.
+    With ``method(spec.method).wrap(backbone, spec, name)`` a caller can check a config against a
+    weightless skeleton of the backbone."""
     p = cfg.peft
-    shared = {f.name for f in fields(AdapterSpec)} & set(type(p).model_fields)
     return AdapterSpec(
-        **{k: getattr(p, k) for k in shared},
+        method=p.method,
+        placement=p.placement,
+        layers=p.layers,
         custom_targets=tuple(p.target_modules) if p.target_modules else None,
+        options=p.options,
         max_length=cfg.model.max_length,
     )
 

@@ -9,15 +9,17 @@ checked space into Tune's samplers and runs it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from metapeft_ray.core import registry
 from metapeft_ray.core.config import PACKAGED_CONFIGS, Config, ConfigError
 
-__all__ = ["Distribution", "SearchSpace", "TuneSettings", "base_point", "load_space"]
+__all__ = ["Distribution", "SearchSpace", "TuneSettings", "base_point", "load_space", "trial_config"]
 
 
 class Distribution(BaseModel):
@@ -143,3 +145,12 @@ def base_point(base: Config, space: SearchSpace) -> dict[str, Any] | None:
             return None
         point[key] = node
     return point
+
+
+def trial_config(base: Config, point: Mapping[str, Any]) -> Config:
+    """``base`` with a sampled point applied, less the ``peft.*`` options the trial's method does
+    not take: a space that searches ``peft.method`` with ``peft.rank`` runs its IA3 trials
+    without a rank, where a plain override of it would be refused."""
+    method = registry.METHODS.get(point.get("peft.method", base.peft.method))
+    unused = set(registry.option_owners()) - set(method.options.model_fields if method else ())
+    return base.with_overrides({k: v for k, v in point.items() if k.removeprefix("peft.") not in unused})

@@ -12,7 +12,6 @@ exact agreement.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -137,7 +136,6 @@ class MetaLearner:
         meta_batch_size: int,
         outer_lr: float,
         val_episodes: int,
-        b_std: float | None = None,
         algorithm: MetaAlgorithm | None = None,
         outer_optimizer: str = "adam",
         extra_outer_lr: float | None = None,
@@ -151,8 +149,7 @@ class MetaLearner:
         self.params = encoder.adapter_params()
         # The method's default init (LoRA: B = 0) is kept for the fine-tuning baseline.
         self.default_init = {k: v.detach().clone() for k, v in self.params.items()}
-        spec = encoder.spec if b_std is None else dataclasses.replace(encoder.spec, init_b_std=b_std)
-        method(spec.method).meta_init(self.params, spec, seed)
+        method(encoder.spec.method).meta_init(self.params, encoder.spec, seed)
         algorithm_extra = self.algorithm.extra_meta_params(self.params, lr=inner.lr)
         head = inner.head_meta_params(learn_head, device=encoder.device)
         self.extra = {**algorithm_extra, **head}
@@ -189,7 +186,6 @@ class MetaLearner:
             meta_batch_size=m.meta_batch_size,
             outer_lr=m.outer_lr,
             val_episodes=m.val_episodes,
-            b_std=cfg.peft.init_b_std,
             algorithm=algorithm(m.algorithm).from_settings(m.model_dump()),
             outer_optimizer=m.outer_optimizer,
             extra_outer_lr=m.metasgd_outer_lr,

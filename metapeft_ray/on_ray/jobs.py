@@ -220,7 +220,7 @@ def prepare_submission(
         if not adapter:
             raise JobsError("submit --command evaluate needs --adapter (an exported dir or s3:// prefix)")
         parsed = dict(parse_override(o) for o in overrides)
-        validate_config(apply_overrides(Config().to_dict(), parsed))
+        validate_config(apply_overrides(Config().to_dict(), parsed), overridden=parsed)
         args = ["--adapter", adapter]
         meta["adapter"] = adapter
     else:

@@ -27,7 +27,7 @@ import yaml
 from metapeft_ray.core import runstore, storage
 from metapeft_ray.core.config import Config, ConfigError, validate_config
 from metapeft_ray.core.evaluate import markdown_table
-from metapeft_ray.core.space import Distribution, TuneSettings, base_point, load_space
+from metapeft_ray.core.space import Distribution, TuneSettings, base_point, load_space, trial_config
 
 if TYPE_CHECKING:
     from metapeft_ray.on_ray.distributed import ClusterView
@@ -71,7 +71,7 @@ def trial(params: dict[str, Any], base: dict[str, Any], workers: int = 1) -> Non
     from metapeft_ray.core.train import MetaLearner, prepare_sampler
 
     try:
-        cfg = validate_config(base).with_overrides(params)
+        cfg = trial_config(validate_config(base), params)
         precheck(cfg)
         sampler = prepare_sampler(cfg)
     except ValueError as err:  # ConfigError, PlacementError, DataError
@@ -408,7 +408,7 @@ def run_search(
         (`distributed.train_on`: one task with one worker's resources, also for a distributed
         trial) and the meta-test (``fan_out``) run as Ray tasks; this driver reads the
         checkpoint's state and writes the files."""
-        cfg = base.with_overrides({**{k: row[k] for k in keys}, "run.name": name})
+        cfg = trial_config(base, {**{k: row[k] for k in keys}, "run.name": name})
         ckpt = row["_result"].checkpoint
         if ckpt is None and row["checkpoint_path"]:
             from ray.train import Checkpoint
@@ -436,7 +436,7 @@ def run_search(
 
     with staged(storage.join(root, "summary")) as out:
         if best is not None:
-            best_cfg = base.with_overrides({**{k: best[k] for k in keys}, "run.name": "best"})
+            best_cfg = trial_config(base, {**{k: best[k] for k in keys}, "run.name": "best"})
             (out / "best.yaml").write_text(
                 "# metapeft train --config best.yaml   (best configuration of the search)\n"
                 + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False)

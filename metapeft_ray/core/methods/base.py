@@ -17,20 +17,20 @@ from metapeft_ray.core import registry
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """Flat values (unpacked from ``peft.*`` and ``model.max_length`` by the recipe) that say what
-    to put on the backbone. Each method reads the fields it needs and ignores the others."""
+    """What to put on the backbone (`model.adapter_spec` builds it from ``peft.*`` and
+    ``model.max_length``): where, and the method's own validated options (``options.rank``)."""
 
     method: str = "lora"
     placement: str | None = "attn_qv"
     layers: str = "all"
     custom_targets: tuple[str, ...] | None = None
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    init_b_std: float = 0.01
-    num_virtual_tokens: int = 10
-    bottleneck_dim: int = 16
+    options: registry.MethodOptions | None = None
+    """The method's `registry.MethodInfo.options`; None: their defaults."""
     max_length: int = 64
+
+    def __post_init__(self) -> None:
+        if self.options is None and self.method in registry.METHODS:
+            object.__setattr__(self, "options", registry.METHODS[self.method].options())
 
 
 class PeftMethod(ABC):

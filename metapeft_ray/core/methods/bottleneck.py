@@ -163,7 +163,7 @@ class Bottleneck(PeftMethod):
         targets = target_modules(backbone, spec.placement or "", spec.layers, custom)
         backbone.requires_grad_(False)
         return BottleneckModel(
-            backbone, matched_modules(backbone, targets), spec.bottleneck_dim, base_model_name
+            backbone, matched_modules(backbone, targets), spec.options.bottleneck_dim, base_model_name
         )
 
     def load_weights(self, model: nn.Module, path: Path, device: torch.device) -> None:
@@ -176,4 +176,4 @@ class Bottleneck(PeftMethod):
         with torch.no_grad():
             for name, p in params.items():
                 if name.endswith(f".{CHILD}.up.weight"):
-                    p.copy_(torch.randn(p.shape, generator=gen) * spec.init_b_std)
+                    p.copy_(torch.randn(p.shape, generator=gen) * spec.options.init_b_std)

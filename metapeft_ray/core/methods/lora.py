@@ -68,9 +68,9 @@ class LoRA(PeftMethod):
         custom = list(spec.custom_targets) if spec.custom_targets else None
         return wrap_with_lora(
             backbone,
-            rank=spec.rank,
-            alpha=spec.alpha,
-            dropout=spec.dropout,
+            rank=spec.options.rank,
+            alpha=spec.options.alpha,
+            dropout=spec.options.dropout,
             targets=target_modules(backbone, spec.placement or "", spec.layers, custom),
             base_model_name=base_model_name,
             use_dora=self.use_dora,
@@ -78,13 +78,13 @@ class LoRA(PeftMethod):
 
     def set_modes(self, model: nn.Module, spec: AdapterSpec) -> None:
         model.eval()
-        if spec.dropout > 0:  # only the adapters' dropout is live; the frozen backbone stays in eval
+        if spec.options.dropout > 0:  # only the adapters' dropout is live; the frozen backbone stays in eval
             for name, module in model.named_modules():
                 if name.endswith("lora_dropout.default"):
                     module.train()
 
     def meta_init(self, params: Mapping[str, Tensor], spec: AdapterSpec, seed: int) -> None:
-        meta_init_lora(params, b_std=spec.init_b_std, seed=seed)
+        meta_init_lora(params, b_std=spec.options.init_b_std, seed=seed)
 
 
 class DoRA(LoRA):

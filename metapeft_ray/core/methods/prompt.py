@@ -37,16 +37,17 @@ class PromptTuning(PeftMethod):
         from peft import PromptTuningConfig, TaskType
 
         return PromptTuningConfig(
-            task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=spec.num_virtual_tokens
+            task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=spec.options.num_virtual_tokens
         )
 
     def wrap(self, backbone: nn.Module, spec: AdapterSpec, base_model_name: str) -> nn.Module:
         from peft import get_peft_model
 
         limit = getattr(backbone.config, "max_position_embeddings", None)
-        if limit is not None and spec.max_length + spec.num_virtual_tokens > limit:
+        tokens = spec.options.num_virtual_tokens
+        if limit is not None and spec.max_length + tokens > limit:
             raise PlacementError(
-                f"model.max_length={spec.max_length} + peft.num_virtual_tokens={spec.num_virtual_tokens} "
+                f"model.max_length={spec.max_length} + peft.num_virtual_tokens={tokens} "
                 f"exceeds the backbone's max_position_embeddings={limit}; lower one of them"
             )
         model = get_peft_model(backbone, self._config(spec))
@@ -54,7 +55,7 @@ class PromptTuning(PeftMethod):
         return model
 
     def hidden_offset(self, spec: AdapterSpec) -> int:
-        return spec.num_virtual_tokens
+        return spec.options.num_virtual_tokens
 
     def backbone_hidden(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         # Prompt learning leaves the base model untouched; peft's disable_adapter() also fails for
@@ -69,7 +70,7 @@ class PrefixTuning(PromptTuning):
         from peft import PrefixTuningConfig, TaskType
 
         return PrefixTuningConfig(
-            task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=spec.num_virtual_tokens
+            task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=spec.options.num_virtual_tokens
         )
 
     def wrap(self, backbone: nn.Module, spec: AdapterSpec, base_model_name: str) -> nn.Module:
