@@ -18,8 +18,8 @@ scored (a costly baseline's prefix).
 The JSON keeps every fold's per-episode values (``folds``), and a previous ``accuracy.json`` is
 an input like a report: a later run adds its cells to the table without the runs behind the
 earlier ones (``python benchmarks/accuracy.py benchmarks/results/accuracy.json NEW/report.json``).
-Rows of a table written before the values were kept are carried as they are, unless a report
-gives their cell anew.
+Rows of a table written before the values were kept are carried as they are; a report of a
+cell such a row holds is refused (the two cannot be pooled).
 """
 
 from __future__ import annotations
@@ -164,10 +164,13 @@ def table(folds: dict[Key, dict[str, Any]], carried: list[dict[str, Any]]) -> li
                 f"{ref}_mean_on_these_episodes": p["reference_mean"],
             }
         rows.append(row)
-    given = {(r["protocol"], r["dataset"], r["n_way"], r["k_shot"], r["method"]) for r in rows}
-    return rows + [
-        r for r in carried if (r["protocol"], r["dataset"], r["n_way"], r["k_shot"], r["method"]) not in given
-    ]
+    fields = ("protocol", "dataset", "n_way", "k_shot", "method")
+    if clash := {tuple(r[f] for f in fields) for r in rows} & {tuple(r[f] for f in fields) for r in carried}:
+        raise SystemExit(
+            f"{sorted(clash)[:3]}: given by a report and by a table without per-episode values, which "
+            "cannot be pooled; leave the report out, or give every run behind that cell"
+        )
+    return rows + carried
 
 
 def summary(rows: list[dict[str, Any]]) -> list[str]:

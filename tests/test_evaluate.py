@@ -440,6 +440,9 @@ def test_accuracy_table_is_an_input_to_the_next_table(tmp_path: Path) -> None:
     assert rows[("meta", 5)]["folds"] == 2 and rows[("meta", 5)]["paired_diff_vs_logreg"] == pytest.approx(
         0.15
     )
-    assert rows[("meta", 20)] == legacy_row  # carried as it was: no report gives its cell
+    assert rows[("meta", 20)] == legacy_row  # carried as it was
+    twenty = report("f2", 2, {"meta": {"20w1s": [0.5]}})
+    with pytest.raises(SystemExit, match="cannot be pooled"):  # a legacy row's cell from a report
+        accuracy.pool([str(old), twenty])
     with pytest.raises(SystemExit, match="already come from"):  # a table's fold is not added twice
         accuracy.pool([str(table), one])
