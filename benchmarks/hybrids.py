@@ -234,6 +234,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 init["cells"][dataset] = _paired(res["meta_init"], frozen[dataset])
             cell = ", ".join(f"{k} {100 * v['mean']:.1f}" for k, v in res["meta"].items())
             print(f"{dataset} {method}/{algorithm}: {cell} (train {train_s:.0f}s)", flush=True)
+            # what is done so far, in case the run is stopped (the full record comes at the end)
+            args.out.with_suffix(f".partial-{dataset}.json").write_text(json.dumps(rows))
     return rows
 
 
@@ -325,6 +327,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    for dataset in args.datasets:  # every dataset's episodes can be drawn, before any process starts
+        prepare_sampler(make_cfg(args, dataset, *combos(args)[0]))
     command = "python benchmarks/hybrids.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t0 = time.perf_counter()
     rows = run_all(args)
@@ -332,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(args, rows, command.strip(), wall)
     args.out.write_text(text)
+    for dataset in args.datasets:
+        args.out.with_suffix(f".partial-{dataset}.json").unlink(missing_ok=True)
     args.out.with_suffix(".json").write_text(
         json.dumps(
             {"command": command.strip(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
