@@ -193,22 +193,6 @@ def adapt(
     example against prototypes without itself (`leave_one_out_logits`), recomputed from the
     adapted encoder at every step, and the returned head is the adapted encoder's prototypes.
     """
-    if leave_one_out:
-        return _adapt_leave_one_out(
-            encoder,
-            params,
-            support,
-            support_labels,
-            n_way,
-            steps,
-            lr,
-            scale,
-            first_order,
-            param_lrs,
-            inner_scale,
-            names,
-            name_weight,
-        )
     embedded = encoder.embed(params, support)
     named = None if names is None else encoder.embed(params, names)
     weight, bias = proto_head(embedded, support_labels, n_way, named, name_weight)
@@ -219,8 +203,24 @@ def adapt(
     losses: list[float] = []
     if optimizer == "adam" and not first_order:
         raise ValueError("the Adam inner loop (fine-tuning baselines) is first order; use optimizer='sgd'")
+    if leave_one_out and (views is not None or optimizer == "adam"):
+        raise ValueError("the leave-one-out support loss takes no views and the SGD step only")
     adam = _Adam() if optimizer == "adam" else None
     for step in range(steps):
+        if leave_one_out:  # prototypes without each example, from the encoder as it is now
+            if step:
+                embedded = encoder.embed(fast, support)
+                named = None if names is None else encoder.embed(fast, names)
+            logits = leave_one_out_logits(embedded, support_labels, n_way, inner_scale, named, name_weight)
+            loss = F.cross_entropy(logits, labels)
+            losses.append(loss.item())
+            fast = _sgd(
+                fast,
+                torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order),
+                lr,
+                param_lrs,
+            )
+            continue
         # The inner gradient is the partial derivative w.r.t. the adapter with the head held fixed
         # (not the total one through the prototype init of the head). At step 0 the support
         # embedding is the one the prototypes came from: no second forward; its gradient, taken at
@@ -248,46 +248,22 @@ def adapt(
         if adam is not None:
             grads = adam.directions(grads, step + 1)
         *g_params, g_weight, g_bias = grads
-        fast = {
-            name: p - param_lrs[name] * g if param_lrs else torch.add(p, g, alpha=-lr)
-            for (name, p), g in zip(fast.items(), g_params, strict=True)
-        }
+        fast = _sgd(fast, g_params, lr, param_lrs)
         weight, bias = weight - lr * g_weight, bias - lr * g_bias
-    return Adapted(fast, weight, bias, losses)
-
-
-def _adapt_leave_one_out(
-    encoder: Encoder,
-    params: Mapping[str, Tensor],
-    support: Mapping[str, Tensor],
-    labels: Tensor,
-    n_way: int,
-    steps: int,
-    lr: float,
-    scale: Scalar,
-    first_order: bool,
-    param_lrs: Mapping[str, Tensor] | None,
-    inner_scale: Scalar | None,
-    names: Mapping[str, Tensor] | None,
-    name_weight: Scalar,
-) -> Adapted:
-    fast, losses = dict(params), []
-    inner_scale = scale if inner_scale is None else inner_scale
-    for _ in range(steps):
+    if leave_one_out and steps:  # the adapted encoder's prototypes
         named = None if names is None else encoder.embed(fast, names)
-        emb = encoder.embed(fast, support)
-        loss = F.cross_entropy(
-            leave_one_out_logits(emb, labels, n_way, inner_scale, named, name_weight), labels
-        )
-        losses.append(loss.item())
-        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-        fast = {
-            name: p - param_lrs[name] * g if param_lrs else torch.add(p, g, alpha=-lr)
-            for (name, p), g in zip(fast.items(), grads, strict=True)
-        }
-    named = None if names is None else encoder.embed(fast, names)
-    weight, bias = proto_head(encoder.embed(fast, support), labels, n_way, named, name_weight)
+        weight, bias = proto_head(encoder.embed(fast, support), support_labels, n_way, named, name_weight)
     return Adapted(fast, weight, bias, losses)
+
+
+def _sgd(
+    params: dict[str, Tensor], grads: Sequence[Tensor], lr: float, param_lrs: Mapping[str, Tensor] | None
+) -> dict[str, Tensor]:
+    """One step ``p - lr g``, or ``p - lr_p g`` with Meta-SGD's learned rates."""
+    return {
+        name: p - param_lrs[name] * g if param_lrs else torch.add(p, g, alpha=-lr)
+        for (name, p), g in zip(params.items(), grads, strict=True)
+    }
 
 
 class _Adam:
