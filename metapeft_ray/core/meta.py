@@ -137,9 +137,8 @@ def leave_one_out_logits(
             "(k_shot >= 2 or head.label_names=true)"
         )
     # example i's prototypes: its own class's sum less itself; the others' as they are
-    protos = (sums - onehot.unsqueeze(2) * embeddings.unsqueeze(1)) / (counts - onehot).unsqueeze(
-        2
-    )  # [S, N, D]
+    without_self = sums - onehot.unsqueeze(2) * embeddings.unsqueeze(1)  # [S, N, D]
+    protos = without_self / (counts - onehot).unsqueeze(2)
     return scale * (2 * torch.einsum("sd,snd->sn", embeddings, protos) - (protos * protos).sum(-1))
 
 
