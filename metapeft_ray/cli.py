@@ -15,6 +15,15 @@ CONFIG_HELP = "config YAML path or shipped name (quickstart, banking77, fewshot,
 OVERRIDES_HELP = "dotted overrides, e.g. meta.inner_steps=3 peft.rank=4"
 
 
+def _quiet_unless_verbose(args: argparse.Namespace) -> None:
+    """A command that loads the backbone prints no loading bars or library deprecation warnings
+    unless ``--verbose`` (`model.quiet_transformers`)."""
+    if not args.verbose:
+        from metapeft_ray.core.model import quiet_transformers
+
+        quiet_transformers()
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     if args.metrics_port is not None:
@@ -27,10 +36,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
         port = serve_local(args.metrics_port, args.metrics_host)
         print(f"metapeft: metrics on http://{args.metrics_host}:{port}/metrics", file=sys.stderr)
-    if not args.verbose:
-        from metapeft_ray.core.model import quiet_transformers
-
-        quiet_transformers()
+    _quiet_unless_verbose(args)
     if args.local:
         from metapeft_ray.core.recipes import train_local
 
@@ -48,6 +54,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from metapeft_ray.core.recipes import evaluate_adapter
 
     overrides = dict(parse_override(o) for o in args.overrides)
+    _quiet_unless_verbose(args)
     _print_report(evaluate_adapter(args.adapter, overrides, args.out, progress=not args.quiet))
 
 
@@ -57,6 +64,7 @@ def _cmd_adapt(args: argparse.Namespace) -> None:
     from metapeft_ray.core.export import load_adapter, load_inner_lrs
     from metapeft_ray.core.train import inner_loop
 
+    _quiet_unless_verbose(args)
     encoder, _, cfg, _ = load_adapter(args.adapter)
     inner = inner_loop(cfg, args.steps, args.lr)
     support = load_dataset(args.support, args.text_column, args.label_column)
@@ -268,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="where to write report.{json,md} (default: beside the adapter)"
     )
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--verbose", action="store_true", help="transformers' own info and warnings too")
     e.set_defaults(func=_cmd_evaluate)
 
     a = sub.add_parser("adapt", help="adapt an init to a support file and classify queries")
@@ -278,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lr", type=float, default=None)
     a.add_argument("--text-column", default="text")
     a.add_argument("--label-column", default="label")
+    a.add_argument("--verbose", action="store_true", help="transformers' own info and warnings too")
     a.set_defaults(func=_cmd_adapt)
 
     u = sub.add_parser("tune", help="Ray Tune search of the PEFT config, scored on meta-val episodes")

@@ -17,7 +17,15 @@ from metapeft_ray.core.config import ConfigError, load_config
 from metapeft_ray.core.data import label_text
 from metapeft_ray.core.episodes import word_dropout_views
 from metapeft_ray.core.export import load_adapter
-from metapeft_ray.core.meta import HEAD_PREFIX, InnerLoop, leave_one_out_logits, proto_head, run_episode
+from metapeft_ray.core.meta import (
+    HEAD_PREFIX,
+    InnerLoop,
+    head_logits,
+    leave_one_out_logits,
+    logreg_head,
+    proto_head,
+    run_episode,
+)
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
@@ -269,3 +277,67 @@ def test_leave_one_out_is_a_config_switch_that_refuses_what_cannot_work(tiny) ->
         load_config(None, base)
     with pytest.raises(ConfigError, match="set head.views=0"):
         load_config(None, [*base, "head.label_names=true", "head.views=2"])
+
+
+def test_logreg_head_is_scikit_learns_logistic_regression_as_a_linear_head() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    gen = torch.Generator().manual_seed(0)
+    for n_way in (2, 4):
+        x = F.normalize(torch.randn(6 * n_way, 8, generator=gen), dim=-1)
+        y = torch.arange(n_way).repeat(6)
+        names = F.normalize(torch.randn(n_way, 8, generator=gen), dim=-1)
+        queries = F.normalize(torch.randn(50, 8, generator=gen), dim=-1)
+        # the names as examples of weight 0.5, the head at temperature 4
+        weight, bias = logreg_head(x, y, n_way, names, 0.5, scale=4.0)
+        assert weight.shape == (n_way, 8) and bias.shape == (n_way,)
+        clf = LogisticRegression(C=10.0, max_iter=1000).fit(
+            torch.cat([x, names]).double().numpy(),
+            torch.cat([y, torch.arange(n_way)]).numpy(),
+            sample_weight=[1.0] * len(y) + [0.5] * n_way,
+        )
+        probs = F.softmax(head_logits(queries, weight, bias, 4.0), -1)
+        expected = torch.as_tensor(clf.predict_proba(queries.double().numpy()))
+        torch.testing.assert_close(probs.double(), expected)
+
+
+def test_logreg_test_head_scores_queries_where_no_meta_gradient_goes(learner) -> None:  # noqa: ANN001
+    from metapeft_ray.core import baselines
+    from metapeft_ray.core.adapt import adapt_to_support, classify
+    from metapeft_ray.core.data import LabelledTexts
+
+    episode = learner.sampler.build(learner.train_specs(0)[0])
+    proto = InnerLoop(0, 0.005, 100.0, first_order=True, name_weight=0.5)
+    logreg = replace(proto, test_head="logreg")
+    # 0 steps: the meta_init row of the same episode (the init's encoder, from a cache)
+    cache = baselines.EmbeddingCache(learner.encoder, learner.params)
+    cached = baselines.logreg_scorer(cache, label_names=True, name_weight=0.5)(episode)
+    direct = run_episode(learner.encoder, learner.params, episode, logreg, meta_gradient=False)
+    assert direct.query_accuracy == pytest.approx(cached)
+    # the head differs from the prototypes' (the tiny model's prototypes and logreg disagree here)
+    by_proto = run_episode(learner.encoder, learner.params, episode, proto, meta_gradient=False)
+    assert direct.query_loss != pytest.approx(by_proto.query_loss, rel=1e-3)
+    # meta-training keeps the differentiable prototype head
+    proto, logreg = replace(proto, steps=1), replace(logreg, steps=1)
+    r, r_proto = (
+        run_episode(learner.encoder, learner.params, episode, inner, meta_gradient=True)
+        for inner in (logreg, proto)
+    )
+    assert r.query_loss == pytest.approx(r_proto.query_loss)
+    # `metapeft adapt` and Serve: the adapted task's head is the logistic regression's
+    support = LabelledTexts(
+        "s", tuple(episode.support_texts), tuple(episode.class_names[i] for i in episode.support_labels)
+    )
+    task = adapt_to_support(learner.encoder, learner.params, support, logreg)
+    predicted = [p["label"] for p in classify(learner.encoder, task, episode.query_texts)]
+    expected = [episode.class_names[i] for i in episode.query_labels]
+    accuracy = sum(a == b for a, b in zip(predicted, expected, strict=True)) / len(expected)
+    adapted = run_episode(learner.encoder, learner.params, episode, logreg, meta_gradient=False)
+    assert accuracy == pytest.approx(adapted.query_accuracy)
+
+
+def test_logreg_test_head_is_a_config_switch(tiny) -> None:  # noqa: ANN001
+    cfg = load_config(None, [*tiny_overrides(*tiny), "head.test_head=logreg"])
+    assert MetaLearner.from_config(cfg, prepare_sampler(cfg)).inner.test_head == "logreg"
+    with pytest.raises(ConfigError, match="head.test_head"):
+        load_config(None, [*tiny_overrides(*tiny), "head.test_head=svm"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from metapeft_ray.core.data import LabelledTexts, label_text
 from metapeft_ray.core.episodes import word_dropout_views
-from metapeft_ray.core.meta import Adapted, InnerLoop, adapt, head_logits
+from metapeft_ray.core.meta import Adapted, InnerLoop, adapt, head_logits, refit_head
 from metapeft_ray.core.model import Encoder
 
 
@@ -35,16 +35,18 @@ def adapt_to_support(
 ) -> AdaptedTask:
     """The ``inner`` loop on the support set (the same `adapt` as training, first order), with the
     support labels' names joining the prototypes when ``inner.name_weight`` is set and the
-    augmented views drawn with seed 0. ``param_lrs``: Meta-SGD's learned per-tensor learning
-    rates of the init (`export.load_inner_lrs`)."""
+    augmented views drawn with seed 0; the task's head is ``inner.test_head``. ``param_lrs``:
+    Meta-SGD's learned per-tensor learning rates of the init (`export.load_inner_lrs`)."""
     classes = sorted(set(support.labels))
     labels = torch.tensor([classes.index(y) for y in support.labels], device=encoder.device)
     params = {k: v.detach().requires_grad_() for k, v in init.items()}
     views = inner.views
+    tokens = encoder.tokenize(support.texts)
+    names = None if inner.name_weight is None else encoder.tokenize([label_text(c) for c in classes])
     adapted = adapt(
         encoder,
         params,
-        encoder.tokenize(support.texts),
+        tokens,
         labels,
         len(classes),
         steps=inner.steps,
@@ -54,13 +56,16 @@ def adapt_to_support(
         param_lrs=param_lrs,
         optimizer=inner.optimizer,
         inner_scale=inner.inner_scale,
-        names=None if inner.name_weight is None else encoder.tokenize([label_text(c) for c in classes]),
+        names=names,
         name_weight=1.0 if inner.name_weight is None else inner.name_weight,
         views=encoder.tokenize(word_dropout_views(support.texts, views, inner.view_drop, 0))
         if views
         else None,
         leave_one_out=inner.leave_one_out,
     )
+    if inner.test_head == "logreg":
+        head = refit_head(encoder, adapted.params, tokens, labels, len(classes), names, inner)
+        adapted = replace(adapted, weight=head[0], bias=head[1])
     return AdaptedTask(tuple(classes), adapted, float(inner.scale))
 
 

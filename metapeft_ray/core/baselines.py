@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from metapeft_ray.core.episodes import Episode
-from metapeft_ray.core.meta import InnerLoop, head_logits, proto_head, run_episode
+from metapeft_ray.core.meta import InnerLoop, head_logits, logreg_head, proto_head, run_episode
 from metapeft_ray.core.model import Encoder
 
 Scorer = Callable[[Episode], float | dict[str, float]]
@@ -96,19 +96,15 @@ def prototype_scorer(cache: EmbeddingCache, *, label_names: bool = False, name_w
     return score
 
 
-def logreg_scorer(cache: EmbeddingCache, *, label_names: bool = False) -> Scorer:
-    """Logistic regression on the cache encoder's support embeddings (with ``label_names``, plus each
-    class name's embedding as one more example). C = 10: the embeddings are unit-norm, so sklearn's
-    default C = 1 regularises them into mush."""
-    from sklearn.linear_model import LogisticRegression
+def logreg_scorer(cache: EmbeddingCache, *, label_names: bool = False, name_weight: float = 1.0) -> Scorer:
+    """Logistic regression (`meta.logreg_head`) on the cache encoder's support embeddings (with
+    ``label_names``, plus each class name's embedding as ``name_weight`` more examples)."""
 
     def score(episode: Episode) -> float:
         e_s, y_s, e_q, y_q = _frozen(cache, episode)
-        if label_names:
-            e_s = torch.cat([e_s, cache(episode.name_texts)])
-            y_s = torch.cat([y_s, torch.arange(len(episode.class_names))])
-        clf = LogisticRegression(C=10.0, max_iter=1000).fit(e_s.numpy(), y_s.numpy())
-        return float((clf.predict(e_q.numpy()) == y_q.numpy()).mean())
+        names = cache(episode.name_texts) if label_names else None
+        weight, bias = logreg_head(e_s, y_s, len(episode.class_names), names, name_weight)
+        return (head_logits(e_q, weight, bias, 1.0).argmax(-1) == y_q).float().mean().item()
 
     return score
 

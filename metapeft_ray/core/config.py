@@ -127,6 +127,12 @@ class HeadSection(_Section):
     is part of (at 1 shot its own; with a fixed head adapted by SGD); ``leave_one_out`` leaves it
     out of its own class's prototype (at 1 shot that is the class name alone: needs
     ``label_names``) and re-computes the prototypes from the adapted encoder at every step."""
+    test_head: Literal["prototypes", "logreg"] = "prototypes"
+    """The query classifier once the inner loop is done, where no meta-gradient goes back
+    (validation, meta-test, ``metapeft adapt``, Serve): ``prototypes``, the adapted head that
+    meta-training differentiates, or ``logreg``, logistic regression (C = 10) fitted on the
+    adapted encoder's support embeddings, the class names as ``name_weight`` examples each. With
+    5 or more examples per class it is the stronger head (README, Accuracy)."""
     learn: list[HeadValue] = Field(default_factory=list)
     """Head values meta-learned with the adapter init (log-parametrised, so they stay positive),
     exported with the adapter and used at meta-test and by ``metapeft adapt``."""

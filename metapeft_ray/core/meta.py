@@ -62,6 +62,9 @@ class InnerLoop:
     optimizer: Literal["sgd", "adam"] = "sgd"
     leave_one_out: bool = False
     """The support loss leaves each example out of its own prototype (`leave_one_out_logits`)."""
+    test_head: Literal["prototypes", "logreg"] = "prototypes"
+    """The query head of an adaptation no gradient goes back through (validation, meta-test,
+    serving): the adapted prototypes, or `logreg_head` fitted on the adapted encoder's support."""
 
     @classmethod
     def finetune(cls, steps: int, lr: float, scale: float) -> InnerLoop:
@@ -140,6 +143,36 @@ def leave_one_out_logits(
     without_self = sums - onehot.unsqueeze(2) * embeddings.unsqueeze(1)  # [S, N, D]
     protos = without_self / (counts - onehot).unsqueeze(2)
     return scale * (2 * torch.einsum("sd,snd->sn", embeddings, protos) - (protos * protos).sum(-1))
+
+
+def logreg_head(
+    embeddings: Tensor,
+    labels: Tensor,
+    n_way: int,
+    names: Tensor | None = None,
+    name_weight: Scalar = 1.0,
+    scale: Scalar = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Logistic regression (scikit-learn, C = 10, the ``logreg`` baseline's) on the support
+    embeddings, each class name's embedding one more example of weight ``name_weight``: the
+    weight and bias that `head_logits` at temperature ``scale`` turns into its logits. Not
+    differentiable: a head for adaptations no meta-gradient goes through. C = 10: the embeddings
+    are unit-norm, so scikit-learn's default C = 1 regularises them into mush."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = embeddings.detach(), labels
+    w = torch.ones(len(y), device=x.device)
+    if names is not None:
+        x, y = torch.cat([x, names.detach()]), torch.cat([y, torch.arange(n_way, device=y.device)])
+        w = torch.cat([w, torch.full((n_way,), float(name_weight), device=x.device)])
+    clf = LogisticRegression(C=10.0, max_iter=1000)
+    clf.fit(x.cpu().double().numpy(), y.cpu().numpy(), sample_weight=w.cpu().numpy())
+    coef = torch.as_tensor(clf.coef_, dtype=x.dtype, device=x.device)
+    intercept = torch.as_tensor(clf.intercept_, dtype=x.dtype, device=x.device)
+    if n_way == 2:  # sklearn's binary model: the logit of class 1 against a class 0 at logit 0
+        coef = torch.cat([torch.zeros_like(coef), coef])
+        intercept = torch.cat([torch.zeros_like(intercept), intercept])
+    return coef / scale, intercept / scale
 
 
 def head_logits(embeddings: Tensor, weight: Tensor, bias: Tensor, scale: Scalar) -> Tensor:
@@ -374,10 +407,11 @@ def run_episode(
                 views=view_batch,
                 leave_one_out=inner.leave_one_out,
             )
+        weight, bias = adapted.weight, adapted.bias
+        if inner.test_head == "logreg" and not meta_gradient:
+            weight, bias = refit_head(encoder, adapted.params, support, s_labels, n_way, names, inner)
         with torch.set_grad_enabled(meta_gradient):
-            logits = head_logits(
-                encoder.embed(adapted.params, query), adapted.weight, adapted.bias, inner.scale
-            )
+            logits = head_logits(encoder.embed(adapted.params, query), weight, bias, inner.scale)
             loss = F.cross_entropy(logits, q_labels)
         grads = None
         if meta_gradient:
@@ -399,6 +433,24 @@ def run_episode(
     accuracy = (logits.argmax(-1) == q_labels).float().mean().item()
     kept = {k: v.detach() for k, v in adapted.params.items()} if keep_adapted else None
     return EpisodeResult(grads, loss.item(), accuracy, before, after, kept)
+
+
+def refit_head(
+    encoder: Encoder,
+    params: Mapping[str, Tensor],
+    support: Mapping[str, Tensor],
+    labels: Tensor,
+    n_way: int,
+    names: Mapping[str, Tensor] | None,
+    inner: InnerLoop,
+) -> tuple[Tensor, Tensor]:
+    """`logreg_head` on the support (and the class names, when ``names`` holds them tokenised)
+    embedded by the adapted ``params``, at the inner loop's name weight and query temperature."""
+    with torch.no_grad():
+        embedded = encoder.embed(params, support)
+        named = None if names is None else encoder.embed(params, names)
+    weight = 1.0 if inner.name_weight is None else float(inner.name_weight)
+    return logreg_head(embedded, labels, n_way, named, weight, float(inner.scale))
 
 
 def _episode_seed(episode: Episode) -> int:

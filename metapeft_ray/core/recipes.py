@@ -83,10 +83,10 @@ def build_scorers(
     names = {"label_names": inner.name_weight is not None}
     factories: dict[str, Callable[[], baselines.Scorer]] = {
         "meta": lambda: baselines.adapted_scorer(encoder, meta_init, inner, param_lrs=inner_lrs),
-        # 0 inner steps: the Proto-MAML head's prototypes of the meta-learned encoder (from a cache)
-        "meta_init": lambda: baselines.prototype_scorer(
-            meta_cache, **names, name_weight=float(inner.name_weight or 1.0)
-        ),
+        # 0 inner steps: the test head (`head.test_head`) on the meta-learned encoder (from a cache)
+        "meta_init": lambda: (
+            baselines.logreg_scorer if inner.test_head == "logreg" else baselines.prototype_scorer
+        )(meta_cache, **names, name_weight=float(inner.name_weight or 1.0)),
         "meta_logreg": lambda: baselines.logreg_scorer(meta_cache, **names),
         "proto": lambda: baselines.prototype_scorer(cache),
         "logreg": lambda: baselines.logreg_scorer(cache),

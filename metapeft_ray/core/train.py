@@ -116,6 +116,7 @@ def inner_loop(cfg: Config, steps: int | None = None, lr: float | None = None) -
         h.views,
         h.view_drop,
         leave_one_out=h.support_loss == "leave_one_out",
+        test_head=h.test_head,
     )
 
 
