@@ -309,6 +309,24 @@ def test_cli_reports_config_errors_in_one_line_and_exit_code_2(capsys: pytest.Ca
     assert "invalid config, 2 problem(s)" in err and "meta.nope: unknown key" in err
 
 
+def test_ranks_are_dealt_the_meta_batch_by_cost_so_they_finish_together() -> None:
+    from metapeft_ray.core.episodes import Episode
+    from metapeft_ray.core.train import shard
+
+    specs = list("abcdefg")
+    cost = {"a": 5, "b": 4, "c": 3, "d": 3, "e": 3, "f": 1, "g": 1}.__getitem__
+    shares = [shard(specs, r, 2, cost) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == specs  # every episode once, on one rank
+    # longest first to the least-loaded rank: 10 / 10 where the round-robin deal gives 12 / 8
+    assert [sum(map(cost, s)) for s in shares] == [10, 10]
+    assert [sum(map(cost, specs[r::2])) for r in range(2)] == [12, 8]
+    assert shard(specs, 0, 1, cost) == specs
+    assert [shard(specs, r, 3, lambda _: 1) for r in range(3)] == [specs[r::3] for r in range(3)]
+    # the cost a meta-step deals by: each batch is padded to its longest text
+    episode = Episode(None, ("x", "y"), ("ab", "abcd"), (0, 1), ("a", "b", "c"), (0, 1, 1))  # type: ignore[arg-type]
+    assert episode.padded_chars == 2 * 4 + 3 * 1
+
+
 def test_a_meta_batch_that_leaves_workers_idle_is_refused_or_warned(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

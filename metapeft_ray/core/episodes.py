@@ -233,6 +233,12 @@ class Episode:
         """The class names as text, in label order (for a head with label names)."""
         return [label_text(c) for c in self.class_names]
 
+    @property
+    def padded_chars(self) -> int:
+        """A proxy for the episode's compute: the encoder pads the support and the query batch each
+        to its longest text, so their work grows with count x longest (characters here)."""
+        return sum(len(texts) * max(map(len, texts)) for texts in (self.support_texts, self.query_texts))
+
 
 class EpisodeSampler:
     """Builds episodes of one dataset and fold from specs."""

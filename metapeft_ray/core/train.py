@@ -1,13 +1,13 @@
 """Meta-training of the adapter init: `MetaLearner` (one meta-step, Ray-free) and its setup.
 
-A meta-step draws ``meta_batch_size`` episode specs, lets each rank run its share
-(``specs[rank::world]``) through the algorithm's per-episode function (`metapeft_ray.core.algorithms`),
-sums the contributions and the statistics in one flat vector through ``reduce`` (identity in one
-process, an all-reduce on Ray), and applies one optimiser update to the meta-parameters:
-``theta <- Adam(theta, (1/B) sum_i g_i)`` with ``theta`` the adapter init (plus Meta-SGD's log
-learning rates) and ``g_i`` episode i's contribution (MAML: ``dL_query_i/dtheta``; Reptile:
-``phi_0 - phi_K,i``). Every rank applies the same update to the same vector, so all ranks stay in
-exact agreement.
+A meta-step draws ``meta_batch_size`` episode specs, lets each rank run its share (`shard`: dealt
+by cost, so the ranks finish together) through the algorithm's per-episode function
+(`metapeft_ray.core.algorithms`), sums the contributions and the statistics in one flat vector
+through ``reduce`` (identity in one process, an all-reduce on Ray), and applies one optimiser
+update to the meta-parameters: ``theta <- Adam(theta, (1/B) sum_i g_i)`` with ``theta`` the
+adapter init (plus Meta-SGD's log learning rates) and ``g_i`` episode i's contribution (MAML:
+``dL_query_i/dtheta``; Reptile: ``phi_0 - phi_K,i``). Every rank applies the same update to the
+same vector, so all ranks stay in exact agreement.
 """
 
 from __future__ import annotations
@@ -120,6 +120,26 @@ def inner_loop(cfg: Config, steps: int | None = None, lr: float | None = None) -
     )
 
 
+def shard(
+    specs: Sequence[EpisodeSpec], rank: int, world: int, cost: Callable[[EpisodeSpec], float]
+) -> list[EpisodeSpec]:
+    """Rank ``rank``'s share of ``specs`` out of ``world``: the longest-processing-time deal, the
+    most costly episode first, each to the rank with the least cost so far (ties: the lowest
+    rank; equal costs give ``specs[rank::world]``), so the ranks reach the all-reduce together
+    instead of waiting for the one that drew the long texts. Every rank computes the same deal
+    from the same specs; the sum over all ranks is the same whatever the deal."""
+    if world == 1:
+        return list(specs)
+    costs = [cost(s) for s in specs]
+    loads, mine = [0.0] * world, []
+    for i in sorted(range(len(specs)), key=lambda i: -costs[i]):  # stable: ties keep spec order
+        least = loads.index(min(loads))
+        loads[least] += costs[i]
+        if least == rank:
+            mine.append(specs[i])
+    return mine
+
+
 class MetaLearner:
     """The meta-parameters (adapter init ``phi_0``, plus the algorithm's own, e.g. Meta-SGD's
     log learning rates), their outer optimiser, and how to take one meta-step."""
@@ -201,6 +221,9 @@ class MetaLearner:
         # The same validation episodes at every evaluation, so the curve compares like with like.
         return self.sampler.specs("val", self.val_episodes, seed=self.seed, step=0, **self.shape)
 
+    def _cost(self, spec: EpisodeSpec) -> int:
+        return self.sampler.build(spec).padded_chars
+
     def _episode(self, spec: EpisodeSpec, meta_gradient: bool) -> EpisodeResult:
         t0 = time.perf_counter()
         result = self.algorithm.episode(
@@ -236,7 +259,7 @@ class MetaLearner:
         dev = params[0].device
         grad = torch.zeros(sum(p.numel() for p in params), device=dev)
         stats = torch.zeros(len(_STATS), device=dev, dtype=torch.float64)
-        for spec in self.train_specs(self.step)[rank::world]:
+        for spec in shard(self.train_specs(self.step), rank, world, self._cost):
             r = self._episode(spec, meta_gradient=True)
             grad += torch.cat([r.grads[k].reshape(-1) for k in names])
             stats += torch.tensor([getattr(r, s) for s in _STATS], device=dev, dtype=torch.float64)
@@ -262,7 +285,7 @@ class MetaLearner:
         sums = torch.zeros(
             len(_VAL_STATS) + 1, dtype=torch.float64, device=next(iter(self.params.values())).device
         )
-        for spec in self.val_specs()[rank::world]:
+        for spec in shard(self.val_specs(), rank, world, self._cost):
             r = self._episode(spec, meta_gradient=False)
             sums += torch.tensor(
                 [*(getattr(r, s) for s in _VAL_STATS), 1.0], dtype=torch.float64, device=sums.device

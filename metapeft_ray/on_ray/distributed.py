@@ -2,7 +2,7 @@
 
 Thin by design: every worker builds the same `MetaLearner` and calls ``learner.iterate`` with its
 ``rank``/``world`` and an all-reduce; the learner already splits the meta-batch
-(``specs[rank::world]``), packs meta-gradients and statistics into one flat vector and divides by
+(`train.shard`), packs meta-gradients and statistics into one flat vector and divides by
 the meta-batch size, so a W-worker run equals the single-process run (float32 tolerance).
 
 Order of work (everything that can be checked is checked before any cluster resource is taken):
@@ -98,7 +98,7 @@ class TrainingFailedError(RuntimeError):
 def check_meta_batch(
     meta_batch_size: int, workers: int, field: str = "distributed.workers (--workers)"
 ) -> None:
-    """Each rank runs ``specs[rank::workers]`` of a meta-batch: with fewer episodes than workers
+    """Each rank runs its share of a meta-batch (`train.shard`): with fewer episodes than workers
     some ranks idle through every step, so that is refused; a meta-batch that is not a multiple of
     the workers leaves some ranks idle for part of each step, which is only worth a warning."""
     if meta_batch_size < workers:
