@@ -446,3 +446,41 @@ def test_accuracy_table_is_an_input_to_the_next_table(tmp_path: Path) -> None:
         accuracy.pool([str(old), twenty])
     with pytest.raises(SystemExit, match="already come from"):  # a table's fold is not added twice
         accuracy.pool([str(table), one])
+
+
+def test_paired_compares_two_reports_of_the_same_episodes_row_by_row(tmp_path: Path) -> None:
+    """benchmarks/paired.py: two meta-tests of one init (another head, another inner loop) on the
+    same episodes, each row against each reference, per cell."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import accuracy
+    import paired as paired_script
+
+    def report(name: str, results: dict, classes: tuple[str, ...] = ("a", "b")) -> str:
+        body = {
+            "test_classes": list(classes),
+            "splits": {"dataset": "hwu64", "fold": 0},
+            "config": {"run": {"seed": 0}, "eval": {"q_query": 5}},
+            "results": {m: {c: {"per_episode": v} for c, v in per.items()} for m, per in results.items()},
+        }
+        (path := tmp_path / f"{name}.json").write_text(json.dumps(body))
+        return str(path)
+
+    base = report(
+        "protos", {"meta": {"5w5s": [0.8, 0.8, 1.0, 0.6]}, "logreg": {"5w5s": [0.8, 0.6, 1.0, 0.6]}}
+    )
+    other = report(
+        "lr", {"meta": {"5w5s": [1.0, 0.8, 1.0, 0.8]}, "meta_init": {"5w5s": [1.0, 0.8, 0.8, 0.8]}}
+    )
+    folds, _ = accuracy.gather([base, f"{other}:lrhead"])
+    pairs = [("lrhead", "meta"), ("lrhead", "logreg"), ("lrhead", "lrhead_init"), ("lrhead", "setfit")]
+    (entry,) = paired_script.compare(folds, pairs)
+    assert entry["cell"] == "5w5s" and set(entry["rows"]) == {"meta", "logreg", "lrhead", "lrhead_init"}
+    assert set(entry["pairs"]) == {"lrhead:meta", "lrhead:logreg", "lrhead:lrhead_init"}  # no setfit row
+    assert entry["pairs"]["lrhead:meta"]["diff"] == pytest.approx(0.1)  # diffs .2 0 0 .2
+    assert entry["pairs"]["lrhead:logreg"]["error_reduction"] == pytest.approx(1 - 0.1 / 0.25)
+    assert entry["pairs"]["lrhead:lrhead_init"]["diff"] == pytest.approx(0.05)
+    assert "lrhead − meta | +10.0 ± " in paired_script.markdown([entry])
+    with pytest.raises(SystemExit, match="other episodes"):  # other test classes: other episodes
+        accuracy.gather([base, report("elsewhere", {"meta": {"5w5s": [1.0]}}, ("c", "d"))])
