@@ -14,7 +14,9 @@ the same all-reduce as `metapeft train`), takes ``--warmup`` untimed steps, then
 ``--steps``. Per step it separates the time inside the inner loops (the episodes: forward,
 adaptation, query meta-gradient) from the rest (spec drawing, packing, the all-reduce and any
 wait for the slowest rank, the Adam update). Worker-group start (~20 s on 2 cores) is reported
-separately and excluded from steps/s.
+separately and excluded from steps/s. From the single process's episode times it also computes
+how long a rank of 2 would wait for the other at each all-reduce, with the meta-batch dealt round
+robin and by padded text length (`train.shard`, what the workers do).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 
 from metapeft_ray.core.config import Config
-from metapeft_ray.core.train import MetaLearner, prepare_sampler
+from metapeft_ray.core.train import MetaLearner, prepare_sampler, shard
 
 from common import workload, write_result
 
@@ -48,22 +50,46 @@ def bench_config(args: argparse.Namespace) -> Config:
 def timed_steps(
     learner: MetaLearner, warmup: int, steps: int, rank: int = 0, world: int = 1, reduce: Any = None
 ) -> dict[str, float]:
-    """Run warm-up + timed meta-steps; returns wall and inner-loop seconds per timed step."""
+    """Run warm-up + timed meta-steps; returns wall and inner-loop seconds per timed step, and
+    each timed episode's spec and seconds (``episodes``, in meta-batch order)."""
     inner = [0.0]  # seconds in the per-episode unit (the inner loop + meta-gradient)
+    episodes: list[tuple[Any, float]] = []
 
-    def add_episode_time(_spec: Any, _result: Any, seconds: float) -> None:
+    def add_episode_time(spec: Any, _result: Any, seconds: float) -> None:
         inner[0] += seconds
+        episodes.append((spec, seconds))
 
     learner.episode_observers.append(add_episode_time)
     kw = {"rank": rank, "world": world} | ({"reduce": reduce} if reduce else {})
     for _ in range(warmup):
         learner.meta_step(**kw)
     inner[0] = 0.0
+    episodes.clear()
     t0 = time.perf_counter()
     for _ in range(steps):
         learner.meta_step(**kw)
     wall = time.perf_counter() - t0
-    return {"wall_per_step": wall / steps, "inner_per_step": inner[0] / steps}
+    return {"wall_per_step": wall / steps, "inner_per_step": inner[0] / steps, "episodes": episodes}
+
+
+def rank_idle(episodes: list[tuple[Any, float]], meta_batch: int, world: int, cost: Any) -> dict[str, float]:
+    """From one process's episode times, meta-batch by meta-batch: the mean share of a
+    ``world``-rank step that a rank spends waiting at the all-reduce for the slowest one
+    (1 - mean load / max load), with the meta-batch dealt round robin and by `train.shard`."""
+    deals = {
+        "round robin": lambda specs, r: specs[r::world],
+        "by padded length (shard)": lambda specs, r: shard(specs, r, world, cost),
+    }
+    idle: dict[str, float] = {}
+    for name, deal in deals.items():
+        shares = []
+        for i in range(0, len(episodes) - meta_batch + 1, meta_batch):
+            batch = episodes[i : i + meta_batch]
+            seconds = {id(spec): t for spec, t in batch}
+            loads = [sum(seconds[id(x)] for x in deal([spec for spec, _ in batch], r)) for r in range(world)]
+            shares.append(1 - sum(loads) / world / max(loads))
+        idle[name] = sum(shares) / len(shares)
+    return idle
 
 
 def ray_loop(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -80,6 +106,7 @@ def ray_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     torch.set_num_threads(config["threads"])
     learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=ray.train.torch.get_device())
     t = timed_steps(learner, config["warmup"], config["steps"], rank, world, _all_reduce_sum)
+    del t["episodes"]
     t["setup_s"] = t_start - config["fit_called_at"]
     gathered: list[dict[str, float]] = [{}] * world
     torch.distributed.all_gather_object(gathered, t)
@@ -149,6 +176,8 @@ def main() -> None:
     # Again at the end: on a shared machine the load drifts; the baseline is the mean of both.
     learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=torch.device("cpu"))
     rows["single process, again"] = timed_steps(learner, args.warmup, args.steps)
+    episodes = [e for name in ("single process", "single process, again") for e in rows[name].pop("episodes")]
+    idle = rank_idle(episodes, cfg.meta.meta_batch_size, 2, learner._cost)
     base = (rows["single process"]["wall_per_step"] + rows["single process, again"]["wall_per_step"]) / 2
     md = [
         f"Workload: {cfg.model.backbone} on {cfg.data.dataset}, 5-way 1-shot, 5 queries/class, "
@@ -172,7 +201,14 @@ def main() -> None:
     for name, r in rows.items():
         if "inner_per_rank" in r:
             md.append(f"{name}: inner-loop s/step per rank {r['inner_per_rank']}, fit() {r['fit_s']:.1f} s.")
-    write_result("distributed", {"rows": rows, "workload": vars(args)}, "\n".join(md))
+    md += [
+        "",
+        f"Rank imbalance, from the single process's {len(episodes)} episode times: a rank of 2 would wait "
+        + ", ".join(f"{100 * v:.1f} % of each step with the meta-batch dealt {k}" for k, v in idle.items())
+        + ".",
+    ]
+    payload = {"rows": rows, "two_rank_idle_share": idle, "workload": vars(args)}
+    write_result("distributed", payload, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ backbone size, and the step-time model that follows from it.
     python benchmarks/bench_scaling.py                      # no weights loaded, a few seconds
     python benchmarks/bench_scaling.py --episode-ms 40 --meta-batch 32 --link-gbps 100 3
 
-Per meta-step every worker runs its share ``specs[rank::W]`` of the B episodes, then all workers
+Per meta-step every worker runs its share (`train.shard`) of the B episodes, then all workers
 sum one flat float64 vector (the adapter meta-gradient, the algorithm's extra meta-parameters —
 Meta-SGD's log learning rates — and 4 statistics) in a single all-reduce, and each applies the
 same Adam update. The frozen backbone, the episodes (each worker rebuilds them from a few-byte
