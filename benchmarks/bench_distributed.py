@@ -177,7 +177,7 @@ def main() -> None:
     learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=torch.device("cpu"))
     rows["single process, again"] = timed_steps(learner, args.warmup, args.steps)
     episodes = [e for name in ("single process", "single process, again") for e in rows[name].pop("episodes")]
-    idle = rank_idle(episodes, cfg.meta.meta_batch_size, 2, learner._cost)
+    idle = rank_idle(episodes, cfg.meta.meta_batch_size, 2, learner.episode_cost)
     base = (rows["single process"]["wall_per_step"] + rows["single process, again"]["wall_per_step"]) / 2
     md = [
         f"Workload: {cfg.model.backbone} on {cfg.data.dataset}, 5-way 1-shot, 5 queries/class, "

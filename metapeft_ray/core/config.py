@@ -131,8 +131,8 @@ class HeadSection(_Section):
     """The query classifier once the inner loop is done, where no meta-gradient goes back
     (validation, meta-test, ``metapeft adapt``, Serve): ``prototypes``, the adapted head that
     meta-training differentiates, or ``logreg``, logistic regression (C = 10) fitted on the
-    adapted encoder's support embeddings, the class names as ``name_weight`` examples each. With
-    5 or more examples per class it is the stronger head (README, Accuracy)."""
+    adapted encoder's support embeddings, the class names as ``name_weight`` examples each (ahead
+    of the prototypes at 1, 5 and 10 shots in every cell measured: README, Accuracy)."""
     learn: list[HeadValue] = Field(default_factory=list)
     """Head values meta-learned with the adapter init (log-parametrised, so they stay positive),
     exported with the adapter and used at meta-test and by ``metapeft adapt``."""

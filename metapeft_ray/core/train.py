@@ -221,7 +221,8 @@ class MetaLearner:
         # The same validation episodes at every evaluation, so the curve compares like with like.
         return self.sampler.specs("val", self.val_episodes, seed=self.seed, step=0, **self.shape)
 
-    def _cost(self, spec: EpisodeSpec) -> int:
+    def episode_cost(self, spec: EpisodeSpec) -> int:
+        """What `shard` deals a meta-batch by: the episode's padded characters."""
         return self.sampler.build(spec).padded_chars
 
     def _episode(self, spec: EpisodeSpec, meta_gradient: bool) -> EpisodeResult:
@@ -259,7 +260,7 @@ class MetaLearner:
         dev = params[0].device
         grad = torch.zeros(sum(p.numel() for p in params), device=dev)
         stats = torch.zeros(len(_STATS), device=dev, dtype=torch.float64)
-        for spec in shard(self.train_specs(self.step), rank, world, self._cost):
+        for spec in shard(self.train_specs(self.step), rank, world, self.episode_cost):
             r = self._episode(spec, meta_gradient=True)
             grad += torch.cat([r.grads[k].reshape(-1) for k in names])
             stats += torch.tensor([getattr(r, s) for s in _STATS], device=dev, dtype=torch.float64)
@@ -285,7 +286,7 @@ class MetaLearner:
         sums = torch.zeros(
             len(_VAL_STATS) + 1, dtype=torch.float64, device=next(iter(self.params.values())).device
         )
-        for spec in shard(self.val_specs(), rank, world, self._cost):
+        for spec in shard(self.val_specs(), rank, world, self.episode_cost):
             r = self._episode(spec, meta_gradient=False)
             sums += torch.tensor(
                 [*(getattr(r, s) for s in _VAL_STATS), 1.0], dtype=torch.float64, device=sums.device
