@@ -44,6 +44,13 @@ NAMES_REFERENCE = "logreg_names"
 
 
 Key = tuple[str, str, str]  # (protocol, test dataset, fold)
+ROW_KEY = ("protocol", "dataset", "n_way", "k_shot", "method")  # one row of the table
+
+
+def shape(cell: str) -> tuple[int, int]:
+    """``"20w1s"`` -> (20, 1)."""
+    n_way, k_shot = (int(x) for x in cell.rstrip("s").split("w"))
+    return n_way, k_shot
 
 
 def load(arg: str) -> tuple[list[tuple[Key, dict[str, Any]]], list[dict[str, Any]]]:
@@ -52,12 +59,14 @@ def load(arg: str) -> tuple[list[tuple[Key, dict[str, Any]]], list[dict[str, Any
     path, _, alias = arg.partition(":")
     report = json.loads(Path(path).read_text())
     if "cells" in report:  # a previous accuracy.json
-        parts = []
+        parts, computed = [], set()
         for f in report.get("folds", []):
             results = {m: {c: {"per_episode": v} for c, v in per.items()} for m, per in f["results"].items()}
             where = f"{path} ({f['dataset']} fold {f['fold']})"
             parts.append(((f["protocol"], f["dataset"], f["fold"]), {**f, "results": results, "path": where}))
-        return parts, [] if "folds" in report else report["cells"]
+            computed |= {(f["protocol"], f["dataset"], *shape(c), m) for m in results for c in results[m]}
+        # its rows that no kept fold gives: those carried from a table before the values were kept
+        return parts, [r for r in report["cells"] if tuple(r[k] for k in ROW_KEY) not in computed]
     results = dict(report["results"])
     if alias:
         results = {
@@ -139,7 +148,7 @@ def table(folds: dict[Key, dict[str, Any]], carried: list[dict[str, Any]]) -> li
                 cells[(protocol, dataset, cell, method)].append((stats["per_episode"], refs))
     rows = []
     for (protocol, dataset, cell, method), per_fold in cells.items():
-        n_way, k_shot = (int(x) for x in cell.rstrip("s").split("w"))
+        n_way, k_shot = shape(cell)
         values = [v for vals, _ in per_fold for v in vals]
         row = {
             "protocol": protocol,
@@ -164,8 +173,11 @@ def table(folds: dict[Key, dict[str, Any]], carried: list[dict[str, Any]]) -> li
                 f"{ref}_mean_on_these_episodes": p["reference_mean"],
             }
         rows.append(row)
-    fields = ("protocol", "dataset", "n_way", "k_shot", "method")
-    if clash := {tuple(r[f] for f in fields) for r in rows} & {tuple(r[f] for f in fields) for r in carried}:
+
+    def keys(rs: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
+        return {tuple(r[k] for k in ROW_KEY) for r in rs}
+
+    if clash := keys(rows) & keys(carried):
         raise SystemExit(
             f"{sorted(clash)[:3]}: given by a report and by a table without per-episode values, which "
             "cannot be pooled; leave the report out, or give every run behind that cell"

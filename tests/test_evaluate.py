@@ -446,6 +446,13 @@ def test_accuracy_table_is_an_input_to_the_next_table(tmp_path: Path) -> None:
         accuracy.pool([str(old), twenty])
     with pytest.raises(SystemExit, match="already come from"):  # a table's fold is not added twice
         accuracy.pool([str(table), one])
+    # a table that holds both (kept folds and a carried row) keeps both when it is read back
+    folds, carried = accuracy.gather([one, str(old)])
+    (both := tmp_path / "both.json").write_text(
+        json.dumps({"cells": accuracy.table(folds, carried), "folds": accuracy.kept(folds)})
+    )
+    assert accuracy.gather([str(both)])[1] == [legacy_row]
+    assert {(r["method"], r["n_way"]): r for r in accuracy.pool([str(both), two])} == rows
 
 
 def test_paired_compares_two_reports_of_the_same_episodes_row_by_row(tmp_path: Path) -> None:
