@@ -132,7 +132,7 @@ class HeadSection(_Section):
     (validation, meta-test, ``metapeft adapt``, Serve): ``prototypes``, the adapted head that
     meta-training differentiates, or ``logreg``, logistic regression (C = 10) fitted on the
     adapted encoder's support embeddings, the class names as ``name_weight`` examples each (ahead
-    of the prototypes at 1, 5 and 10 shots in every cell measured: README, Accuracy)."""
+    of or level with the prototypes at 1, 5 and 10 shots in every cell measured: README)."""
     learn: list[HeadValue] = Field(default_factory=list)
     """Head values meta-learned with the adapter init (log-parametrised, so they stay positive),
     exported with the adapter and used at meta-test and by ``metapeft adapt``."""
