@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ from metapeft_ray.core.data import load_dataset
 from metapeft_ray.core.episodes import ClassSplits, EpisodeSampler
 from metapeft_ray.core.evaluate import markdown_table, meta_test, paired
 from metapeft_ray.core.meta import InnerLoop, run_episode
-from metapeft_ray.core.model import encoder_from_config
+from metapeft_ray.core.model import encoder_from_config, length_batches
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
 
@@ -205,6 +206,30 @@ def test_full_finetune_moves_every_backbone_weight_and_leaves_the_module_untouch
     moved = [k for k in weights if not torch.equal(result.adapted[k], before[k])]
     assert len(moved) == len(weights)
     assert all(torch.equal(v, before[k]) for k, v in view.backbone_params().items())
+
+
+def test_length_batches_cut_long_texts_from_short_ones() -> None:
+    lengths = [10] * 31 + [64]
+    batches = length_batches(lengths, 64)
+    assert batches == [list(range(31)), [31]]  # 31 * 10 + 64 + 2 passes < 32 * 64 + 1 pass
+    assert length_batches([12] * 40, 64) == [list(range(40))]  # equal lengths: one pass
+    mixed = [7, 50, 9, 30, 12, 64, 8, 11] * 5
+    batches = length_batches(mixed, 8)
+    assert sorted(i for b in batches for i in b) == list(range(len(mixed)))
+    assert all(len(b) <= 8 for b in batches)
+    runs = [[mixed[i] for i in b] for b in batches]
+    assert all(r == sorted(r) for r in runs)
+    assert all(max(a) <= min(b) for a, b in itertools.pairwise(runs))
+
+
+def test_embed_texts_gives_each_text_its_own_embedding_in_order(encoder_and_episode) -> None:  # noqa: ANN001
+    encoder, episode = encoder_and_episode
+    texts = [*episode.query_texts, "a much longer text than the others " * 3, *episode.support_texts]
+    params = {k: v.detach() for k, v in encoder.adapter_params().items()}
+    together = encoder.embed_texts(params, texts, batch_size=3)
+    with torch.no_grad():
+        alone = torch.cat([encoder.embed(params, encoder.tokenize([t])) for t in texts])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
 
 
 def test_embedding_cache_returns_the_frozen_embeddings(encoder_and_episode) -> None:  # noqa: ANN001

@@ -74,26 +74,25 @@ def classify(
 ) -> Iterator[dict[str, Any]]:
     """One prediction per text, ``{"text", "label", "confidence"}`` (the softmax probability of
     the label), plus ``"top"``: the ``top_k`` most probable ``{"label", "probability"}`` when
-    ``top_k`` > 0. Texts are embedded ``batch_size`` at a time."""
+    ``top_k`` > 0. Texts are embedded at most ``batch_size`` at a time, in batches of similar
+    length (`Encoder.embed_texts`)."""
     a = task.adapted
-    batch: list[str] = []
-    for text in [*texts, None]:
-        if text is not None:
-            batch.append(text)
-        if batch and (text is None or len(batch) == batch_size):
-            with torch.no_grad():
-                emb = encoder.embed(a.params, encoder.tokenize(batch))
-                probs = F.softmax(head_logits(emb, a.weight, a.bias, task.scale), -1)
-            top_p, top_i = probs.topk(max(1, min(top_k, len(task.classes))), -1)
-            for t, ps, ids in zip(batch, top_p.tolist(), top_i.tolist(), strict=True):
-                pred = {"text": t, "label": task.classes[ids[0]], "confidence": round(ps[0], 4)}
-                if top_k > 0:
-                    pred["top"] = [
-                        {"label": task.classes[i], "probability": round(p, 4)}
-                        for p, i in zip(ps, ids, strict=True)
-                    ]
-                yield pred
-            batch = []
+    texts = list(texts)
+    with torch.no_grad():
+        probs = F.softmax(
+            head_logits(
+                encoder.embed_texts(a.params, texts, batch_size=batch_size), a.weight, a.bias, task.scale
+            ),
+            -1,
+        )
+    top_p, top_i = probs.topk(max(1, min(top_k, len(task.classes))), -1)
+    for t, ps, ids in zip(texts, top_p.tolist(), top_i.tolist(), strict=True):
+        pred = {"text": t, "label": task.classes[ids[0]], "confidence": round(ps[0], 4)}
+        if top_k > 0:
+            pred["top"] = [
+                {"label": task.classes[i], "probability": round(p, 4)} for p, i in zip(ps, ids, strict=True)
+            ]
+        yield pred
 
 
 def adapt_and_predict(

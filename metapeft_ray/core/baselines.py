@@ -41,7 +41,7 @@ class EmbeddingCache:
     text of a 27-class split several times), so these rows cost one pass over the data.
 
     ``texts``: every text the cache will be asked for (`evaluate.episode_texts`), embedded on the
-    first call in fixed batches (by length: less padding). A text's embedding depends on the
+    first call in batches of similar length (`Encoder.embed_texts`). A text's embedding depends on the
     batch it is padded in (~1e-7 here), so without them a process that scores only some episodes
     (a part of a fanned-out meta-test) could score an episode differently from one process
     scoring them all; with them every process gets the same numbers. Other texts are embedded
@@ -57,7 +57,7 @@ class EmbeddingCache:
         self.encoder, self.batch_size = encoder, batch_size
         self.params = None if params is None else {k: v.detach() for k, v in params.items()}
         self._cache: dict[str, Tensor] = {}
-        self._upfront = sorted(dict.fromkeys(texts), key=len)
+        self._upfront = list(dict.fromkeys(texts))
 
     def __call__(self, texts: Sequence[str]) -> Tensor:
         if self._upfront:
@@ -67,11 +67,9 @@ class EmbeddingCache:
         return torch.stack([self._cache[t] for t in texts])
 
     def _embed(self, missing: list[str]) -> None:
-        for i in range(0, len(missing), self.batch_size):
-            chunk = missing[i : i + self.batch_size]
-            with torch.no_grad():
-                emb = self.encoder.embed(self.params, self.encoder.tokenize(chunk)).cpu()
-            self._cache.update(zip(chunk, emb, strict=True))
+        if missing:
+            emb = self.encoder.embed_texts(self.params, missing, batch_size=self.batch_size).cpu()
+            self._cache.update(zip(missing, emb, strict=True))
 
 
 def _frozen(cache: EmbeddingCache, episode: Episode) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -7,7 +7,7 @@ substitutes the adapter tensors functionally and never touches the frozen backbo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -160,6 +160,30 @@ def _replay(replay: _Replay, tensors: dict[str, Tensor], *args: Any, **kwargs: A
     return functional_call(replay, tensors, args, kwargs)
 
 
+FORWARD_TOKENS = 128
+"""What one more forward pass costs, in tokens (`length_batches`): MiniLM on 2 CPU threads takes
+13.6 ms a pass plus 0.116 ms a token (measured on a 32 x 64 and a 32 x 16 batch)."""
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The indices of ``lengths`` (token counts) in batches of at most ``batch_size`` that cost
+    least to embed: texts sorted by length, cut where the padded tokens plus `FORWARD_TOKENS` a
+    batch add up least (an exact search over the cuts, ``n * batch_size`` steps)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # best[j]: the cheapest batches of the j shortest texts
+        for i in range(max(0, j - batch_size), j):
+            cost = best[i] + (j - i) * lengths[order[j - 1]] + FORWARD_TOKENS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    batches, j = [], n
+    while j:
+        batches.append(order[cut[j] : j])
+        j = cut[j]
+    return batches[::-1]
+
+
 @dataclass
 class Encoder:
     """Sentence encoder ``x -> normalize(mean_pool(f(x; theta_backbone, phi)))`` in which only the
@@ -207,6 +231,25 @@ class Encoder:
             for k, v in batch.items()
             if k in ("input_ids", "attention_mask")
         }
+
+    def embed_texts(
+        self, params: Mapping[str, Tensor] | None, texts: Sequence[str], *, batch_size: int = 64
+    ) -> Tensor:
+        """`embed` of many texts without gradients, in their order: the texts go through in
+        batches of similar length (`length_batches`), so a few long texts do not pad all the
+        short ones to their length."""
+        lengths = [
+            len(ids)
+            for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        ]
+        out: list[Tensor] = [torch.empty(0)] * len(texts)
+        with torch.no_grad():
+            for batch in length_batches(lengths, batch_size):
+                for i, e in zip(
+                    batch, self.embed(params, self.tokenize([texts[i] for i in batch])), strict=True
+                ):
+                    out[i] = e
+        return torch.stack(out) if out else torch.empty(0)
 
     def embed(self, params: Mapping[str, Tensor] | None, batch: Mapping[str, Tensor]) -> Tensor:
         """Embeddings with ``params`` substituted for the adapter; ``None`` = backbone alone."""

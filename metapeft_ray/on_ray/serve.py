@@ -38,6 +38,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
@@ -287,11 +288,14 @@ class AdaptationServer:
         self.adapters, self.settings, self.store = dict(adapters), settings, store
         self.infos = {name: describe_init(name, uri) for name, uri in self.adapters.items()}
         self.token = read_token(settings.token_env, settings.token_file)
-        self.tasks: TaskCache[AdaptedTask] = TaskCache(settings.cache_size, settings.ttl_s)
+        self.tasks: TaskCache[tuple[str, AdaptedTask]] = TaskCache(
+            settings.cache_size, settings.ttl_s
+        )  # init
         # torch.func.functional_call swaps the module's tensors while it runs, so two threads
-        # must not run one encoder at once: one computation at a time per replica (it uses all
-        # of torch's intra-op threads anyway).
-        self._compute = asyncio.Lock()
+        # must not run one encoder at once: one computation at a time per replica, always on the
+        # same thread (it uses all of torch's intra-op threads anyway, and a second thread would
+        # start a second OpenMP team competing for the same cores).
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="metapeft-compute")
         self._adapting: dict[str, asyncio.Future[AdaptedTask]] = {}
         self.adaptations = 0  # inner loops run by this replica, for /health
 
@@ -320,8 +324,7 @@ class AdaptationServer:
         return await self._run(load)
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
-        async with self._compute:
-            return await asyncio.to_thread(fn)
+        return await asyncio.get_running_loop().run_in_executor(self._compute, fn)
 
     # -- request checks: each raises a 4xx with a one-line reason ---------------------------------
 
@@ -407,16 +410,16 @@ class AdaptationServer:
         """The task this replica adapted before (True), or adapts now and keeps (False). Requests
         that miss the same task meanwhile wait for that one adaptation (shielded: a client that
         goes away does not cancel it for the others)."""
-        task = self.tasks.get(key)
-        record_task_cache(task is not None, init=spec.init)
-        if task is not None:
-            return task, True
+        held = self.tasks.get(key)
+        record_task_cache(held is not None, init=spec.init)
+        if held is not None:
+            return held[1], True
         pending = self._adapting.get(key)
         if pending is None:
             pending = self._adapting[key] = asyncio.ensure_future(self._adapt(spec))
             pending.add_done_callback(lambda _: self._adapting.pop(key, None))
         task = await asyncio.shield(pending)
-        self.tasks.put(key, task)
+        self.tasks.put(key, (spec.init, task))
         return task, False
 
     async def _classify(self, query: _Query) -> tuple[list, int]:
@@ -484,17 +487,28 @@ class AdaptationServer:
     @app.post("/tasks/{key}/classify")
     async def classify_texts(self, key: str, request: Request) -> dict[str, Any]:
         req = await self._read(request, ClassifyRequest)
-        spec = await self.store.get.remote(key)
+        texts = self._texts(req.texts, "texts")
+        start = time.perf_counter()
+        # The store says whether the task exists. A task this replica holds is classified while
+        # the store answers; its predictions go out only if the store still has the task.
+        stored = self.store.get.remote(key)
+        held = self.tasks.get(key)
+        early = (
+            None
+            if held is None
+            else asyncio.ensure_future(self._classify(_Query(key, *held, texts, req.top_k)))
+        )
+        spec = await stored
         if spec is None:
+            if early is not None:
+                early.cancel()
             raise _reject(
                 404,
                 f"unknown task {key!r}: never created or evicted (cache of "
                 f"{self.settings.cache_size}, TTL {self.settings.ttl_s:g} s); POST /tasks again",
             )
-        texts = self._texts(req.texts, "texts")
-        start = time.perf_counter()
         task, cached = await self._adapted(key, spec)
-        predictions, batch = await self._classify(_Query(key, spec.init, task, texts, req.top_k))
+        predictions, batch = await (early or self._classify(_Query(key, spec.init, task, texts, req.top_k)))
         return {
             "task_id": key,
             "predictions": predictions,
