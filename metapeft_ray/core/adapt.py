@@ -64,7 +64,10 @@ def adapt_to_support(
         leave_one_out=inner.leave_one_out,
     )
     if inner.test_head == "logreg":
-        head = refit_head(encoder, adapted.params, tokens, labels, len(classes), names, inner)
+        with torch.no_grad():
+            embedded = encoder.embed(adapted.params, tokens)
+            named = None if names is None else encoder.embed(adapted.params, names)
+        head = refit_head(embedded, labels, len(classes), named, inner)
         adapted = replace(adapted, weight=head[0], bias=head[1])
     return AdaptedTask(tuple(classes), adapted, float(inner.scale))
 

@@ -408,8 +408,14 @@ def run_episode(
                 leave_one_out=inner.leave_one_out,
             )
         weight, bias = adapted.weight, adapted.bias
-        if inner.test_head == "logreg" and not meta_gradient:
-            weight, bias = refit_head(encoder, adapted.params, support, s_labels, n_way, names, inner)
+        refit = inner.test_head == "logreg" and not meta_gradient
+        track = track_support_after and inner.steps
+        if refit or track:  # the adapted support (and names) embedded once for both
+            with torch.no_grad():
+                embedded = encoder.embed(adapted.params, support)
+                named = None if names is None else encoder.embed(adapted.params, names)
+        if refit:
+            weight, bias = refit_head(embedded, s_labels, n_way, named, inner)
         with torch.set_grad_enabled(meta_gradient):
             logits = head_logits(encoder.embed(adapted.params, query), weight, bias, inner.scale)
             loss = F.cross_entropy(logits, q_labels)
@@ -418,14 +424,17 @@ def run_episode(
             wrt = params if grad_wrt is None else grad_wrt
             grads = dict(zip(wrt, torch.autograd.grad(loss, list(wrt.values())), strict=True))
         after = float("nan")
-        if track_support_after and inner.steps:
+        if track:
             with torch.no_grad():  # the inner loop's objective, views included
-                embs = [encoder.embed(adapted.params, b) for b in (support, view_batch) if b is not None]
+                embs = (
+                    [embedded]
+                    if view_batch is None
+                    else [embedded, encoder.embed(adapted.params, view_batch)]
+                )
                 s_scale = inner.scale if inner.inner_scale is None else inner.inner_scale
                 if inner.leave_one_out:
-                    named = None if names is None else encoder.embed(adapted.params, names)
-                    weight = 1.0 if inner.name_weight is None else inner.name_weight
-                    s_logits = leave_one_out_logits(embs[0], s_labels, n_way, s_scale, named, weight)
+                    name_weight = 1.0 if inner.name_weight is None else inner.name_weight
+                    s_logits = leave_one_out_logits(embedded, s_labels, n_way, s_scale, named, name_weight)
                 else:
                     s_logits = head_logits(torch.cat(embs), adapted.weight, adapted.bias, s_scale)
                 after = F.cross_entropy(s_logits, s_labels.repeat(1 + views)).item()
@@ -436,19 +445,10 @@ def run_episode(
 
 
 def refit_head(
-    encoder: Encoder,
-    params: Mapping[str, Tensor],
-    support: Mapping[str, Tensor],
-    labels: Tensor,
-    n_way: int,
-    names: Mapping[str, Tensor] | None,
-    inner: InnerLoop,
+    embedded: Tensor, labels: Tensor, n_way: int, named: Tensor | None, inner: InnerLoop
 ) -> tuple[Tensor, Tensor]:
-    """`logreg_head` on the support (and the class names, when ``names`` holds them tokenised)
-    embedded by the adapted ``params``, at the inner loop's name weight and query temperature."""
-    with torch.no_grad():
-        embedded = encoder.embed(params, support)
-        named = None if names is None else encoder.embed(params, names)
+    """`logreg_head` on the support embedded by the adapted encoder (and the class names, when
+    ``named`` holds their embeddings), at the inner loop's name weight and query temperature."""
     weight = 1.0 if inner.name_weight is None else float(inner.name_weight)
     return logreg_head(embedded, labels, n_way, named, weight, float(inner.scale))
 
