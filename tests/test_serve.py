@@ -394,7 +394,8 @@ def test_a_task_created_through_one_replica_is_classified_through_another(
 ) -> None:
     """A second application with 2 replicas: classify the task until both the replica that
     created it (``cached``) and the other one (it adapts the task from the app's store) have
-    answered; the answers are identical."""
+    answered; the answers are identical. Once the store has evicted the task, no replica answers
+    it, not even one that still holds it adapted."""
     from ray import serve
 
     from metapeft_ray.on_ray.serve import build_app, start
@@ -414,6 +415,14 @@ def test_a_task_created_through_one_replica_is_classified_through_another(
                 break
         assert answers[True] and answers[False], "40 requests all reached one replica"
         assert all(p == answers[True][0] for p in answers[True] + answers[False])
+        # Four newer tasks evict it from the store (4 tasks); at least one replica still holds it
+        # (each replica's cache holds 4 too), yet neither answers it any more.
+        for steps in (0, 3, 4, 5):  # (the init's own is 2)
+            status, out = two("POST", "/tasks", {"init": "a", **SUPPORT, "steps": steps})
+            assert status == 200 and out["task_id"] != created["task_id"], out
+        for _ in range(10):
+            status, out = two("POST", f"/tasks/{created['task_id']}/classify", {"texts": QUERIES})
+            assert status == 404 and "unknown task" in out["detail"], out
     finally:
         serve.delete("two")
 
