@@ -79,15 +79,12 @@ def classify(
     the label), plus ``"top"``: the ``top_k`` most probable ``{"label", "probability"}`` when
     ``top_k`` > 0. Texts are embedded at most ``batch_size`` at a time, in batches of similar
     length (`Encoder.embed_texts`)."""
-    a = task.adapted
-    texts = list(texts)
+    a, texts = task.adapted, list(texts)
+    if not texts:
+        return
+    embedded = encoder.embed_texts(a.params, texts, batch_size=batch_size)
     with torch.no_grad():
-        probs = F.softmax(
-            head_logits(
-                encoder.embed_texts(a.params, texts, batch_size=batch_size), a.weight, a.bias, task.scale
-            ),
-            -1,
-        )
+        probs = F.softmax(head_logits(embedded, a.weight, a.bias, task.scale), -1)
     top_p, top_i = probs.topk(max(1, min(top_k, len(task.classes))), -1)
     for t, ps, ids in zip(texts, top_p.tolist(), top_i.tolist(), strict=True):
         pred = {"text": t, "label": task.classes[ids[0]], "confidence": round(ps[0], 4)}

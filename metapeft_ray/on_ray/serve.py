@@ -288,9 +288,8 @@ class AdaptationServer:
         self.adapters, self.settings, self.store = dict(adapters), settings, store
         self.infos = {name: describe_init(name, uri) for name, uri in self.adapters.items()}
         self.token = read_token(settings.token_env, settings.token_file)
-        self.tasks: TaskCache[tuple[str, AdaptedTask]] = TaskCache(
-            settings.cache_size, settings.ttl_s
-        )  # init
+        # task id -> (the init's name, the task adapted from it)
+        self.tasks: TaskCache[tuple[str, AdaptedTask]] = TaskCache(settings.cache_size, settings.ttl_s)
         # torch.func.functional_call swaps the module's tensors while it runs, so two threads
         # must not run one encoder at once: one computation at a time per replica, always on the
         # same thread (it uses all of torch's intra-op threads anyway, and a second thread would
