@@ -19,7 +19,8 @@ The JSON keeps every fold's per-episode values (``folds``), and a previous ``acc
 an input like a report: a later run adds its cells to the table without the runs behind the
 earlier ones (``python benchmarks/accuracy.py benchmarks/results/accuracy.json NEW/report.json``).
 Rows of a table written before the values were kept are carried as they are; a report of a
-cell such a row holds is refused (the two cannot be pooled).
+cell such a row holds is refused (the two cannot be pooled), or with ``--replace-carried`` replaces
+that row (then give every run behind it).
 """
 
 from __future__ import annotations
@@ -131,8 +132,12 @@ def pool(inputs: list[str]) -> list[dict[str, Any]]:
     return table(*gather(inputs))
 
 
-def table(folds: dict[Key, dict[str, Any]], carried: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (protocol, test dataset, cell, method): folds pooled, paired with the references."""
+def table(
+    folds: dict[Key, dict[str, Any]], carried: list[dict[str, Any]], *, replace_carried: bool = False
+) -> list[dict[str, Any]]:
+    """One row per (protocol, test dataset, cell, method): folds pooled, paired with the references.
+    A carried row that the folds give again is refused, or with ``replace_carried`` dropped (the
+    runs given are then every run behind it)."""
     # (protocol, dataset, cell, method) -> per fold: (values, {reference: its values})
     Fold = tuple[list[float], dict[str, list[float]]]
     cells: dict[tuple[str, str, str, str], list[Fold]] = defaultdict(list)
@@ -177,12 +182,13 @@ def table(folds: dict[Key, dict[str, Any]], carried: list[dict[str, Any]]) -> li
     def keys(rs: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
         return {tuple(r[k] for k in ROW_KEY) for r in rs}
 
-    if clash := keys(rows) & keys(carried):
+    if (clash := keys(rows) & keys(carried)) and not replace_carried:
         raise SystemExit(
             f"{sorted(clash)[:3]}: given by a report and by a table without per-episode values, which "
-            "cannot be pooled; leave the report out, or give every run behind that cell"
+            "cannot be pooled; leave the report out, or give every run behind that row and "
+            "--replace-carried"
         )
-    return rows + carried
+    return rows + [r for r in carried if tuple(r[k] for k in ROW_KEY) not in clash]
 
 
 def summary(rows: list[dict[str, Any]]) -> list[str]:
@@ -283,9 +289,15 @@ def main() -> None:
         help="report.json paths (PATH:ALIAS renames its meta rows), a previous accuracy.json",
     )
     p.add_argument("--out", default=str(RESULTS / "accuracy"), help="output path without suffix")
+    p.add_argument(
+        "--replace-carried",
+        action="store_true",
+        help="a row of a table without per-episode values that the reports give again is replaced "
+        "by theirs (give every run behind it: its folds are not pooled)",
+    )
     args = p.parse_args()
     folds, carried = gather(args.reports)
-    rows = table(folds, carried)
+    rows = table(folds, carried, replace_carried=args.replace_carried)
     command = environment()["command"]
     out = Path(args.out)
     body = {"environment": environment(), "cells": rows, "folds": kept(folds)}

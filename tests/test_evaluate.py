@@ -469,6 +469,12 @@ def test_accuracy_table_is_an_input_to_the_next_table(tmp_path: Path) -> None:
     twenty = report("f2", 2, {"meta": {"20w1s": [0.5]}})
     with pytest.raises(SystemExit, match="cannot be pooled"):  # a legacy row's cell from a report
         accuracy.pool([str(old), twenty])
+    # ... unless the reports replace it: then theirs is the row, the other carried rows stay
+    other = {**legacy_row, "method": "meta_5steps"}
+    (old2 := tmp_path / "old2.json").write_text(json.dumps({"cells": [legacy_row, other]}))
+    replaced = accuracy.table(*accuracy.gather([str(old2), twenty]), replace_carried=True)
+    assert other in replaced and legacy_row not in replaced
+    assert [r["episodes"] for r in replaced if r["method"] == "meta"] == [1]
     with pytest.raises(SystemExit, match="already come from"):  # a table's fold is not added twice
         accuracy.pool([str(table), one])
     # a table that holds both (kept folds and a carried row) keeps both when it is read back
