@@ -8,7 +8,8 @@ each task's `TaskSpec` (the init's name, the support set, the inner steps: texts
 under ``task_id``, a hash of the three, in a bounded LRU cache with a TTL (`TaskCache`): a task
 exists while the store holds it. Each server replica keeps the tasks it adapted in a cache of
 the same bounds; one that has not adapted a task (another replica made it, or it was evicted
-here) adapts it again from the store, deterministically, so every replica answers alike.
+here) adapts it again from the store, deterministically, so every replica answers alike; one that
+holds the task classifies while the store confirms that the task still exists.
 Classification requests are batched per replica (`serve.batch`, ``max_batch_size`` requests
 waiting at most ``batch_wait_s``) and a batch is computed per task: the texts of all its
 requests for one task go through the encoder together. The maths is `adapt.adapt_to_support`
