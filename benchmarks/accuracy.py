@@ -19,8 +19,9 @@ The JSON keeps every fold's per-episode values (``folds``), and a previous ``acc
 an input like a report: a later run adds its cells to the table without the runs behind the
 earlier ones (``python benchmarks/accuracy.py benchmarks/results/accuracy.json NEW/report.json``).
 Rows of a table written before the values were kept are carried as they are; a report of a
-cell such a row holds is refused (the two cannot be pooled), or with ``--replace-carried`` replaces
-that row (then give every run behind it).
+cell such a row holds is refused (the two cannot be pooled). ``--replace`` re-runs cells: a later
+input's values of a method's cell in a fold replace an earlier input's, and a report replaces a
+carried row of its cell (then give every run behind it).
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ def load(arg: str) -> tuple[list[tuple[Key, dict[str, Any]]], list[dict[str, Any
     return [(key, {"results": results, "identity": identity, "path": path})], []
 
 
-def gather(inputs: list[str]) -> tuple[dict[Key, dict[str, Any]], list[dict[str, Any]]]:
-    """Every input's folds merged by (protocol, test dataset, fold), and the carried rows."""
+def gather(
+    inputs: list[str], *, replace: bool = False
+) -> tuple[dict[Key, dict[str, Any]], list[dict[str, Any]]]:
+    """Every input's folds merged by (protocol, test dataset, fold), and the carried rows. A
+    method's cell of one fold given twice is refused, or with ``replace`` the later one kept."""
     folds: dict[Key, dict[str, Any]] = {}
     carried: list[dict[str, Any]] = []
     for arg in inputs:
@@ -102,9 +106,10 @@ def gather(inputs: list[str]) -> tuple[dict[Key, dict[str, Any]], list[dict[str,
                 )
             for method, per_cell in rep["results"].items():
                 mine = merged["results"].setdefault(method, {})
-                if clash := set(mine) & set(per_cell):
+                if (clash := set(mine) & set(per_cell)) and not replace:
                     raise SystemExit(
-                        f"{rep['path']}: {method} {sorted(clash)} already come from {merged['paths']}"
+                        f"{rep['path']}: {method} {sorted(clash)} already come from {merged['paths']} "
+                        "(--replace keeps the later)"
                     )
                 mine.update(per_cell)
             merged["paths"].append(rep["path"])
@@ -133,11 +138,11 @@ def pool(inputs: list[str]) -> list[dict[str, Any]]:
 
 
 def table(
-    folds: dict[Key, dict[str, Any]], carried: list[dict[str, Any]], *, replace_carried: bool = False
+    folds: dict[Key, dict[str, Any]], carried: list[dict[str, Any]], *, replace: bool = False
 ) -> list[dict[str, Any]]:
     """One row per (protocol, test dataset, cell, method): folds pooled, paired with the references.
-    A carried row that the folds give again is refused, or with ``replace_carried`` dropped (the
-    runs given are then every run behind it)."""
+    A carried row that the folds give again is refused, or with ``replace`` dropped (the runs
+    given are then every run behind it)."""
     # (protocol, dataset, cell, method) -> per fold: (values, {reference: its values})
     Fold = tuple[list[float], dict[str, list[float]]]
     cells: dict[tuple[str, str, str, str], list[Fold]] = defaultdict(list)
@@ -182,11 +187,10 @@ def table(
     def keys(rs: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
         return {tuple(r[k] for k in ROW_KEY) for r in rs}
 
-    if (clash := keys(rows) & keys(carried)) and not replace_carried:
+    if (clash := keys(rows) & keys(carried)) and not replace:
         raise SystemExit(
             f"{sorted(clash)[:3]}: given by a report and by a table without per-episode values, which "
-            "cannot be pooled; leave the report out, or give every run behind that row and "
-            "--replace-carried"
+            "cannot be pooled; leave the report out, or give every run behind that row and --replace"
         )
     return rows + [r for r in carried if tuple(r[k] for k in ROW_KEY) not in clash]
 
@@ -290,14 +294,15 @@ def main() -> None:
     )
     p.add_argument("--out", default=str(RESULTS / "accuracy"), help="output path without suffix")
     p.add_argument(
-        "--replace-carried",
+        "--replace",
         action="store_true",
-        help="a row of a table without per-episode values that the reports give again is replaced "
-        "by theirs (give every run behind it: its folds are not pooled)",
+        help="a later input's values of a method's cell in a fold replace an earlier input's, and a "
+        "table's row without per-episode values that the inputs give again is replaced by theirs "
+        "(then give every run behind it): to re-run a cell with a new recipe",
     )
     args = p.parse_args()
-    folds, carried = gather(args.reports)
-    rows = table(folds, carried, replace_carried=args.replace_carried)
+    folds, carried = gather(args.reports, replace=args.replace)
+    rows = table(folds, carried, replace=args.replace)
     command = environment()["command"]
     out = Path(args.out)
     body = {"environment": environment(), "cells": rows, "folds": kept(folds)}

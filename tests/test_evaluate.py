@@ -472,11 +472,20 @@ def test_accuracy_table_is_an_input_to_the_next_table(tmp_path: Path) -> None:
     # ... unless the reports replace it: then theirs is the row, the other carried rows stay
     other = {**legacy_row, "method": "meta_5steps"}
     (old2 := tmp_path / "old2.json").write_text(json.dumps({"cells": [legacy_row, other]}))
-    replaced = accuracy.table(*accuracy.gather([str(old2), twenty]), replace_carried=True)
+    replaced = accuracy.table(*accuracy.gather([str(old2), twenty]), replace=True)
     assert other in replaced and legacy_row not in replaced
     assert [r["episodes"] for r in replaced if r["method"] == "meta"] == [1]
     with pytest.raises(SystemExit, match="already come from"):  # a table's fold is not added twice
         accuracy.pool([str(table), one])
+    # ... unless a re-run replaces it: the later input's values are the fold's
+    rerun = report("f0b", 0, {"meta": {"5w1s": [0.6, 0.6]}})
+    again = {
+        (r["method"], r["n_way"]): r
+        for r in accuracy.table(*accuracy.gather([str(table), rerun], replace=True))
+    }
+    assert again[("meta", 5)]["mean"] == pytest.approx(0.6) and again[("logreg", 5)]["mean"] == pytest.approx(
+        0.7
+    )
     # a table that holds both (kept folds and a carried row) keeps both when it is read back
     folds, carried = accuracy.gather([one, str(old)])
     (both := tmp_path / "both.json").write_text(
