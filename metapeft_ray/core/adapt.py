@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from metapeft_ray.core.data import LabelledTexts, label_text
 from metapeft_ray.core.episodes import word_dropout_views
-from metapeft_ray.core.meta import Adapted, InnerLoop, adapt, head_logits, refit_head
+from metapeft_ray.core.meta import Adapted, InnerLoop, adapt, embed_support, head_logits, refit_head
 from metapeft_ray.core.model import Encoder
 
 
@@ -64,9 +64,7 @@ def adapt_to_support(
         leave_one_out=inner.leave_one_out,
     )
     if inner.test_head == "logreg":
-        with torch.no_grad():
-            embedded = encoder.embed(adapted.params, tokens)
-            named = None if names is None else encoder.embed(adapted.params, names)
+        embedded, named = embed_support(encoder, adapted.params, tokens, names)
         head = refit_head(embedded, labels, len(classes), named, inner)
         adapted = replace(adapted, weight=head[0], bias=head[1])
     return AdaptedTask(tuple(classes), adapted, float(inner.scale))

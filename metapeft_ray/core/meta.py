@@ -411,9 +411,7 @@ def run_episode(
         refit = inner.test_head == "logreg" and not meta_gradient
         track = track_support_after and inner.steps
         if refit or track:  # the adapted support (and names) embedded once for both
-            with torch.no_grad():
-                embedded = encoder.embed(adapted.params, support)
-                named = None if names is None else encoder.embed(adapted.params, names)
+            embedded, named = embed_support(encoder, adapted.params, support, names)
         if refit:
             weight, bias = refit_head(embedded, s_labels, n_way, named, inner)
         with torch.set_grad_enabled(meta_gradient):
@@ -442,6 +440,17 @@ def run_episode(
     accuracy = (logits.argmax(-1) == q_labels).float().mean().item()
     kept = {k: v.detach() for k, v in adapted.params.items()} if keep_adapted else None
     return EpisodeResult(grads, loss.item(), accuracy, before, after, kept)
+
+
+def embed_support(
+    encoder: Encoder,
+    params: Mapping[str, Tensor],
+    support: Mapping[str, Tensor],
+    names: Mapping[str, Tensor] | None,
+) -> tuple[Tensor, Tensor | None]:
+    """The tokenised support (and class names, when given) embedded by ``params``, no gradients."""
+    with torch.no_grad():
+        return encoder.embed(params, support), None if names is None else encoder.embed(params, names)
 
 
 def refit_head(
