@@ -43,6 +43,7 @@ INIT = "init"  # stands for an adapted row's own init, no adaptation (meta -> me
 # The frozen baseline a user who has the class names would pick: every row is also paired with it,
 # so a gain that the names alone give is not credited to meta-learning.
 NAMES_REFERENCE = "logreg_names"
+RECIPE = "meta"  # the shipped recipe's row: also paired with each fine-tuning baseline, on its prefix
 
 
 Key = tuple[str, str, str]  # (protocol, test dataset, fold)
@@ -152,7 +153,7 @@ def table(
             for cell, stats in per_cell.items():
                 refs = {
                     ref: results.get(ref, {}).get(cell, {}).get("per_episode", [])
-                    for ref in (REFERENCE, NAMES_REFERENCE)
+                    for ref in (REFERENCE, NAMES_REFERENCE, *(COSTLY_METHODS if method == RECIPE else ()))
                 }
                 refs[INIT] = results.get(f"{method}_init", {}).get(cell, {}).get("per_episode", [])
                 cells[(protocol, dataset, cell, method)].append((stats["per_episode"], refs))
@@ -169,19 +170,22 @@ def table(
             **mean_ci95(values),
             "folds": len(per_fold),
         }
-        for ref in (REFERENCE, NAMES_REFERENCE, INIT):
+        for ref in per_fold[0][1]:
             suffix = "" if ref == REFERENCE else f"_vs_{ref}"
             if method == ref or not all(refs[ref] for _, refs in per_fold):
                 continue
-            # a costly row scored a prefix of each fold's episodes: pair it with the same prefix
+            # a costly row scored a prefix of each fold's episodes: pair the two on that prefix
+            mine = [v for vals, refs in per_fold for v in vals[: len(refs[ref])]]
             theirs = [r for vals, refs in per_fold for r in refs[ref][: len(vals)]]
-            p = paired(values, theirs)
+            p = paired(mine, theirs)
             row |= {
                 f"paired_diff_vs_{ref}": p["diff"],
                 f"paired_ci95{suffix}": p["ci95"],
                 f"error_reduction_vs_{ref}": p["error_reduction"],
                 f"{ref}_mean_on_these_episodes": p["reference_mean"],
             }
+            if len(mine) != len(values):
+                row[f"paired_episodes{suffix}"] = p["episodes"]
         rows.append(row)
 
     def keys(rs: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
@@ -207,8 +211,8 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         "## Summary",
         "",
         "| protocol | test data | cell | logreg | logreg + names | meta | meta Δ vs logreg (err↓) "
-        "| meta Δ vs logreg + names | best fine-tune baseline Δ vs logreg |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| meta Δ vs logreg + names | best fine-tune baseline Δ vs logreg | meta Δ vs it |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_cell: dict[tuple[str, str, int, int], dict[str, dict[str, Any]]] = defaultdict(dict)
     for r in rows:
@@ -222,15 +226,18 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             if meta is None or "error_reduction_vs_logreg" not in meta
             else (f" ({100 * meta['error_reduction_vs_logreg']:+.0f} %)")
         )
-        best_text = "—"
+        best_text = versus_best = "—"
         if best is not None:
             diff = pct(best, "paired_diff_vs_logreg", "paired_ci95", "+")
             best_text = f"{best['method']}: {diff} (n={best['episodes']})"
+            versus_best = pct(
+                meta, f"paired_diff_vs_{best['method']}", f"paired_ci95_vs_{best['method']}", "+"
+            )
         out.append(
             f"| {protocol} | {dataset} | {n}w{k}s | {pct(m.get('logreg'))} | {pct(m.get(NAMES_REFERENCE))} "
             f"| {pct(meta)} | {pct(meta, 'paired_diff_vs_logreg', 'paired_ci95', '+')}{err} "
             f"| {pct(meta, f'paired_diff_vs_{NAMES_REFERENCE}', f'paired_ci95_vs_{NAMES_REFERENCE}', '+')} "
-            f"| {best_text} |"
+            f"| {best_text} | {versus_best} |"
         )
     return out
 
@@ -246,7 +253,8 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "reduction 1 − err/err_logreg; Δnames = the same paired difference from logistic regression with",
         "the label names (the frozen baseline that uses what the recipe uses); Δinit = an adapted row's",
         "paired difference from its own init with no adaptation (what the inner loop adds). Rows with",
-        "fewer episodes ran on a prefix of each fold's episodes.",
+        "fewer episodes ran on a prefix of each fold's episodes; Δfinetune, Δfull_finetune, Δsetfit = the",
+        "recipe's paired difference from that fine-tuning baseline on the baseline's episodes.",
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -274,12 +282,18 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
                         f"<br>Δ {100 * r['paired_diff_vs_logreg']:+.1f} ± {100 * r['paired_ci95']:.1f},"
                         f" err↓ {100 * r['error_reduction_vs_logreg']:+.0f} %"
                     )
-                for ref, name in ((NAMES_REFERENCE, "names"), (INIT, "init")):
+                for ref, name in (
+                    (NAMES_REFERENCE, "names"),
+                    (INIT, "init"),
+                    *((c, c) for c in COSTLY_METHODS),
+                ):
                     if f"paired_diff_vs_{ref}" in r:
                         t += (
                             f"<br>Δ{name} {100 * r[f'paired_diff_vs_{ref}']:+.1f}"
                             f" ± {100 * r[f'paired_ci95_vs_{ref}']:.1f}"
                         )
+                        if f"paired_episodes_vs_{ref}" in r:
+                            t += f" (n={r[f'paired_episodes_vs_{ref}']})"
                 texts.append(t)
             out.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(texts) + " |")
     return "\n".join(out) + "\n"

@@ -421,6 +421,15 @@ def test_accuracy_pools_folds_episode_by_episode_and_pairs_prefixes(tmp_path: Pa
     assert meta["paired_diff_vs_logreg_names"] == pytest.approx(0.08)  # diffs 0 0 .2 0 .2
     assert setfit["paired_diff_vs_logreg_names"] == pytest.approx(-0.4)
     assert "paired_diff_vs_logreg_names" not in rows[("meta", 20)]
+    # the recipe is paired with each fine-tuning baseline on that baseline's prefix (meta 1.0 and 0.6
+    # against setfit 0.6 and 0.2); only the recipe's row is
+    assert meta["paired_diff_vs_setfit"] == pytest.approx(0.4) and meta["paired_episodes_vs_setfit"] == 2
+    assert meta["error_reduction_vs_setfit"] == pytest.approx(1 - 0.2 / 0.6)
+    assert (
+        "paired_episodes_vs_logreg" not in meta and "paired_diff_vs_setfit" not in rows[("logreg_names", 5)]
+    )
+    summary = "\n".join(accuracy.summary(list(rows.values())))
+    assert "| setfit: -20.0 ± " in summary and "(n=2) | +40.0 ± " in summary
     # the same cell of one method from two reports of one fold is refused
     with pytest.raises(SystemExit, match="already come from"):
         accuracy.pool([reports[0], reports[0]])
