@@ -11,7 +11,8 @@ Reports of the same protocol, test data and fold are merged by method and cell (
 renames that report's ``meta`` and ``meta_init`` rows to ``ALIAS`` and ``ALIAS_init`` (to keep an
 earlier recipe or another meta-test inner loop beside the shipped one). An adapted row (``meta``,
 ``ALIAS``) is also paired with its own init without adaptation (``meta_init``, ``ALIAS_init``):
-what the inner loop adds on the same episodes. Cells of several folds pool the per-episode values; the
+what the inner loop adds on the same episodes; the recipe's row (``meta``) also with each fine-tuning
+baseline, on the episodes that baseline scored. Cells of several folds pool the per-episode values; the
 paired difference of a row uses, in each fold, the reference's values on the episodes the row
 scored (a costly baseline's prefix).
 
