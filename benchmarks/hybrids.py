@@ -16,8 +16,10 @@ Each meta-learned row is meta-tested adapted (its inner loop at meta-test) and u
 init alone, "init" rows): Δinit is what the inner loop adds, paired on the same episodes.
 
 Writes ``benchmarks/results/hybrids.md`` (the table, with the command that produced it) and
-``hybrids.json`` (every number). Single process, no Ray: the same `MetaLearner` and `meta_test`
-the CLI runs.
+``hybrids.json`` (every number). A run keeps what it has done in ``hybrids.partial-<dataset>.json``
+as it goes; ``--resume`` (the same command) takes those rows and runs only the pairs they lack, so
+the whole table can be built over several sittings. Single process, no Ray: the same
+`MetaLearner` and `meta_test` the CLI runs.
 """
 
 from __future__ import annotations
@@ -99,7 +101,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--processes", type=int, default=1, help="datasets run in this many processes at once")
     p.add_argument("--set", nargs="*", default=[], help="extra dotted overrides for every run")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "hybrids.md")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows a stopped run left in its .partial-<dataset>.json files; run only the rest",
+    )
     return p.parse_args(argv)
+
+
+# Options that say which rows to run and how fast, not what a row measures: a stopped run resumes
+# under other values of these, never of the others.
+NOT_SETTINGS = {
+    *("datasets", "methods", "algorithms", "combos", "finetune"),
+    *("processes", "threads", "out", "resume"),
+}
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, str]:
+    return {k: str(v) for k, v in vars(args).items() if k not in NOT_SETTINGS}
+
+
+def partial_path(args: argparse.Namespace, dataset: str) -> Path:
+    return args.out.with_suffix(f".partial-{Path(dataset).stem}.json")
+
+
+def resumed_rows(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
+    """The rows a stopped run left for ``dataset`` (with ``--resume``; else none), refused if it
+    measured with other settings."""
+    path = partial_path(args, dataset)
+    if not args.resume or not path.exists():
+        return {}
+    saved, mine = json.loads(path.read_text()), run_settings(args)
+    theirs = saved["settings"]
+    if diff := sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)):
+        what = "; ".join(f"{k}: {theirs.get(k)} there, {mine.get(k)} here" for k in diff)
+        raise SystemExit(
+            f"--resume: {path} was made with other settings ({what}); run with the same ones, "
+            "or delete the file to start that dataset afresh"
+        )
+    return saved["rows"]
 
 
 def combos(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -114,7 +154,7 @@ def combos(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def make_cfg(args: argparse.Namespace, dataset: str, method: str, algorithm: str) -> Config:
     o: dict[str, Any] = {
-        "run.name": f"hybrids-{dataset}-{method}-{algorithm}",
+        "run.name": f"hybrids-{Path(dataset).stem}-{method}-{algorithm}",
         "run.seed": args.seed,
         "data.dataset": dataset,
         "data.fold": args.fold,
@@ -185,8 +225,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     frozen: dict[str, Any] = {}  # dataset -> the frozen rows' results (the paired reference)
     for dataset in args.datasets:
-        done_methods: set[str] = set()
+        for key, r in resumed_rows(args, dataset).items():
+            row(key, **r["info"])["cells"].update(r["cells"])
+        if dataset in rows.get("logreg", {}).get("cells", {}):  # the paired reference, resumed
+            frozen[dataset] = {"logreg": rows["logreg"]["cells"][dataset]}
+        done_methods = {m for m in METHODS if dataset in rows.get(f"{m}/finetune", {}).get("cells", {})}
         for method, algorithm in pairs:
+            if dataset in rows.get(f"{method}/{algorithm}", {}).get("cells", {}):
+                continue  # resumed
             cfg = make_cfg(args, dataset, method, algorithm)
             sampler = prepare_sampler(cfg)
             learner = MetaLearner.from_config(cfg, sampler, device=torch.device("cpu"))
@@ -235,11 +281,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cell = ", ".join(f"{k} {100 * v['mean']:.1f}" for k, v in res["meta"].items())
             print(f"{dataset} {method}/{algorithm}: {cell} (train {train_s:.0f}s)", flush=True)
             # what is done so far, in case the run is stopped (the full record comes at the end)
-            args.out.with_suffix(f".partial-{dataset}.json").write_text(json.dumps(rows))
+            partial_path(args, dataset).write_text(json.dumps({"settings": run_settings(args), "rows": rows}))
     return rows
 
 
-def markdown(args: argparse.Namespace, rows: dict[str, Any], command: str, wall_s: float) -> str:
+def markdown(
+    args: argparse.Namespace, rows: dict[str, Any], command: str, wall_s: float, resumed: bool = False
+) -> str:
     cfg = make_cfg(args, args.datasets[0], "lora", "maml")
     settings = [f"{args.n_way}w{k}s" for k in args.shots]
     cols = [(d, s) for d in args.datasets for s in settings]
@@ -264,7 +312,8 @@ def markdown(args: argparse.Namespace, rows: dict[str, Any], command: str, wall_
         "and Δinit: an adapted row's paired difference from its init alone (the next row). "
         f"Extra settings: `{' '.join(args.set) or 'none'}` (Reptile, which takes no query gradient, "
         "learns no head values). "
-        f"Total wall time {wall_s / 60:.1f} min on this machine (2 shared CPU cores, "
+        f"{'Wall time of the last sitting (the other rows resumed)' if resumed else 'Total wall time'} "
+        f"{wall_s / 60:.1f} min on this machine (2 shared CPU cores, "
         f"{args.processes} process(es) x {args.threads} thread(s)).",
         "",
         f"| method | algorithm | trainable params | {head} | adapt ms/task ({ms_head}) | meta-train s |",
@@ -330,14 +379,15 @@ def main(argv: list[str] | None = None) -> None:
     for dataset in args.datasets:  # every dataset's episodes can be drawn, before any process starts
         prepare_sampler(make_cfg(args, dataset, *combos(args)[0]))
     command = "python benchmarks/hybrids.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    resumed = any([resumed_rows(args, d) for d in args.datasets])  # a mismatch refused before any run
     t0 = time.perf_counter()
     rows = run_all(args)
     wall = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(args, rows, command.strip(), wall)
+    text = markdown(args, rows, command.strip(), wall, resumed)
     args.out.write_text(text)
     for dataset in args.datasets:
-        args.out.with_suffix(f".partial-{dataset}.json").unlink(missing_ok=True)
+        partial_path(args, dataset).unlink(missing_ok=True)
     args.out.with_suffix(".json").write_text(
         json.dumps(
             {"command": command.strip(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},

@@ -11,6 +11,8 @@ every rate at ``inner_lr`` is MAML; the config rejects the combinations that can
 from __future__ import annotations
 
 import itertools
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -393,3 +395,36 @@ def test_too_many_virtual_tokens_for_the_positions(tiny) -> None:  # noqa: ANN00
 
     with pytest.raises(PlacementError, match="max_position_embeddings=64"):
         make_learner(tiny, "prompt", **{"peft.num_virtual_tokens": 60})
+
+
+# -- the hybrids benchmark (benchmarks/hybrids.py) ----------------------------------------------
+
+
+def test_hybrids_benchmark_resumes_a_stopped_run_and_refuses_other_settings(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    """A run stopped after one pair leaves its rows; ``--resume`` keeps them (not meta-trained
+    again) and runs only the missing pair; a resume under other settings is refused, naming them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import hybrids
+
+    backbone, data = tiny
+    out = tmp_path / "hybrids.md"
+    argv = [
+        *("--datasets", data, "--n-way", "3", "--shots", "1", "--q-query", "3", "--episodes", "2"),
+        *("--meta-steps", "1", "--meta-batch", "1", "--finetune", "--out", str(out), "--set"),
+        *(f"model.backbone={backbone}", "data.folds=3", "data.val_fraction=0.4", "model.max_length=16"),
+        "peft.rank=4",
+    ]
+    hybrids.run(hybrids.parse_args(["--combos", "lora:maml", *argv]))  # stopped after its first pair
+    partial = hybrids.partial_path(hybrids.parse_args(argv), data)
+    first = json.loads(partial.read_text())["rows"]["lora/maml"]["cells"][data]
+
+    with pytest.raises(SystemExit, match="episodes: 2 there, 3 here"):
+        hybrids.main(["--combos", "lora:maml,lora:protonet", "--resume", *argv, "--episodes", "3"])
+    hybrids.main(["--combos", "lora:maml,lora:protonet", "--resume", *argv])
+
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert rows["lora/maml"]["cells"][data] == first  # kept, not run again
+    assert rows["lora/protonet"]["cells"][data]["3w1s"]["episodes"] == 2
+    assert list(rows)[:2] == ["proto", "logreg"] and "lora/maml/init" in rows
+    assert not partial.exists()
+    assert "Wall time of the last sitting (the other rows resumed)" in out.read_text()
