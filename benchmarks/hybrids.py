@@ -18,13 +18,15 @@ init alone, "init" rows): Δinit is what the inner loop adds, paired on the same
 Writes ``benchmarks/results/hybrids.md`` (the table, with the command that produced it) and
 ``hybrids.json`` (every number). A run keeps what it has done in ``hybrids.partial-<dataset>.json``
 as it goes; ``--resume`` (the same command) takes those rows and runs only the pairs they lack, so
-the whole table can be built over several sittings. Single process, no Ray: the same
+the whole table can be built over several sittings; a run of some of the datasets adds them to a
+table of the same settings already at ``--out``. Single process, no Ray: the same
 `MetaLearner` and `meta_test` the CLI runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import shlex
 import sys
@@ -223,6 +225,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def row(key: str, **info: Any) -> dict[str, Any]:
         return rows.setdefault(key, {"info": info, "cells": {}})
 
+    def save(dataset: str) -> None:  # what is done so far, in case the run is stopped
+        partial_path(args, dataset).write_text(json.dumps({"settings": run_settings(args), "rows": rows}))
+
     frozen: dict[str, Any] = {}  # dataset -> the frozen rows' results (the paired reference)
     for dataset in args.datasets:
         for key, r in resumed_rows(args, dataset).items():
@@ -243,6 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 frozen[dataset] = _test(cfg, learner, ["proto", "logreg", *names], 0)
                 for m in ["proto", "logreg", *names]:
                     row(m, label=METHOD_LABELS[m], params=0)["cells"][dataset] = frozen[dataset][m]
+                save(dataset)
             wanted = args.finetune is None or method in args.finetune
             if wanted and method not in done_methods:  # the method's plain fine-tune, once per method
                 ft = _test(cfg, learner, ["finetune"], 0)  # its own steps: eval.finetune
@@ -254,6 +260,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 rows[f"{method}/finetune"]["cells"][dataset] = _paired(ft["finetune"], frozen[dataset])
                 done_methods.add(method)
+                save(dataset)
             t0 = time.perf_counter()
             history = list(learner.iterate(cfg.meta.meta_steps, val_every=cfg.meta.val_every))
             train_s = time.perf_counter() - t0
@@ -280,8 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 init["cells"][dataset] = _paired(res["meta_init"], frozen[dataset])
             cell = ", ".join(f"{k} {100 * v['mean']:.1f}" for k, v in res["meta"].items())
             print(f"{dataset} {method}/{algorithm}: {cell} (train {train_s:.0f}s)", flush=True)
-            # what is done so far, in case the run is stopped (the full record comes at the end)
-            partial_path(args, dataset).write_text(json.dumps({"settings": run_settings(args), "rows": rows}))
+            save(dataset)
     return rows
 
 
@@ -374,6 +380,23 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     return rows
 
 
+def keep_earlier(args: argparse.Namespace, rows: dict[str, Any]) -> list[str]:
+    """The datasets of the table already at ``--out`` that this run did not cover, their cells added
+    to ``rows``, when that table was measured with the same settings: a run of one dataset completes
+    the table instead of replacing it."""
+    path = args.out.with_suffix(".json")
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    if {k: v for k, v in saved["args"].items() if k not in NOT_SETTINGS} != run_settings(args):
+        return []
+    earlier = [d for d in ast.literal_eval(saved["args"]["datasets"]) if d not in args.datasets]
+    for key, r in saved["rows"].items():
+        if cells := {d: c for d, c in r["cells"].items() if d in earlier}:
+            rows.setdefault(key, {"info": r["info"], "cells": {}})["cells"].update(cells)
+    return earlier
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for dataset in args.datasets:  # every dataset's episodes can be drawn, before any process starts
@@ -383,11 +406,13 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     rows = run_all(args)
     wall = time.perf_counter() - t0
+    earlier = keep_earlier(args, rows)
+    args.datasets = [*earlier, *args.datasets]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(args, rows, command.strip(), wall, resumed)
+    text = markdown(args, rows, command.strip(), wall, resumed or bool(earlier))
     args.out.write_text(text)
     for dataset in args.datasets:
-        partial_path(args, dataset).unlink(missing_ok=True)
+        partial_path(args, dataset).unlink(missing_ok=True)  # now in the table
     args.out.with_suffix(".json").write_text(
         json.dumps(
             {"command": command.strip(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},

@@ -402,7 +402,8 @@ def test_too_many_virtual_tokens_for_the_positions(tiny) -> None:  # noqa: ANN00
 
 def test_hybrids_benchmark_resumes_a_stopped_run_and_refuses_other_settings(tiny, tmp_path: Path) -> None:  # noqa: ANN001
     """A run stopped after one pair leaves its rows; ``--resume`` keeps them (not meta-trained
-    again) and runs only the missing pair; a resume under other settings is refused, naming them."""
+    again) and runs only the missing pair; a resume under other settings is refused, naming them;
+    a finished run of one more dataset adds its columns to the table."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import hybrids
 
@@ -428,3 +429,14 @@ def test_hybrids_benchmark_resumes_a_stopped_run_and_refuses_other_settings(tiny
     assert list(rows)[:2] == ["proto", "logreg"] and "lora/maml/init" in rows
     assert not partial.exists()
     assert "Wall time of the last sitting (the other rows resumed)" in out.read_text()
+
+    # a later run of another dataset alone adds its columns to that table instead of replacing it
+    other = Path(data).with_name("other.jsonl")
+    other.write_text(Path(data).read_text())
+    hybrids.main(["--combos", "lora:maml", *argv, "--datasets", str(other)])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["rows"]["lora/maml"]["cells"][data] == first
+    assert saved["rows"]["lora/protonet"]["cells"].keys() == {data}
+    both = {data, str(other)}
+    assert set(saved["rows"]["lora/maml"]["cells"]) == set(saved["rows"]["logreg"]["cells"]) == both
+    assert out.read_text().count(" 3w1s") == 2  # both datasets' columns
