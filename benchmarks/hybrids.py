@@ -406,19 +406,19 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     rows = run_all(args)
     wall = time.perf_counter() - t0
-    earlier = keep_earlier(args, rows)
-    args.datasets = [*earlier, *args.datasets]
+    ran, earlier = args.datasets, keep_earlier(args, rows)
+    args.datasets = [*earlier, *ran]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(args, rows, command.strip(), wall, resumed or bool(earlier))
     args.out.write_text(text)
-    for dataset in args.datasets:
-        partial_path(args, dataset).unlink(missing_ok=True)  # now in the table
     args.out.with_suffix(".json").write_text(
         json.dumps(
             {"command": command.strip(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
             indent=2,
         )
     )
+    for dataset in ran:
+        partial_path(args, dataset).unlink(missing_ok=True)  # in the table now
     print(text)
 
 
