@@ -26,7 +26,6 @@ table of the same settings already at ``--out``. Single process, no Ray: the sam
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import shlex
 import sys
@@ -390,7 +389,8 @@ def keep_earlier(args: argparse.Namespace, rows: dict[str, Any]) -> list[str]:
     saved = json.loads(path.read_text())
     if {k: v for k, v in saved["args"].items() if k not in NOT_SETTINGS} != run_settings(args):
         return []
-    earlier = [d for d in ast.literal_eval(saved["args"]["datasets"]) if d not in args.datasets]
+    cells_of = [d for r in saved["rows"].values() for d in r["cells"]]
+    earlier = [d for d in dict.fromkeys(cells_of) if d not in args.datasets]
     for key, r in saved["rows"].items():
         if cells := {d: c for d, c in r["cells"].items() if d in earlier}:
             rows.setdefault(key, {"info": r["info"], "cells": {}})["cells"].update(cells)
