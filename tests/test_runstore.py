@@ -174,3 +174,51 @@ def test_local_run_checkpoints_resumes_after_a_crash_and_is_not_retrained(  # no
     assert steps_run == []
     with pytest.raises(ConfigError, match="meta.outer_lr"):
         train_local(cfg("crashed", **{"meta.outer_lr": 0.5}), progress=False)
+
+
+def _scripted_validation(monkeypatch: pytest.MonkeyPatch, accuracies: dict[int, float]) -> None:
+    """Validation that reports ``accuracies[step]`` (the real one on a tiny model is all ties)."""
+
+    def validate(self: MetaLearner, **kw: Any) -> dict[str, float]:
+        return {"meta_val_accuracy": accuracies[self.step]}
+
+    monkeypatch.setattr(MetaLearner, "validate", validate)
+
+
+def test_the_best_validation_is_kept_through_a_checkpoint(  # noqa: ANN001
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``meta.keep: best``: the learner remembers the meta-parameters (adapter and extra) of its
+    best validation, a checkpoint carries them, and `keep_best` loads them — not the last ones."""
+    _scripted_validation(monkeypatch, {1: 0.5, 2: 0.9, 3: 0.9, 4: 0.7})
+    a = _learner(tiny, CASES["metasgd+head"])
+    seen = {}
+    for _ in a.iterate(4, val_every=1):
+        seen[a.step] = {k: v.detach().clone() for k, v in a.meta_params.items()}
+    runstore.save_state(tmp_path, {**a.state_dict(), "history": [], "world_size": 1})
+    b = _learner(tiny, CASES["metasgd+head"])
+    b.load_state_dict(runstore.load_state(tmp_path))
+    assert b.keep_best() == {"meta_step": 2, "meta_val_accuracy": 0.9}  # the earliest of equals
+    assert a.extra and all(torch.equal(b.meta_params[k], v) for k, v in seen[2].items())
+    assert not all(torch.equal(b.meta_params[k], v) for k, v in seen[4].items())
+    assert b.step == 4  # the step (and the optimiser) stay the last: exported, not trained on
+
+
+def test_a_local_run_with_keep_best_exports_its_best_validation(  # noqa: ANN001
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metapeft_ray.core.export import load_adapter
+    from metapeft_ray.core.recipes import train_local
+
+    _scripted_validation(monkeypatch, {1: 0.4, 2: 0.8, 3: 0.6})
+    over = {"meta.meta_steps": 3, "meta.val_every": 1, "eval.episodes": 1, "meta.keep": "best"}
+    cfg = load_config(None, [*tiny_overrides(*tiny, **over), f"run.output_dir={tmp_path}", "run.name=r"])
+    report = train_local(cfg, progress=False)
+    assert report["kept"] == {"meta_step": 2, "meta_val_accuracy": 0.8} and report["meta_step"] == 3
+    adapter = tmp_path / "r" / runstore.ADAPTER_DIR
+    metadata = json.loads((adapter / "metapeft.json").read_text())
+    assert metadata["kept"]["meta_step"] == metadata["metrics"]["meta_step"] == 2
+    best = runstore.load_state(runstore.latest_checkpoint(str(tmp_path / "r")))["best"]["adapter"]
+    exported = load_adapter(str(adapter), {})[0].adapter_params()
+    assert best.keys() == exported.keys()
+    assert all(torch.allclose(exported[k].cpu(), v) for k, v in best.items())

@@ -357,6 +357,11 @@ class MetaSection(_Section):
     val_every: int = Field(25, ge=1)
     val_episodes: int = Field(20, ge=1)
     checkpoint_every: int = Field(25, ge=1)
+    keep: Literal["last", "best"] = "last"
+    """The meta-parameters a run exports and meta-tests: those of the last meta-step, or (best)
+    those of the validation with the highest meta_val_accuracy (every meta.val_every steps and at
+    the last; the earliest of equal ones), so a long run is not judged by where it drifted to.
+    Checkpoints carry the best so far, so a resumed run keeps it."""
 
     @field_validator("algorithm")
     @classmethod

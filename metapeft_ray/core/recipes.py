@@ -209,15 +209,20 @@ def finish(
     fan_out: MetaTestFanOut | None = None,
 ) -> dict[str, Any]:
     """Export the meta-learned init (with its learned head values), then meta-test it against
-    the baselines: in this process, or in parts by ``fan_out``."""
-    last = dict(list(history)[-1]) if history else {}
+    the baselines: in this process, or in parts by ``fan_out``. With ``meta.keep: best`` the
+    learner first loads the meta-parameters of its best validation."""
+    kept = learner.keep_best() if cfg.meta.keep == "best" else None
+    history = list(history)
+    step = learner.step if kept is None else kept["meta_step"]
+    metrics = next((dict(m) for m in reversed(history) if m["meta_step"] == step), {})
     learned = learner.learned_head()
     metadata = {
         "config": cfg.to_dict(),
         "splits": splits_record(cfg, learner.sampler),
         "meta_step": learner.step,
-        "metrics": last,
+        "metrics": metrics,
         LEARNED_HEAD: learned,
+        **({"kept": kept} if kept is not None else {}),
     }
     lrs = learner.inner_lrs()  # Meta-SGD's learned rates; None for the other algorithms
     export_adapter(learner.encoder, out / ADAPTER_DIR, metadata, inner_lrs=lrs)
@@ -231,7 +236,7 @@ def finish(
         learner.default_init,
         learner.sampler,
         out,
-        {"meta_step": learner.step, LEARNED_HEAD: learned},
+        {"meta_step": learner.step, LEARNED_HEAD: learned, **({"kept": kept} if kept is not None else {})},
         progress,
         inner_lrs=lrs,
         parts=parts,

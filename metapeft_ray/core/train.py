@@ -187,6 +187,9 @@ class MetaLearner:
         else:
             raise ValueError(f"meta.outer_optimizer={outer_optimizer!r}; use adam or sgd")
         self.step = 0
+        # The meta-parameters of the best validation so far (`keep_best`): its meta_step and
+        # meta_val_accuracy with CPU copies of "adapter" and "extra_meta_params".
+        self.best: dict[str, Any] | None = None
         # Metrics and benchmarks watch episodes here (`EpisodeObserver`); they never change them.
         self.episode_observers: list[EpisodeObserver] = []
 
@@ -307,7 +310,32 @@ class MetaLearner:
                 metrics |= self.validate(rank=rank, world=world, reduce=reduce)
                 # wall time to adapt to and score one validation task (Tune's second objective)
                 metrics["adapt_ms"] = 1000 * (time.perf_counter() - t0) * world / len(self.val_specs())
+                # every rank sees the same reduced accuracy, so every rank keeps the same best
+                if self.best is None or metrics["meta_val_accuracy"] > self.best["meta_val_accuracy"]:
+                    acc = metrics["meta_val_accuracy"]
+                    self.best = {"meta_step": self.step, "meta_val_accuracy": acc, **self._meta_params_copy()}
             yield metrics
+
+    def keep_best(self) -> dict[str, float] | None:
+        """Load the meta-parameters of the best validation into the learner (the optimiser state
+        and ``step`` stay the last step's: the learner is for exporting now, not for training on).
+        Returns ``{"meta_step", "meta_val_accuracy"}`` of what it loaded; None without a validation."""
+        if self.best is None:
+            return None
+        with torch.no_grad():
+            for k, v in self.best["adapter"].items():
+                self.params[k].copy_(v)
+            for k, v in self.best.get("extra_meta_params", {}).items():
+                self.extra[k].copy_(v)
+        return {k: self.best[k] for k in ("meta_step", "meta_val_accuracy")}
+
+    def _meta_params_copy(self) -> dict[str, dict[str, Tensor]]:
+        """CPU copies (never aliases) of the adapter init and, when there are any, the extra
+        meta-parameters (Meta-SGD's log learning rates, the learned head values)."""
+        copy = {"adapter": {k: v.detach().cpu().clone() for k, v in self.params.items()}}
+        if self.extra:
+            copy["extra_meta_params"] = {k: v.detach().cpu().clone() for k, v in self.extra.items()}
+        return copy
 
     def run(
         self,
@@ -343,13 +371,9 @@ class MetaLearner:
             i: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in s.items()}
             for i, s in optimizer["state"].items()
         }
-        state: dict[str, Any] = {
-            "adapter": {k: v.detach().cpu() for k, v in self.params.items()},
-            "optimizer": optimizer,
-            "meta_step": self.step,
-        }
-        if self.extra:  # Meta-SGD's log learning rates
-            state["extra_meta_params"] = {k: v.detach().cpu() for k, v in self.extra.items()}
+        state: dict[str, Any] = {**self._meta_params_copy(), "optimizer": optimizer, "meta_step": self.step}
+        if self.best is not None:
+            state["best"] = self.best
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -366,3 +390,4 @@ class MetaLearner:
                 self.extra[k].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["meta_step"])
+        self.best = state.get("best")  # checkpoints before 2026-12-02 have none
