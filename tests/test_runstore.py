@@ -204,17 +204,25 @@ def test_the_best_validation_is_kept_through_a_checkpoint(  # noqa: ANN001
     assert b.step == 4  # the step (and the optimiser) stay the last: exported, not trained on
 
 
-def test_a_local_run_with_keep_best_exports_its_best_validation(  # noqa: ANN001
+def test_a_local_run_stops_early_and_exports_its_best_validation(  # noqa: ANN001
     tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``meta.patience=2``: training ends two validations after the best (step 4 of 9; a step
+    past it would find no scripted accuracy), the run counts as finished, and ``meta.keep=best``
+    exports the best validation's meta-parameters."""
     from metapeft_ray.core.export import load_adapter
     from metapeft_ray.core.recipes import train_local
 
-    _scripted_validation(monkeypatch, {1: 0.4, 2: 0.8, 3: 0.6})
-    over = {"meta.meta_steps": 3, "meta.val_every": 1, "eval.episodes": 1, "meta.keep": "best"}
+    _scripted_validation(monkeypatch, {1: 0.4, 2: 0.8, 3: 0.6, 4: 0.8})
+    over = {"meta.meta_steps": 9, "meta.val_every": 1, "meta.checkpoint_every": 5, "eval.episodes": 1}
+    over |= {"meta.keep": "best", "meta.patience": 2}
     cfg = load_config(None, [*tiny_overrides(*tiny, **over), f"run.output_dir={tmp_path}", "run.name=r"])
     report = train_local(cfg, progress=False)
-    assert report["kept"] == {"meta_step": 2, "meta_val_accuracy": 0.8} and report["meta_step"] == 3
+    assert report["kept"] == {"meta_step": 2, "meta_val_accuracy": 0.8} and report["meta_step"] == 4
+    record = runstore.read_record(str(tmp_path / "r"))
+    assert record["stopped_early"] and record["checkpoint"] == runstore.checkpoint_name(4)
+    assert runstore.list_checkpoints(str(tmp_path / "r"))[-1] == runstore.checkpoint_name(4)
+    assert train_local(cfg, progress=False)["kept"] == report["kept"]  # finished: not trained on
     adapter = tmp_path / "r" / runstore.ADAPTER_DIR
     metadata = json.loads((adapter / "metapeft.json").read_text())
     assert metadata["kept"]["meta_step"] == metadata["metrics"]["meta_step"] == 2

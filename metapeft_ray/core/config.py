@@ -362,6 +362,10 @@ class MetaSection(_Section):
     those of the validation with the highest meta_val_accuracy (every meta.val_every steps and at
     the last; the earliest of equal ones), so a long run is not judged by where it drifted to.
     Checkpoints carry the best so far, so a resumed run keeps it."""
+    patience: int | None = Field(None, ge=1)
+    """Early stopping: end training once meta_val_accuracy has not beaten its best for this many
+    validations (patience x meta.val_every steps); None trains to meta.meta_steps. A stopped run
+    is finished (``stopped_early`` in ``training.json``); pair it with meta.keep=best."""
 
     @field_validator("algorithm")
     @classmethod

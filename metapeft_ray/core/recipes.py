@@ -287,15 +287,18 @@ def train_local(cfg: Config, progress: bool = True) -> dict[str, Any]:
             on_checkpoint=lambda state: runstore.save_checkpoint(uri, state),
         )
         bar.close()
-        runstore.write_record(uri, training_record(learner.step, workers=1, fit_s=time.monotonic() - t0))
+        record = training_record(learner.step, m.meta_steps, workers=1, fit_s=time.monotonic() - t0)
+        runstore.write_record(uri, record)
         return finish(cfg, learner, out, history, progress)
 
 
-def training_record(step: int, *, workers: int, fit_s: float, **more: Any) -> dict[str, Any]:
-    """``training.json``: written when training reached ``meta.meta_steps`` (before the export,
-    so a rerun re-exports instead of re-training when the export is lost)."""
+def training_record(step: int, meta_steps: int, *, workers: int, fit_s: float, **more: Any) -> dict[str, Any]:
+    """``training.json``: written when training reached ``meta.meta_steps`` or stopped early at
+    ``step`` (``meta.patience``), before the export, so a rerun re-exports instead of re-training
+    when the export is lost."""
     return {
         "meta_step": step,
+        **({"stopped_early": True} if step < meta_steps else {}),
         "checkpoint": runstore.checkpoint_name(step),
         "workers": workers,
         **more,
@@ -311,8 +314,9 @@ def finished_run(
     step = record["meta_step"]
     report = runstore.exported_report(uri, step)
     if report is not None:
+        how = "stopped early (meta.patience)" if record.get("stopped_early") else "already finished"
         print(
-            f"metapeft: run {uri} already finished at meta-step {step}; not re-training "
+            f"metapeft: run {uri} {how} at meta-step {step}; not re-training "
             "(choose a new run.name, or raise meta.meta_steps to continue it)"
         )
         return report

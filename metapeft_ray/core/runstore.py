@@ -236,11 +236,11 @@ def check_resumable(cfg: Config, uri: str) -> None:
 
 
 def finished_training(cfg: Config, uri: str) -> dict[str, Any] | None:
-    """The training record of a stored run that already trained to ``meta.meta_steps``; None
-    when there is none or it stopped short (it resumes). A run trained past ``meta.meta_steps``
-    cannot be shortened: `ConfigError`."""
+    """The training record of a stored run that already trained to ``meta.meta_steps`` or
+    stopped early (``meta.patience``); None when there is none or it stopped short (it resumes).
+    A run trained past ``meta.meta_steps`` cannot be shortened: `ConfigError`."""
     record = read_record(uri)
-    if record is None or record["meta_step"] < cfg.meta.meta_steps:
+    if record is None or (record["meta_step"] < cfg.meta.meta_steps and not record.get("stopped_early")):
         return None
     if record["meta_step"] > cfg.meta.meta_steps:
         raise ConfigError(

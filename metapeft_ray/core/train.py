@@ -162,9 +162,11 @@ class MetaLearner:
         extra_outer_lr: float | None = None,
         learn_head: Sequence[str] = (),
         head_outer_lr: float = 0.01,
+        patience: int | None = None,
     ) -> None:
         self.encoder, self.sampler, self.inner = encoder, sampler, inner
         self.seed, self.meta_batch_size, self.val_episodes = seed, meta_batch_size, val_episodes
+        self.patience = patience
         self.shape = {"n_way": n_way, "k_shot": k_shot, "q_query": q_query}
         self.algorithm = algorithm or MAML()
         self.params = encoder.adapter_params()
@@ -215,6 +217,7 @@ class MetaLearner:
             extra_outer_lr=m.metasgd_outer_lr,
             learn_head=cfg.head.learn,
             head_outer_lr=cfg.head.outer_lr,
+            patience=m.patience,
         )
 
     def train_specs(self, step: int) -> list[EpisodeSpec]:
@@ -302,8 +305,9 @@ class MetaLearner:
     def iterate(
         self, meta_steps: int, *, val_every: int, rank: int = 0, world: int = 1, reduce: Reduce = _no_reduce
     ) -> Iterator[dict[str, float]]:
-        """Meta-steps from the current step up to ``meta_steps``; validation every ``val_every``."""
-        while self.step < meta_steps:
+        """Meta-steps from the current step up to ``meta_steps``; validation every ``val_every``;
+        with ``patience``, the last step is the validation ``patience`` validations after the best."""
+        while self.step < meta_steps and not self.stopped_early(val_every):
             metrics = self.meta_step(rank=rank, world=world, reduce=reduce)
             if self.step % val_every == 0 or self.step == meta_steps:
                 t0 = time.perf_counter()
@@ -315,6 +319,16 @@ class MetaLearner:
                     acc = metrics["meta_val_accuracy"]
                     self.best = {"meta_step": self.step, "meta_val_accuracy": acc, **self._meta_params_copy()}
             yield metrics
+
+    def stopped_early(self, val_every: int) -> bool:
+        """Whether ``patience`` validations (every ``val_every`` steps) have passed since the best
+        one. Derived from the best's step, so a run resumed from a checkpoint stops where it would
+        have; every rank holds the same best, so all ranks stop at the same step."""
+        return (
+            self.patience is not None
+            and self.best is not None
+            and self.step - self.best["meta_step"] >= self.patience * val_every
+        )
 
     def keep_best(self) -> dict[str, float] | None:
         """Load the meta-parameters of the best validation into the learner (the optimiser state
@@ -357,7 +371,8 @@ class MetaLearner:
         (what `runstore.save_state` stores and a resumed run loads); then ``on_step(metrics)``."""
         for metrics in self.iterate(meta_steps, val_every=val_every, rank=rank, world=world, reduce=reduce):
             history.append(metrics)
-            if checkpoint_every and (self.step % checkpoint_every == 0 or self.step == meta_steps):
+            last = self.step == meta_steps or self.stopped_early(val_every)
+            if checkpoint_every and (self.step % checkpoint_every == 0 or last):
                 on_checkpoint({**self.state_dict(), "history": history, "world_size": world})
             on_step(metrics)
         return history

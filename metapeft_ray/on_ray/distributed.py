@@ -162,6 +162,7 @@ def train_ray(
             )
         record = training_record(
             state["meta_step"],
+            cfg.meta.meta_steps,
             workers=cfg.distributed.workers,
             fit_s=fit_s,
             use_gpu=use_gpu,
