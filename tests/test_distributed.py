@@ -190,6 +190,22 @@ def test_two_workers_equal_single_process_second_order(ray_cluster, base) -> Non
     assert_same(final_adapter(cfg), want)
 
 
+def test_early_stopping_and_the_kept_best_equal_the_single_process(ray_cluster, base) -> None:  # noqa: ANN001
+    """``meta.patience`` and ``meta.keep=best`` on 2 ranks: every rank sees the same all-reduced
+    validation, so they stop at the step one process stops at and export the same best init."""
+    extra = {"meta.val_every": 1, "meta.val_episodes": 2, "meta.patience": 1, "meta.keep": "best"}
+    cfg = base("early-stop", **extra)
+    report = distributed.train_ray(cfg, progress=False)
+    learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
+    list(learner.iterate(STEPS, val_every=1))
+    kept = learner.keep_best()
+    assert report["meta_step"] == learner.step and report["kept"]["meta_step"] == kept["meta_step"]
+    assert report["kept"]["meta_val_accuracy"] == pytest.approx(kept["meta_val_accuracy"])
+    if learner.step < STEPS:
+        assert report["distributed"]["stopped_early"]
+    assert_same(final_state(cfg)["best"]["adapter"], {k: v.detach().cpu() for k, v in learner.params.items()})
+
+
 def test_resume_equals_uninterrupted_and_finished_is_not_rerun(  # noqa: ANN001
     ray_cluster, base, reference, monkeypatch
 ) -> None:
