@@ -7,9 +7,11 @@ accuracy minus row B's on the episodes both scored (points ± 95 % CI, and the e
 
 Reports are merged as `accuracy.py` merges them (``PATH:ALIAS`` renames a report's ``meta`` and
 ``meta_init`` rows; reports of one test dataset and fold must share the seed, the queries and the
-test classes, so their episodes are the same). Each (test dataset, fold, cell) is its own table:
-a comparison of two heads or two inner loops on one init, not a pooled accuracy (that is
-`accuracy.py`'s).
+test classes, so their episodes are the same), and ``results/accuracy.json`` is an input too: its
+kept per-episode values, so a row of the table can be paired with a new report without the runs
+behind the table (its rows carried without values cannot be paired and are left out). Each (test
+dataset, fold, cell) is its own table: a comparison of two heads or two inner loops on one init, not
+a pooled accuracy (that is `accuracy.py`'s).
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def markdown(entries: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("reports", nargs="+", help="report.json paths (PATH:ALIAS renames its meta rows)")
+    p.add_argument(
+        "reports", nargs="+", help="report.json paths (PATH:ALIAS renames its meta rows), an accuracy.json"
+    )
     p.add_argument(
         "--pair", action="append", default=[], metavar="A:B", help="row A minus row B, per episode (repeat)"
     )
@@ -90,9 +94,7 @@ def main() -> None:
     pairs = [tuple(x.split(":", 1)) for x in args.pair]
     if bad := [x for x, pair in zip(args.pair, pairs, strict=True) if len(pair) != 2]:
         raise SystemExit(f"--pair {bad}: give each pair as ROW:REFERENCE, e.g. meta:logreg")
-    folds, carried = gather(args.reports)
-    if carried:
-        raise SystemExit("paired.py compares reports; give report.json files, not an accuracy table")
+    folds, _rows_without_values = gather(args.reports)
     entries = compare(folds, pairs)  # type: ignore[arg-type]
     write_result(args.name, {"cells": entries}, markdown(entries))
 

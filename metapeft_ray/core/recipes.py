@@ -216,13 +216,13 @@ def finish(
     step = learner.step if kept is None else kept["meta_step"]
     metrics = next((dict(m) for m in reversed(history) if m["meta_step"] == step), {})
     learned = learner.learned_head()
+    # what the training gave, in the adapter's metadata and in the report
+    trained = {"meta_step": learner.step, LEARNED_HEAD: learned, **({} if kept is None else {"kept": kept})}
     metadata = {
         "config": cfg.to_dict(),
         "splits": splits_record(cfg, learner.sampler),
-        "meta_step": learner.step,
         "metrics": metrics,
-        LEARNED_HEAD: learned,
-        **({"kept": kept} if kept is not None else {}),
+        **trained,
     }
     lrs = learner.inner_lrs()  # Meta-SGD's learned rates; None for the other algorithms
     export_adapter(learner.encoder, out / ADAPTER_DIR, metadata, inner_lrs=lrs)
@@ -236,7 +236,7 @@ def finish(
         learner.default_init,
         learner.sampler,
         out,
-        {"meta_step": learner.step, LEARNED_HEAD: learned, **({"kept": kept} if kept is not None else {})},
+        trained,
         progress,
         inner_lrs=lrs,
         parts=parts,
