@@ -13,7 +13,7 @@ import torch
 
 from metapeft_ray.core import runstore
 from metapeft_ray.core.config import ConfigError, load_config
-from metapeft_ray.core.train import MetaLearner, prepare_sampler
+from metapeft_ray.core.train import BEST_VAL_ACCURACY, MetaLearner, prepare_sampler
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
 
@@ -192,9 +192,13 @@ def test_the_best_validation_is_kept_through_a_checkpoint(  # noqa: ANN001
     best validation, a checkpoint carries them, and `keep_best` loads them — not the last ones."""
     _scripted_validation(monkeypatch, {1: 0.5, 2: 0.9, 3: 0.9, 4: 0.7})
     a = _learner(tiny, CASES["metasgd+head"])
-    seen = {}
-    for _ in a.iterate(4, val_every=1):
+    seen, reported = {}, []
+    for metrics in a.iterate(4, val_every=1):
         seen[a.step] = {k: v.detach().clone() for k, v in a.meta_params.items()}
+        reported.append(a.reported(metrics))
+    # each checkpoint's report carries the best validation so far (a Tune search ranks by it)
+    assert [r[BEST_VAL_ACCURACY] for r in reported] == [0.5, 0.9, 0.9, 0.9]
+    assert reported[-1]["meta_val_accuracy"] == 0.7 and reported[-1]["trainable_params"] > 0
     runstore.save_state(tmp_path, {**a.state_dict(), "history": [], "world_size": 1})
     b = _learner(tiny, CASES["metasgd+head"])
     b.load_state_dict(runstore.load_state(tmp_path))

@@ -133,6 +133,29 @@ def test_pareto_front_keeps_only_undominated_trials() -> None:
     assert [r["trial"] for r in pareto_front(rows, "trainable_params")] == ["a", "b"]
 
 
+def test_with_keep_best_the_summary_ranks_trials_by_their_best_validation() -> None:
+    """``meta.keep: best`` exports each trial's best validation, so the summary ranks trials (and
+    picks the best) by the best validation each reported, not by its last."""
+    from metapeft_ray.core.train import BEST_VAL_ACCURACY
+    from metapeft_ray.on_ray.tune import OBJECTIVE, _rows
+
+    def result(trial: str, last: float, best: float) -> SimpleNamespace:
+        m = {"trial_id": trial, "meta_step": 4, "status": "ok", OBJECTIVE: last, BEST_VAL_ACCURACY: best}
+        return SimpleNamespace(metrics=m, config={"peft.rank": 4}, error=None, path=None)
+
+    grid = [result("a", 0.7, 0.9), result("b", 0.8, 0.8)]
+    rejected = SimpleNamespace(
+        metrics={"status": "rejected", OBJECTIVE: 0.0}, config={"peft.rank": 4}, error=None, path="x"
+    )
+    assert [r[OBJECTIVE] for r in _rows([*grid, rejected], 4, ["peft.rank"])] == [0.7, 0.8, 0.0]
+    best_rows = _rows([*grid, rejected], 4, ["peft.rank"], BEST_VAL_ACCURACY)
+    assert [(r["trial"], r[OBJECTIVE], r["status"]) for r in best_rows] == [
+        ("trial_a", 0.9, "ok"),
+        ("trial_b", 0.8, "ok"),
+        ("x", 0.0, "rejected"),
+    ]
+
+
 def test_a_stopped_trial_releases_its_gauges(  # noqa: ANN001
     tiny_backbone, tiny_dataset, tmp_path, monkeypatch
 ) -> None:

@@ -37,6 +37,8 @@ _STATS = ("query_loss", "query_accuracy")
 # Measured at validation, on the meta-val classes: a training episode would pay one more support
 # forward for `support_loss_after`.
 _VAL_STATS = ("query_accuracy", "support_loss_before", "support_loss_after")
+BEST_VAL_ACCURACY = "best_meta_val_accuracy"
+"""The best validation so far, in the metrics a checkpoint is reported with (`MetaLearner.reported`)."""
 
 
 def _no_reduce(t: Tensor) -> Tensor:
@@ -319,6 +321,16 @@ class MetaLearner:
                     acc = metrics["meta_val_accuracy"]
                     self.best = {"meta_step": self.step, "meta_val_accuracy": acc, **self._meta_params_copy()}
             yield metrics
+
+    def reported(self, metrics: dict[str, float]) -> dict[str, float]:
+        """A step's metrics as its checkpoint is reported (Ray Train, Tune): with the number of
+        trainable parameters and, once there is a validation, the best one so far
+        (`BEST_VAL_ACCURACY`: what ``meta.keep: best`` exports, and what a Tune search then ranks
+        its trials by)."""
+        out = {**metrics, "trainable_params": sum(p.numel() for p in self.params.values())}
+        if self.best is not None:
+            out[BEST_VAL_ACCURACY] = self.best["meta_val_accuracy"]
+        return out
 
     def stopped_early(self, val_every: int) -> bool:
         """Whether ``patience`` validations (every ``val_every`` steps) have passed since the best

@@ -772,11 +772,7 @@ def _report(learner: MetaLearner, state: dict[str, Any], rank: int) -> None:
     steps really ran on (a Tune trial's reports reach Tune through `TuneReportCallback`)."""
     import ray.train
 
-    metrics = {
-        **state["history"][-1],
-        "trainable_params": sum(p.numel() for p in learner.params.values()),
-        "world_size": state["world_size"],
-    }
+    metrics = {**learner.reported(state["history"][-1]), "world_size": state["world_size"]}
     if rank != 0:
         ray.train.report(metrics)
         return

@@ -90,7 +90,6 @@ def trial(params: dict[str, Any], base: dict[str, Any], workers: int = 1) -> Non
             state = runstore.load_state(d)
         learner.load_state_dict(state)
         history = list(state.get("history", []))  # checkpoints before 2026-12 have none
-    n_params = sum(p.numel() for p in learner.params.values())
     tags = {**live_metrics.tags_for(cfg, 0), "run": tune.get_context().get_trial_name()}
     live_metrics.instrument_episodes(learner, **tags)
 
@@ -101,7 +100,7 @@ def trial(params: dict[str, Any], base: dict[str, Any], workers: int = 1) -> Non
         with tempfile.TemporaryDirectory() as d:
             runstore.save_state(d, state)
             tune.report(
-                {**state["history"][-1], "trainable_params": n_params, "status": "ok"},
+                {**learner.reported(state["history"][-1]), "status": "ok"},
                 checkpoint=tune.Checkpoint.from_directory(d),
             )
 
@@ -216,7 +215,11 @@ def _plot(rows: list[dict[str, Any]], second: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _rows(result_grid: Any, meta_steps: int, keys: list[str]) -> list[dict[str, Any]]:
+def _rows(
+    result_grid: Any, meta_steps: int, keys: list[str], ranked_by: str = OBJECTIVE
+) -> list[dict[str, Any]]:
+    """One row per trial from its last report; its ``OBJECTIVE`` is that report's ``ranked_by``
+    (with ``meta.keep: best``, the best validation so far: what the trial's export keeps)."""
     rows = []
     for r in result_grid:
         m = r.metrics or {}
@@ -229,7 +232,7 @@ def _rows(result_grid: Any, meta_steps: int, keys: list[str]) -> list[dict[str, 
             {
                 "trial": f"trial_{m['trial_id']}" if "trial_id" in m else Path(r.path or "?").name,
                 **{k: r.config.get(k) for k in keys},
-                OBJECTIVE: m.get(OBJECTIVE, float("nan")),
+                OBJECTIVE: m.get(ranked_by, m.get(OBJECTIVE, math.nan)),
                 "meta_step": m.get("meta_step", 0),
                 "trainable_params": m.get("trainable_params", math.nan),
                 "adapt_ms": m.get("adapt_ms", math.nan),
@@ -299,7 +302,7 @@ def run_search(
 
     from metapeft_ray.core.recipes import finish
     from metapeft_ray.core.runstore import staged
-    from metapeft_ray.core.train import MetaLearner, prepare_sampler
+    from metapeft_ray.core.train import BEST_VAL_ACCURACY, MetaLearner, prepare_sampler
     from metapeft_ray.on_ray.distributed import (
         cluster_view,
         connect,
@@ -395,7 +398,9 @@ def run_search(
         )
 
     keys = list(space.search)
-    rows = _rows(grid, base.meta.meta_steps, keys)
+    rows = _rows(
+        grid, base.meta.meta_steps, keys, BEST_VAL_ACCURACY if base.meta.keep == "best" else OBJECTIVE
+    )
     finished = [r for r in rows if r["status"] in ("ok", "stopped early")]
     best = max(finished, key=lambda r: r[OBJECTIVE], default=None)
     base_row = next((r for r in finished if start and all(r[k] == start[k] for k in keys)), None)
@@ -424,14 +429,18 @@ def run_search(
         # through the PEFT model's `save_pretrained`, which needs the adapter's tensors in it.
         learner = MetaLearner.from_config(cfg, prepare_sampler(cfg), device=torch.device("cpu"))
         learner.load_state_dict(state)
-        val = history[-1][OBJECTIVE] if history else row[OBJECTIVE]
+        done = finish(cfg, learner, out / name, history, progress, fan_out)
+        if "kept" in done:  # meta.keep=best: the init exported is the best validation's
+            val = done["kept"][OBJECTIVE]
+        else:
+            val = history[-1][OBJECTIVE] if history else row[OBJECTIVE]
         return {
             "trial": row["trial"],
             **{k: row[k] for k in keys},
             OBJECTIVE: val,
             "meta_step": learner.step,
             "stopped_early_at": stopped_at if history else None,
-            "meta_test": finish(cfg, learner, out / name, history, progress, fan_out)["results"],
+            "meta_test": done["results"],
         }
 
     with staged(storage.join(root, "summary")) as out:
