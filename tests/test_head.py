@@ -20,10 +20,13 @@ from metapeft_ray.core.export import load_adapter
 from metapeft_ray.core.meta import (
     HEAD_PREFIX,
     InnerLoop,
+    class_sums,
+    episode_tensors,
     head_logits,
     leave_one_out_logits,
     logreg_head,
     proto_head,
+    refine_head,
     run_episode,
 )
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
@@ -129,7 +132,8 @@ def test_learned_head_is_exported_and_used_at_meta_test(tiny: tuple[str, str], t
         "head.label_names=true",
         'head.learn=["scale", "name_weight"]',
         "head.outer_lr=0.5",
-        'eval.methods=["meta", "meta_init", "proto_names", "logreg_names", "logreg"]',
+        "head.query_refine=2",
+        'eval.methods=["meta", "meta_init", "proto_names", "logreg_names", "logreg", "proto_names_refined"]',
     ]
     assert main(argv) == 0
     meta = json.loads((tmp_path / "h" / "adapter" / "metapeft.json").read_text())
@@ -139,7 +143,8 @@ def test_learned_head_is_exported_and_used_at_meta_test(tiny: tuple[str, str], t
     assert (cfg.head.scale, cfg.head.name_weight) == (learned["scale"], learned["name_weight"])
     report = json.loads((tmp_path / "h" / "report.json").read_text())
     assert report["learned_head"] == learned and report["config"]["head"]["scale"] == learned["scale"]
-    assert list(report["results"]) == ["meta", "meta_init", "proto_names", "logreg_names", "logreg"]
+    methods = ["meta", "meta_init", "proto_names", "logreg_names", "logreg", "proto_names_refined"]
+    assert list(report["results"]) == methods
 
 
 def test_frozen_name_baselines_add_the_name_as_one_example(tiny: tuple[str, str]) -> None:
@@ -341,3 +346,78 @@ def test_logreg_test_head_is_a_config_switch(tiny) -> None:  # noqa: ANN001
     assert MetaLearner.from_config(cfg, prepare_sampler(cfg)).inner.test_head == "logreg"
     with pytest.raises(ConfigError, match="head.test_head"):
         load_config(None, [*tiny_overrides(*tiny), "head.test_head=svm"])
+
+
+def test_refine_head_is_soft_k_means_on_the_queries() -> None:
+    support = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    names = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    # class 0's queries lie towards the middle: the first is nearer class 1's prototype (0, 1.33)
+    # than class 0's (1, 0.33), until its neighbours pull class 0's prototype towards them
+    queries = torch.tensor([[0.45, 0.85], [0.7, 0.8], [0.75, 0.75], [0.8, 0.8], [0.0, 1.5]])
+    sums, counts = class_sums(support, labels, 2, names, 0.5)
+    torch.testing.assert_close(sums, support + 0.5 * names)
+    torch.testing.assert_close(counts, torch.tensor([1.5, 1.5]))
+    weight, bias = proto_head(support, labels, 2, names, 0.5)
+    assert refine_head(weight, bias, queries, sums, counts, 4.0, 0) == (weight, bias)
+    p = F.softmax(head_logits(queries, weight, bias, 4.0), -1)
+    protos = (sums + p.T @ queries) / (counts + p.sum(0)).unsqueeze(1)
+    once = refine_head(weight, bias, queries, sums, counts, 4.0, 1)
+    torch.testing.assert_close(once[0], 2 * protos)
+    torch.testing.assert_close(once[1], -(protos**2).sum(-1))
+    assert head_logits(queries, weight, bias, 1.0).argmax(-1).tolist() == [1, 0, 0, 0, 1]
+    refined = refine_head(weight, bias, queries, sums, counts, 4.0, 10)
+    assert head_logits(queries, *refined, 1.0).argmax(-1).tolist() == [0, 0, 0, 0, 1]
+
+
+def test_query_refinement_is_the_same_in_every_path_and_off_the_meta_gradient(learner) -> None:  # noqa: ANN001
+    from metapeft_ray.core import baselines
+    from metapeft_ray.core.adapt import adapt_to_support, classify
+    from metapeft_ray.core.data import LabelledTexts
+
+    episode = learner.sampler.build(learner.train_specs(0)[0])
+    plain = InnerLoop(0, 0.05, 3.0, first_order=True, name_weight=0.5)
+    refined = replace(plain, query_refine=3)
+    r = run_episode(learner.encoder, learner.params, episode, refined, meta_gradient=False)
+    # by hand: the init's support, names and queries, the prototypes refined 3 times
+    support, labels, query, q_labels = episode_tensors(learner.encoder, episode)
+    names = learner.encoder.tokenize(episode.name_texts)
+    with torch.no_grad():
+        e_s, e_q, e_n = (learner.encoder.embed(learner.params, t) for t in (support, query, names))
+    n_way = len(episode.class_names)
+    sums = class_sums(e_s, labels, n_way, e_n, 0.5)
+    head = refine_head(*proto_head(e_s, labels, n_way, e_n, 0.5), e_q, *sums, 3.0, 3)
+    expected = (head_logits(e_q, *head, 1.0).argmax(-1) == q_labels).float().mean().item()
+    assert r.query_accuracy == pytest.approx(expected)
+    unrefined = run_episode(learner.encoder, learner.params, episode, plain, meta_gradient=False)
+    assert r.query_loss != pytest.approx(unrefined.query_loss, rel=1e-4)
+    # the frozen-style baseline on the same encoder (a cache of the init) refines the same way
+    cache = baselines.EmbeddingCache(learner.encoder, learner.params)
+    scorer = baselines.prototype_scorer(cache, label_names=True, name_weight=0.5, refine=3, scale=3.0)
+    assert scorer(episode) == pytest.approx(expected)
+    # meta-training differentiates the unrefined head
+    trained = [
+        run_episode(learner.encoder, learner.params, episode, replace(inner, steps=1), meta_gradient=True)
+        for inner in (plain, refined)
+    ]
+    assert trained[0].query_loss == pytest.approx(trained[1].query_loss)
+    # `metapeft adapt` and Serve refine on the texts classified together
+    texts = tuple(episode.support_texts)
+    task = adapt_to_support(
+        learner.encoder,
+        learner.params,
+        LabelledTexts("s", texts, tuple(episode.class_names[i] for i in episode.support_labels)),
+        refined,
+    )
+    predicted = [p["label"] for p in classify(learner.encoder, task, episode.query_texts)]
+    truth = [episode.class_names[i] for i in episode.query_labels]
+    assert sum(a == b for a, b in zip(predicted, truth, strict=True)) / len(truth) == pytest.approx(expected)
+
+
+def test_query_refinement_is_a_config_switch_with_its_frozen_baseline(tiny) -> None:  # noqa: ANN001
+    cfg = load_config(None, [*tiny_overrides(*tiny), "head.query_refine=4"])
+    assert MetaLearner.from_config(cfg, prepare_sampler(cfg)).inner.query_refine == 4
+    with pytest.raises(ConfigError, match="head.query_refine=0; set head.query_refine"):
+        load_config(None, [*tiny_overrides(*tiny), 'eval.methods=["meta", "proto_names_refined"]'])
+    with pytest.raises(ConfigError, match="head.query_refine"):
+        load_config(None, [*tiny_overrides(*tiny), "head.query_refine=-1"])

@@ -7,22 +7,36 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.nn import functional as F
 
 from metapeft_ray.core.data import LabelledTexts, label_text
 from metapeft_ray.core.episodes import word_dropout_views
-from metapeft_ray.core.meta import Adapted, InnerLoop, adapt, embed_support, head_logits, refit_head
+from metapeft_ray.core.meta import (
+    Adapted,
+    InnerLoop,
+    adapt,
+    class_sums,
+    embed_support,
+    head_logits,
+    refine_head,
+    refit_head,
+)
 from metapeft_ray.core.model import Encoder
 
 
 @dataclass(frozen=True)
 class AdaptedTask:
     """An init adapted to one support set: its classes (sorted label names, the head's rows in
-    order), the adapted adapter and head, and the temperature the head scores with."""
+    order), the adapted adapter and head, and the temperature the head scores with. ``refine``:
+    `refine_head` iterations on the texts `classify` is given together, from the adapted
+    support's `class_sums` (``support_sums``)."""
 
     classes: tuple[str, ...]
     adapted: Adapted
     scale: float
+    refine: int = 0
+    support_sums: tuple[Tensor, Tensor] | None = None
 
 
 def adapt_to_support(
@@ -57,17 +71,21 @@ def adapt_to_support(
         optimizer=inner.optimizer,
         inner_scale=inner.inner_scale,
         names=names,
-        name_weight=1.0 if inner.name_weight is None else inner.name_weight,
+        name_weight=inner.names_weight,
         views=encoder.tokenize(word_dropout_views(support.texts, views, inner.view_drop, 0))
         if views
         else None,
         leave_one_out=inner.leave_one_out,
     )
-    if inner.test_head == "logreg":
+    sums = None
+    if inner.test_head == "logreg" or inner.query_refine:
         embedded, named = embed_support(encoder, adapted.params, tokens, names)
-        head = refit_head(embedded, labels, len(classes), named, inner)
-        adapted = replace(adapted, weight=head[0], bias=head[1])
-    return AdaptedTask(tuple(classes), adapted, float(inner.scale))
+        if inner.test_head == "logreg":
+            head = refit_head(embedded, labels, len(classes), named, inner)
+            adapted = replace(adapted, weight=head[0], bias=head[1])
+        if inner.query_refine:
+            sums = class_sums(embedded, labels, len(classes), named, float(inner.names_weight))
+    return AdaptedTask(tuple(classes), adapted, float(inner.scale), inner.query_refine, sums)
 
 
 def classify(
@@ -76,13 +94,17 @@ def classify(
     """One prediction per text, ``{"text", "label", "confidence"}`` (the softmax probability of
     the label), plus ``"top"``: the ``top_k`` most probable ``{"label", "probability"}`` when
     ``top_k`` > 0. Texts are embedded at most ``batch_size`` at a time, in batches of similar
-    length (`Encoder.embed_texts`)."""
+    length (`Encoder.embed_texts`); with ``task.refine`` the head is refined on all of them
+    together first (transductive: each text's prediction depends on the others)."""
     a, texts = task.adapted, list(texts)
     if not texts:
         return
     embedded = encoder.embed_texts(a.params, texts, batch_size=batch_size)
+    weight, bias = a.weight, a.bias
     with torch.no_grad():
-        probs = F.softmax(head_logits(embedded, a.weight, a.bias, task.scale), -1)
+        if task.refine and task.support_sums is not None:
+            weight, bias = refine_head(weight, bias, embedded, *task.support_sums, task.scale, task.refine)
+        probs = F.softmax(head_logits(embedded, weight, bias, task.scale), -1)
     top_p, top_i = probs.topk(max(1, min(top_k, len(task.classes))), -1)
     for t, ps, ids in zip(texts, top_p.tolist(), top_i.tolist(), strict=True):
         pred = {"text": t, "label": task.classes[ids[0]], "confidence": round(ps[0], 4)}

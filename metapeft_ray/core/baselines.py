@@ -7,6 +7,8 @@ scored on the same episodes and compared paired (`metapeft_ray.core.evaluate`):
   changes) with a prototype classifier / logistic regression fit on the support embeddings;
   ``proto_names`` / ``logreg_names``: the same with each class name's embedding as one more
   support example (what label names alone give, next to a meta-init that uses them);
+  ``proto_names_refined``: those prototypes refined on the unlabelled queries (transductive,
+  next to a meta-init meta-tested with ``head.query_refine``);
 - ``finetune``: the same PEFT method from peft's default init (LoRA B = 0, IA3 ones, ...),
   trained with Adam on the support loss, head initialised from the support prototypes;
 - ``full_finetune``: every backbone weight, Adam, the same head — through the same inner loop
@@ -26,7 +28,15 @@ import torch
 from torch import Tensor
 
 from metapeft_ray.core.episodes import Episode
-from metapeft_ray.core.meta import InnerLoop, head_logits, logreg_head, proto_head, run_episode
+from metapeft_ray.core.meta import (
+    InnerLoop,
+    class_sums,
+    head_logits,
+    logreg_head,
+    proto_head,
+    refine_head,
+    run_episode,
+)
 from metapeft_ray.core.model import Encoder
 
 Scorer = Callable[[Episode], float | dict[str, float]]
@@ -81,14 +91,25 @@ def _frozen(cache: EmbeddingCache, episode: Episode) -> tuple[Tensor, Tensor, Te
     )
 
 
-def prototype_scorer(cache: EmbeddingCache, *, label_names: bool = False, name_weight: float = 1.0) -> Scorer:
+def prototype_scorer(
+    cache: EmbeddingCache,
+    *,
+    label_names: bool = False,
+    name_weight: float = 1.0,
+    refine: int = 0,
+    scale: float = 1.0,
+) -> Scorer:
     """Nearest prototype (mean support embedding) of the cache's encoder; with ``label_names`` each
-    class name's embedding counts as ``name_weight`` more support examples."""
+    class name's embedding counts as ``name_weight`` more support examples; ``refine``: that many
+    `meta.refine_head` iterations on the episode's queries, at temperature ``scale``."""
 
     def score(episode: Episode) -> float:
         e_s, y_s, e_q, y_q = _frozen(cache, episode)
+        n_way = len(episode.class_names)
         names = cache(episode.name_texts) if label_names else None
-        weight, bias = proto_head(e_s, y_s, len(episode.class_names), names, name_weight)
+        weight, bias = proto_head(e_s, y_s, n_way, names, name_weight)
+        sums = class_sums(e_s, y_s, n_way, names, name_weight)
+        weight, bias = refine_head(weight, bias, e_q, *sums, scale, refine)
         return (head_logits(e_q, weight, bias, 1.0).argmax(-1) == y_q).float().mean().item()
 
     return score

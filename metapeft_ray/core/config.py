@@ -133,6 +133,13 @@ class HeadSection(_Section):
     meta-training differentiates, or ``logreg``, logistic regression (C = 10) fitted on the
     adapted encoder's support embeddings, the class names as ``name_weight`` examples each (ahead
     of or level with the prototypes at 1, 5 and 10 shots in every cell measured: README)."""
+    query_refine: int = Field(0, ge=0)
+    """Transductive adaptation: after the inner loop, refine that query head this many times on
+    the unlabelled queries classified together (soft k-means, Ren et al. 2018: each class's
+    prototype takes in the queries weighted by their probability of it; `meta.refine_head`), at
+    validation, meta-test, ``metapeft adapt`` and Serve (on the texts of one request). 0: each
+    query is classified on its own (inductive). Compare it with the ``proto_names_refined``
+    baseline, the frozen backbone refined the same way."""
     learn: list[HeadValue] = Field(default_factory=list)
     """Head values meta-learned with the adapter init (log-parametrised, so they stay positive),
     exported with the adapter and used at meta-test and by ``metapeft adapt``."""
@@ -404,6 +411,7 @@ EvalMethod = Literal[
     "logreg",
     "proto_names",
     "logreg_names",
+    "proto_names_refined",
     "finetune",
     "full_finetune",
     "setfit",
@@ -454,7 +462,8 @@ class EvalSection(_Section):
     class names as examples when head.label_names),
     proto / logreg (frozen backbone + prototypes / logistic regression), proto_names /
     logreg_names (the same with each class name's embedding as one more support example: the
-    fair comparison for head.label_names), finetune (the PEFT
+    fair comparison for head.label_names), proto_names_refined (proto_names refined on the
+    unlabelled queries like head.query_refine: the fair comparison for it), finetune (the PEFT
     method from peft's default init, fine-tuned with Adam), full_finetune (every backbone weight,
     Adam), setfit (needs ``pip install metapeft_ray[baselines]``)."""
     reference: Literal["proto", "logreg"] = "logreg"
@@ -540,6 +549,16 @@ class Config(_Section):
                 "head.support_loss=leave_one_out leaves a 1-shot example nothing to be scored against "
                 f"(episode.k_shot={self.episode.k_shot}, eval.shots={self.eval.shots}); set "
                 "head.label_names=true (its class name is then its prototype) or use k_shot >= 2"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _refined_baseline_needs_iterations(self) -> Config:
+        if "proto_names_refined" in self.eval.methods and not self.head.query_refine:
+            raise ValueError(
+                "eval.methods has proto_names_refined, which refines the frozen prototypes "
+                "head.query_refine times on the queries, but head.query_refine=0; set "
+                "head.query_refine (e.g. 10) or drop proto_names_refined from eval.methods"
             )
         return self
 

@@ -32,6 +32,7 @@ METHOD_LABELS = {
     "logreg": "frozen backbone + logistic regression",
     "proto_names": "frozen backbone + prototypes with label names",
     "logreg_names": "frozen backbone + logistic regression with label names",
+    "proto_names_refined": "frozen backbone + prototypes with label names, refined on the queries",
     "finetune": "adapter fine-tune from peft default init (Adam)",
     "full_finetune": "full fine-tune of the backbone (Adam)",
     "setfit": "SetFit (contrastive fine-tune + logistic regression)",

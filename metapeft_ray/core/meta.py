@@ -65,6 +65,14 @@ class InnerLoop:
     test_head: Literal["prototypes", "logreg"] = "prototypes"
     """The query head of an adaptation no gradient goes back through (validation, meta-test,
     serving): the adapted prototypes, or `logreg_head` fitted on the adapted encoder's support."""
+    query_refine: int = 0
+    """Transductive: `refine_head` iterations of that query head on the unlabelled queries
+    (where no gradient goes back, like ``test_head``)."""
+
+    @property
+    def names_weight(self) -> Scalar:
+        """What a class name counts as in the prototypes (1 where the head uses no names: unused)."""
+        return 1.0 if self.name_weight is None else self.name_weight
 
     @classmethod
     def finetune(cls, steps: int, lr: float, scale: float) -> InnerLoop:
@@ -101,6 +109,23 @@ class InnerLoop:
         return replace(self, first_order=True, **learned)
 
 
+def class_sums(
+    embeddings: Tensor,
+    labels: Tensor,
+    n_way: int,
+    names: Tensor | None = None,
+    name_weight: Scalar = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Per class k: ``sum_{i: y_i = k} x_i + w n_k`` [N, D] and ``K_k + w`` [N] (without ``names``:
+    the plain sums and counts), the class names' embeddings ``n_k`` worth ``w = name_weight``
+    examples each."""
+    onehot = F.one_hot(labels, n_way).to(embeddings.dtype)
+    sums, counts = onehot.T @ embeddings, onehot.sum(0)
+    if names is not None:
+        sums, counts = sums + name_weight * names, counts + name_weight
+    return sums, counts
+
+
 def proto_head(
     embeddings: Tensor,
     labels: Tensor,
@@ -110,13 +135,33 @@ def proto_head(
 ) -> tuple[Tensor, Tensor]:
     """``W_k = 2 c_k``, ``b_k = -|c_k|^2`` with c_k the mean support embedding of class k, or with
     the class names' embeddings ``n_k`` as a prior worth ``w = name_weight`` examples:
-    ``c_k = (sum_{i: y_i = k} x_i + w n_k) / (K_k + w)``."""
-    onehot = F.one_hot(labels, n_way).to(embeddings.dtype)
-    sums, counts = onehot.T @ embeddings, onehot.sum(0).unsqueeze(1)
-    if names is not None:
-        sums, counts = sums + name_weight * names, counts + name_weight
-    protos = sums / counts
+    ``c_k = (sum_{i: y_i = k} x_i + w n_k) / (K_k + w)`` (`class_sums`)."""
+    sums, counts = class_sums(embeddings, labels, n_way, names, name_weight)
+    return _prototype_weights(sums / counts.unsqueeze(1))
+
+
+def _prototype_weights(protos: Tensor) -> tuple[Tensor, Tensor]:
     return 2 * protos, -(protos * protos).sum(-1)
+
+
+def refine_head(
+    weight: Tensor,
+    bias: Tensor,
+    queries: Tensor,
+    sums: Tensor,
+    counts: Tensor,
+    scale: Scalar,
+    iterations: int,
+) -> tuple[Tensor, Tensor]:
+    """Transductive soft k-means (Ren et al. 2018): each iteration assigns the unlabelled
+    ``queries`` to the classes by the softmax of the head's logits at temperature ``scale`` (the
+    first by the given head, prototypes or logistic regression) and makes the prototypes
+    ``c_k = (sums_k + sum_q p_qk x_q) / (counts_k + sum_q p_qk)`` from the support's `class_sums`
+    and the queries. The queries classified together inform each other's prediction."""
+    for _ in range(iterations):
+        p = F.softmax(head_logits(queries, weight, bias, scale), -1)
+        weight, bias = _prototype_weights((sums + p.T @ queries) / (counts + p.sum(0)).unsqueeze(1))
+    return weight, bias
 
 
 def leave_one_out_logits(
@@ -131,9 +176,7 @@ def leave_one_out_logits(
     its own class's: at 1 shot with the class names that prototype is the name alone, so the loss
     asks the encoder to bring each example to its name, not to itself (which is ~0 loss)."""
     onehot = F.one_hot(labels, n_way).to(embeddings.dtype)  # [S, N]
-    sums, counts = onehot.T @ embeddings, onehot.sum(0)
-    if names is not None:
-        sums, counts = sums + name_weight * names, counts + name_weight
+    sums, counts = class_sums(embeddings, labels, n_way, names, name_weight)
     if bool((counts - onehot.max(0).values <= 0).any()):
         raise ValueError(
             "the leave-one-out support loss needs a second example or the class name in every class "
@@ -403,19 +446,24 @@ def run_episode(
                 optimizer=inner.optimizer,
                 inner_scale=inner.inner_scale,
                 names=names,
-                name_weight=1.0 if inner.name_weight is None else inner.name_weight,
+                name_weight=inner.names_weight,
                 views=view_batch,
                 leave_one_out=inner.leave_one_out,
             )
         weight, bias = adapted.weight, adapted.bias
         refit = inner.test_head == "logreg" and not meta_gradient
+        refine = 0 if meta_gradient else inner.query_refine
         track = track_support_after and inner.steps
-        if refit or track:  # the adapted support (and names) embedded once for both
+        if refit or track or refine:  # the adapted support (and names) embedded once for all
             embedded, named = embed_support(encoder, adapted.params, support, names)
         if refit:
             weight, bias = refit_head(embedded, s_labels, n_way, named, inner)
         with torch.set_grad_enabled(meta_gradient):
-            logits = head_logits(encoder.embed(adapted.params, query), weight, bias, inner.scale)
+            embedded_query = encoder.embed(adapted.params, query)
+            if refine:
+                sums = class_sums(embedded, s_labels, n_way, named, inner.names_weight)
+                weight, bias = refine_head(weight, bias, embedded_query, *sums, inner.scale, refine)
+            logits = head_logits(embedded_query, weight, bias, inner.scale)
             loss = F.cross_entropy(logits, q_labels)
         grads = None
         if meta_gradient:
@@ -431,8 +479,9 @@ def run_episode(
                 )
                 s_scale = inner.scale if inner.inner_scale is None else inner.inner_scale
                 if inner.leave_one_out:
-                    name_weight = 1.0 if inner.name_weight is None else inner.name_weight
-                    s_logits = leave_one_out_logits(embedded, s_labels, n_way, s_scale, named, name_weight)
+                    s_logits = leave_one_out_logits(
+                        embedded, s_labels, n_way, s_scale, named, inner.names_weight
+                    )
                 else:
                     s_logits = head_logits(torch.cat(embs), adapted.weight, adapted.bias, s_scale)
                 after = F.cross_entropy(s_logits, s_labels.repeat(1 + views)).item()
@@ -458,8 +507,7 @@ def refit_head(
 ) -> tuple[Tensor, Tensor]:
     """`logreg_head` on the support embedded by the adapted encoder (and the class names, when
     ``named`` holds their embeddings), at the inner loop's name weight and query temperature."""
-    weight = 1.0 if inner.name_weight is None else float(inner.name_weight)
-    return logreg_head(embedded, labels, n_way, named, weight, float(inner.scale))
+    return logreg_head(embedded, labels, n_way, named, float(inner.names_weight), float(inner.scale))
 
 
 def _episode_seed(episode: Episode) -> int:

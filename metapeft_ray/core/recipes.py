@@ -92,6 +92,9 @@ def build_scorers(
         "logreg": lambda: baselines.logreg_scorer(cache),
         "proto_names": lambda: baselines.prototype_scorer(cache, label_names=True),
         "logreg_names": lambda: baselines.logreg_scorer(cache, label_names=True),
+        "proto_names_refined": lambda: baselines.prototype_scorer(
+            cache, label_names=True, refine=inner.query_refine, scale=float(scale)
+        ),
         "finetune": lambda: baselines.adapted_scorer(
             encoder, default_init, InnerLoop.finetune(ev.finetune.steps, ev.finetune.lr, scale)
         ),

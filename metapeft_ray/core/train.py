@@ -119,6 +119,7 @@ def inner_loop(cfg: Config, steps: int | None = None, lr: float | None = None) -
         h.view_drop,
         leave_one_out=h.support_loss == "leave_one_out",
         test_head=h.test_head,
+        query_refine=h.query_refine,
     )
 
 
