@@ -32,7 +32,9 @@ from metapeft_ray.core.train import inner_loop
 from metapeft_ray.on_ray.serve import (
     ServeSettings,
     TaskCache,
+    _Query,
     builder_args,
+    computed_together,
     parse_adapters,
     read_token,
     task_id,
@@ -73,6 +75,14 @@ def test_task_cache_evicts_least_recently_used_and_expires_after_ttl() -> None:
     assert cache.get("a") is None and cache.get("c") is None and len(cache) == 0
     with pytest.raises(ValueError, match="size=0"):
         TaskCache(0, 1.0)
+
+
+def test_a_batch_shares_passes_per_task_but_a_refining_tasks_requests_stay_apart() -> None:
+    refining = replace(_task("r"), refine=3)
+    tasks = {"t": _task("t"), "r": refining, "u": _task("u")}
+    queries = [_Query(key, "a", tasks[key], ("x",), 1) for key in "trtru"]
+    # the texts of a refining task's requests would move each other's predictions (head.query_refine)
+    assert computed_together(queries) == [[0, 2], [1], [3], [4]]
 
 
 def test_task_id_hashes_init_support_and_steps() -> None:

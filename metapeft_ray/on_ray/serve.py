@@ -38,7 +38,7 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -246,6 +246,17 @@ class _Query:
     top_k: int
 
 
+def computed_together(queries: Sequence[_Query]) -> list[list[int]]:
+    """The indices of a batch's queries whose texts one `classify` call takes together: those of
+    the same task, each on its own for a task that refines its head on the texts it is given
+    (``head.query_refine``)."""
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(queries):
+        groups.setdefault(q.key, []).append(i)
+    alone = [[[i] for i in g] if queries[g[0]].task.refine else [g] for g in groups.values()]
+    return [part for parts in alone for part in parts]
+
+
 def _classify_all(encoder: Encoder, task: AdaptedTask, texts: list[str], top_k: int) -> list[dict[str, Any]]:
     return list(classify(encoder, task, texts, top_k=top_k))
 
@@ -433,20 +444,19 @@ class AdaptationServer:
         """`serve.batch`'s handler: one encoder pass per task over the texts of all its requests,
         then each request gets its own texts' predictions back. A text's embedding does not
         depend on the texts beside it (attention masks) except through padding, at float
-        rounding (~1e-7 measured on MiniLM, under the 4 decimals the probabilities are given in)."""
-        groups: dict[str, list[int]] = {}
-        for i, q in enumerate(queries):
-            groups.setdefault(q.key, []).append(i)
+        rounding (~1e-7 measured on MiniLM, under the 4 decimals the probabilities are given in).
+        A task with ``head.query_refine`` refines its head on the texts classified together, so
+        each of its requests is computed on its own: one request's texts never move another's."""
         out: list[tuple[list, int]] = [([], 0)] * len(queries)
-        for members in groups.values():
-            first = queries[members[0]]
+        for together in computed_together(queries):
+            first = queries[together[0]]
             init = await self._init(first.init)
-            texts = [t for i in members for t in queries[i].texts]
-            top_k = max(queries[i].top_k for i in members)
+            texts = [t for i in together for t in queries[i].texts]
+            top_k = max(queries[i].top_k for i in together)
             preds = iter(await self._run(partial(_classify_all, init.encoder, first.task, texts, top_k)))
-            for i in members:
+            for i in together:
                 q = queries[i]
-                out[i] = ([_prediction(next(preds), q.top_k) for _ in q.texts], len(members))
+                out[i] = ([_prediction(next(preds), q.top_k) for _ in q.texts], len(together))
         return out
 
     # -- routes -----------------------------------------------------------------------------------
