@@ -395,12 +395,19 @@ def test_query_refinement_is_the_same_in_every_path_and_off_the_meta_gradient(le
     cache = baselines.EmbeddingCache(learner.encoder, learner.params)
     scorer = baselines.prototype_scorer(cache, label_names=True, name_weight=0.5, refine=3, scale=3.0)
     assert scorer(episode) == pytest.approx(expected)
-    # meta-training differentiates the unrefined head
+    # meta-training differentiates the unrefined head, or with train_refined the refined one: the
+    # loss that a (first-order) evaluation of the same adaptation scores
     trained = [
         run_episode(learner.encoder, learner.params, episode, replace(inner, steps=1), meta_gradient=True)
-        for inner in (plain, refined)
+        for inner in (plain, refined, replace(refined, train_refined=True))
     ]
     assert trained[0].query_loss == pytest.approx(trained[1].query_loss)
+    evaluated = run_episode(
+        learner.encoder, learner.params, episode, replace(refined, steps=1), meta_gradient=False
+    )
+    assert trained[2].query_loss == pytest.approx(evaluated.query_loss, rel=1e-5)
+    assert trained[2].query_loss != pytest.approx(trained[0].query_loss, rel=1e-4)
+    assert all(g.abs().sum() > 0 for g in trained[2].grads.values())
     # `metapeft adapt` and Serve refine on the texts classified together
     texts = tuple(episode.support_texts)
     task = adapt_to_support(
@@ -421,3 +428,7 @@ def test_query_refinement_is_a_config_switch_with_its_frozen_baseline(tiny) -> N
         load_config(None, [*tiny_overrides(*tiny), 'eval.methods=["meta", "proto_names_refined"]'])
     with pytest.raises(ConfigError, match="head.query_refine"):
         load_config(None, [*tiny_overrides(*tiny), "head.query_refine=-1"])
+    with pytest.raises(ConfigError, match="head.train_refined=true meta-trains through"):
+        load_config(None, [*tiny_overrides(*tiny), "head.train_refined=true"])
+    cfg = load_config(None, [*tiny_overrides(*tiny), "head.query_refine=2", "head.train_refined=true"])
+    assert MetaLearner.from_config(cfg, prepare_sampler(cfg)).inner.train_refined

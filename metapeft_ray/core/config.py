@@ -140,6 +140,10 @@ class HeadSection(_Section):
     validation, meta-test, ``metapeft adapt`` and Serve (on the texts of one request). 0: each
     query is classified on its own (inductive). Compare it with the ``proto_names_refined``
     baseline, the frozen backbone refined the same way."""
+    train_refined: bool = False
+    """Meta-train through the refinement too (differentiable: the queries' soft assignments and
+    their pull on the prototypes), so the init learns for the transductive meta-test; false:
+    meta-training differentiates the unrefined head. Needs head.query_refine > 0."""
     learn: list[HeadValue] = Field(default_factory=list)
     """Head values meta-learned with the adapter init (log-parametrised, so they stay positive),
     exported with the adapter and used at meta-test and by ``metapeft adapt``."""
@@ -148,6 +152,11 @@ class HeadSection(_Section):
 
     @model_validator(mode="after")
     def _learned_values_exist(self) -> HeadSection:
+        if self.train_refined and not self.query_refine:
+            raise ValueError(
+                "head.train_refined=true meta-trains through head.query_refine iterations, but "
+                "head.query_refine=0; set head.query_refine (e.g. 10) or head.train_refined=false"
+            )
         if "name_weight" in self.learn and not self.label_names:
             raise ValueError(
                 "head.learn has name_weight but head.label_names is false; set head.label_names=true"

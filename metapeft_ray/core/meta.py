@@ -67,7 +67,10 @@ class InnerLoop:
     serving): the adapted prototypes, or `logreg_head` fitted on the adapted encoder's support."""
     query_refine: int = 0
     """Transductive: `refine_head` iterations of that query head on the unlabelled queries
-    (where no gradient goes back, like ``test_head``)."""
+    (where no gradient goes back, like ``test_head``; with ``train_refined`` in meta-training too)."""
+    train_refined: bool = False
+    """Meta-training differentiates the refined head (the queries' assignments and their pull on
+    the prototypes), not the inner loop's own."""
 
     @property
     def names_weight(self) -> Scalar:
@@ -452,9 +455,12 @@ def run_episode(
             )
         weight, bias = adapted.weight, adapted.bias
         refit = inner.test_head == "logreg" and not meta_gradient
-        refine = 0 if meta_gradient else inner.query_refine
+        refine = inner.query_refine if inner.train_refined or not meta_gradient else 0
         track = track_support_after and inner.steps
-        if refit or track or refine:  # the adapted support (and names) embedded once for all
+        if refine and meta_gradient:  # the refined prototypes' sums, differentiably
+            embedded = encoder.embed(adapted.params, support)
+            named = None if names is None else encoder.embed(adapted.params, names)
+        elif refit or track or refine:  # the adapted support (and names) embedded once for all
             embedded, named = embed_support(encoder, adapted.params, support, names)
         if refit:
             weight, bias = refit_head(embedded, s_labels, n_way, named, inner)

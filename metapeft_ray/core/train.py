@@ -120,6 +120,7 @@ def inner_loop(cfg: Config, steps: int | None = None, lr: float | None = None) -
         leave_one_out=h.support_loss == "leave_one_out",
         test_head=h.test_head,
         query_refine=h.query_refine,
+        train_refined=h.train_refined,
     )
 
 
