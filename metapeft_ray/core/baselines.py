@@ -33,7 +33,7 @@ from metapeft_ray.core.meta import (
     class_sums,
     head_logits,
     logreg_head,
-    proto_head,
+    prototype_weights,
     refine_head,
     run_episode,
 )
@@ -107,9 +107,9 @@ def prototype_scorer(
         e_s, y_s, e_q, y_q = _frozen(cache, episode)
         n_way = len(episode.class_names)
         names = cache(episode.name_texts) if label_names else None
-        weight, bias = proto_head(e_s, y_s, n_way, names, name_weight)
-        sums = class_sums(e_s, y_s, n_way, names, name_weight)
-        weight, bias = refine_head(weight, bias, e_q, *sums, scale, refine)
+        sums, counts = class_sums(e_s, y_s, n_way, names, name_weight)
+        weight, bias = prototype_weights(sums / counts.unsqueeze(1))  # `proto_head`, from the sums once
+        weight, bias = refine_head(weight, bias, e_q, sums, counts, scale, refine)
         return (head_logits(e_q, weight, bias, 1.0).argmax(-1) == y_q).float().mean().item()
 
     return score

@@ -140,10 +140,11 @@ def proto_head(
     the class names' embeddings ``n_k`` as a prior worth ``w = name_weight`` examples:
     ``c_k = (sum_{i: y_i = k} x_i + w n_k) / (K_k + w)`` (`class_sums`)."""
     sums, counts = class_sums(embeddings, labels, n_way, names, name_weight)
-    return _prototype_weights(sums / counts.unsqueeze(1))
+    return prototype_weights(sums / counts.unsqueeze(1))
 
 
-def _prototype_weights(protos: Tensor) -> tuple[Tensor, Tensor]:
+def prototype_weights(protos: Tensor) -> tuple[Tensor, Tensor]:
+    """The linear head ``W_k = 2 c_k``, ``b_k = -|c_k|^2`` of prototypes ``c`` [N, D]."""
     return 2 * protos, -(protos * protos).sum(-1)
 
 
@@ -163,7 +164,7 @@ def refine_head(
     and the queries. The queries classified together inform each other's prediction."""
     for _ in range(iterations):
         p = F.softmax(head_logits(queries, weight, bias, scale), -1)
-        weight, bias = _prototype_weights((sums + p.T @ queries) / (counts + p.sum(0)).unsqueeze(1))
+        weight, bias = prototype_weights((sums + p.T @ queries) / (counts + p.sum(0)).unsqueeze(1))
     return weight, bias
 
 
