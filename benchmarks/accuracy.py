@@ -9,7 +9,10 @@ Reports of the same protocol, test data and fold are merged by method and cell (
 ``run.seed``, ``eval.q_query`` and the test classes, so their episodes are the same: e.g. the
 5-way cells of a training run and the 20-way cell of a later ``metapeft evaluate``); ``PATH:ALIAS``
 renames that report's ``meta`` and ``meta_init`` rows to ``ALIAS`` and ``ALIAS_init`` (to keep an
-earlier recipe or another meta-test inner loop beside the shipped one). An adapted row (``meta``,
+earlier recipe or another meta-test inner loop beside the shipped one). A row that two reports give
+with the same values (a frozen baseline scored on the same episodes) is kept once; different values
+of a method's cell in one fold are refused, except an aliased report's other rows: those are left
+out with a note (the report was given for its renamed rows). An adapted row (``meta``,
 ``ALIAS``) is also paired with its own init without adaptation (``meta_init``, ``ALIAS_init``):
 what the inner loop adds on the same episodes; the recipe's row (``meta``) also with each fine-tuning
 baseline, on the episodes that baseline scored. Cells of several folds pool the per-episode values; the
@@ -73,11 +76,7 @@ def load(arg: str) -> tuple[list[tuple[Key, dict[str, Any]]], list[dict[str, Any
         return parts, [r for r in report["cells"] if tuple(r[k] for k in ROW_KEY) not in computed]
     results = dict(report["results"])
     if alias:
-        results = {
-            {"meta": alias, "meta_init": f"{alias}_init"}.get(m, m): v
-            for m, v in results.items()
-            if m in ("meta", "meta_init")
-        }
+        results = {{"meta": alias, "meta_init": f"{alias}_init"}.get(m, m): v for m, v in results.items()}
     protocol = report.get("protocol", "in-domain")
     fold = "all" if protocol == "cross-dataset" else str(report["splits"].get("fold", 0))
     key = (protocol, report.get("test_dataset", report["splits"]["dataset"]), fold)
@@ -87,14 +86,15 @@ def load(arg: str) -> tuple[list[tuple[Key, dict[str, Any]]], list[dict[str, Any
         "q_query": cfg["eval"]["q_query"],
         "classes": report.get("test_classes"),
     }
-    return [(key, {"results": results, "identity": identity, "path": path})], []
+    return [(key, {"results": results, "identity": identity, "path": path, "alias": alias})], []
 
 
 def gather(
     inputs: list[str], *, replace: bool = False
 ) -> tuple[dict[Key, dict[str, Any]], list[dict[str, Any]]]:
     """Every input's folds merged by (protocol, test dataset, fold), and the carried rows. A
-    method's cell of one fold given twice is refused, or with ``replace`` the later one kept."""
+    method's cell of one fold given twice with other values is refused, or with ``replace`` the
+    later one kept (the same values, to the 4 decimals a table keeps, are one row given twice)."""
     folds: dict[Key, dict[str, Any]] = {}
     carried: list[dict[str, Any]] = []
     for arg in inputs:
@@ -108,7 +108,13 @@ def gather(
                 )
             for method, per_cell in rep["results"].items():
                 mine = merged["results"].setdefault(method, {})
-                if (clash := set(mine) & set(per_cell)) and not replace:
+                clash = {c for c in set(mine) & set(per_cell) if not _same(mine[c], per_cell[c])}
+                if clash and rep.get("alias") and not method.startswith(rep["alias"]) and not replace:
+                    print(
+                        f"{rep['path']}: {method} {sorted(clash)} left out (differs from {merged['paths']})"
+                    )
+                    per_cell = {c: v for c, v in per_cell.items() if c not in clash}
+                elif clash and not replace:
                     raise SystemExit(
                         f"{rep['path']}: {method} {sorted(clash)} already come from {merged['paths']} "
                         "(--replace keeps the later)"
@@ -116,6 +122,11 @@ def gather(
                 mine.update(per_cell)
             merged["paths"].append(rep["path"])
     return folds, carried
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    x, y = a["per_episode"], b["per_episode"]
+    return len(x) == len(y) and all(abs(u - v) < 1e-4 for u, v in zip(x, y, strict=True))
 
 
 def kept(folds: dict[Key, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -430,16 +430,28 @@ def test_accuracy_pools_folds_episode_by_episode_and_pairs_prefixes(tmp_path: Pa
     )
     summary = "\n".join(accuracy.summary(list(rows.values())))
     assert "| setfit: -20.0 ± " in summary and "(n=2) | +40.0 ± " in summary
-    # the same cell of one method from two reports of one fold is refused
+    # a method's cell of one fold from two reports: once where the values are the same (a frozen
+    # baseline of the same episodes), refused where they differ
+    assert json.dumps(accuracy.pool([reports[0], reports[0]])) == json.dumps(accuracy.pool([reports[0]]))
     with pytest.raises(SystemExit, match="already come from"):
-        accuracy.pool([reports[0], reports[0]])
-    # an adapted row is paired with its own init; PATH:ALIAS keeps another inner loop beside it
-    probe = report(0, {"meta": {"5w1s": [1.0, 1.0, 1.0]}, "meta_init": {"5w1s": [1.0, 0.8, 0.8]}}, "probe")
+        accuracy.pool([reports[0], report(0, {"logreg": {"5w1s": [0.6, 0.8, 0.8]}}, "other")])
+    # an adapted row is paired with its own init; PATH:ALIAS keeps another inner loop beside it,
+    # with the baselines both reports scored
+    logreg = {"logreg": {"5w1s": [0.8, 0.6, 1.0]}}
+    probe = report(
+        0, {"meta": {"5w1s": [1.0, 1.0, 1.0]}, "meta_init": {"5w1s": [1.0, 0.8, 0.8]}} | logreg, "probe"
+    )
     base = report(0, {"meta_init": {"5w1s": [0.8, 0.8, 1.0]}, "meta": {"5w1s": [1.0, 0.8, 1.0]}}, "base")
     rows = {r["method"]: r for r in accuracy.pool([base, f"{probe}:meta_5steps"])}
     assert rows["meta"]["paired_diff_vs_init"] == pytest.approx(0.2 / 3)  # diffs .2 0 0
     assert rows["meta_5steps"]["paired_diff_vs_init"] == pytest.approx(0.4 / 3)  # diffs 0 .2 .2
     assert "paired_diff_vs_init" not in rows["meta_5steps_init"]
+    assert rows["meta"]["paired_diff_vs_logreg"] == pytest.approx(0.4 / 3)  # logreg from the aliased report
+    # an aliased report's other rows that differ (e.g. a baseline at another learned temperature)
+    # are left out, not refused: it was given for its renamed rows
+    other = report(0, {"meta": {"5w1s": [0.0, 0.0, 1.0]}, "logreg": {"5w1s": [0.0, 0.0, 0.0]}}, "other")
+    rows = {r["method"]: r for r in accuracy.pool([base, f"{probe}:meta_5steps", f"{other}:meta_x"])}
+    assert rows["logreg"]["mean"] == pytest.approx(0.8) and rows["meta_x"]["mean"] == pytest.approx(1 / 3)
 
 
 def test_accuracy_table_is_an_input_to_the_next_table(tmp_path: Path) -> None:
@@ -484,10 +496,11 @@ def test_accuracy_table_is_an_input_to_the_next_table(tmp_path: Path) -> None:
     replaced = accuracy.table(*accuracy.gather([str(old2), twenty]), replace=True)
     assert other in replaced and legacy_row not in replaced
     assert [r["episodes"] for r in replaced if r["method"] == "meta"] == [1]
-    with pytest.raises(SystemExit, match="already come from"):  # a table's fold is not added twice
-        accuracy.pool([str(table), one])
-    # ... unless a re-run replaces it: the later input's values are the fold's
+    assert accuracy.pool([str(table), one]) == accuracy.pool([one])  # a table's fold given again
     rerun = report("f0b", 0, {"meta": {"5w1s": [0.6, 0.6]}})
+    with pytest.raises(SystemExit, match="already come from"):  # other values of a cell are refused
+        accuracy.pool([str(table), rerun])
+    # ... unless a re-run replaces them: the later input's values are the fold's
     again = {
         (r["method"], r["n_way"]): r
         for r in accuracy.table(*accuracy.gather([str(table), rerun], replace=True))
