@@ -370,6 +370,12 @@ class MetaSection(_Section):
     """Meta-SGD: outer learning rate of the log learning rates (an Adam step of 0.01 changes a
     learning rate by about 1 %)."""
     meta_steps: int = Field(50, ge=0)
+    pretrain_steps: int = Field(0, ge=0)
+    """Supervised pre-meta-training (IntentBERT-style): the first pretrain_steps of the meta_steps
+    outer updates each score meta.pretrain_batch meta-train texts against every meta-train class's
+    name (the name-prior head with no support: needs head.label_names), the rest are episodic."""
+    pretrain_batch: int = Field(64, ge=1)
+    """The labelled texts of one supervised step, drawn from all the meta-train classes."""
     val_every: int = Field(25, ge=1)
     val_episodes: int = Field(20, ge=1)
     checkpoint_every: int = Field(25, ge=1)
@@ -558,6 +564,22 @@ class Config(_Section):
                 "head.support_loss=leave_one_out leaves a 1-shot example nothing to be scored against "
                 f"(episode.k_shot={self.episode.k_shot}, eval.shots={self.eval.shots}); set "
                 "head.label_names=true (its class name is then its prototype) or use k_shot >= 2"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pretraining_scores_against_the_names(self) -> Config:
+        m = self.meta
+        if m.pretrain_steps and not self.head.label_names:
+            raise ValueError(
+                f"meta.pretrain_steps={m.pretrain_steps} scores each text against the class names, "
+                "but head.label_names=false; set head.label_names=true or meta.pretrain_steps=0"
+            )
+        if m.pretrain_steps > m.meta_steps:
+            raise ValueError(
+                f"meta.pretrain_steps={m.pretrain_steps} counts within meta.meta_steps={m.meta_steps} "
+                f"(the first {m.pretrain_steps} outer updates are supervised); raise meta.meta_steps "
+                f"to {m.pretrain_steps} + the episodic steps you want"
             )
         return self
 

@@ -284,6 +284,17 @@ class EpisodeSampler:
             q_labels += [label] * spec.q_query
         return Episode(spec, tuple(chosen), tuple(s_texts), tuple(s_labels), tuple(q_texts), tuple(q_labels))
 
+    def labelled_batch(self, split: Split, size: int, *, seed: int, step: int) -> Episode:
+        """A supervised batch as an all-way 0-shot episode: every class of ``split`` (in split
+        order) and ``size`` of its texts drawn without replacement (all of them if fewer) as the
+        queries, no support; drawn from ``(seed, split, fold, step)`` alone, like an episode."""
+        pool = self.splits.classes(split)
+        spec = self.spec(split, seed=seed, step=step, index=0, n_way=len(pool), k_shot=0, q_query=size)
+        rows = [(label, row) for label, name in enumerate(pool) for row in self._by_class[name]]
+        picked = np.random.default_rng(spec.rng_key()).permutation(len(rows))[:size]
+        texts = tuple(self.data.texts[rows[i][1]] for i in picked)
+        return Episode(spec, pool, (), (), texts, tuple(rows[i][0] for i in picked))
+
     def check_shape(self, split: Split, n_way: int, shots: Sequence[int], q_query: int) -> list[str]:
         """Every reason episodes of this shape cannot be drawn from ``split`` (empty if fine)."""
         problems = []

@@ -222,6 +222,19 @@ def logreg_head(
     return coef / scale, intercept / scale
 
 
+def names_head_loss(
+    encoder: Encoder, params: Mapping[str, Tensor], episode: Episode, scale: Scalar
+) -> tuple[Tensor, int]:
+    """Supervised pre-meta-training's objective on a 0-shot episode (`EpisodeSampler.labelled_batch`):
+    every query scored against every class's name embedding, the name-prior head with no support,
+    at temperature ``scale``; the summed cross-entropy and the number classified right."""
+    names = encoder.embed(params, encoder.tokenize(episode.name_texts))
+    queries = encoder.embed(params, encoder.tokenize(episode.query_texts))
+    labels = torch.tensor(episode.query_labels, device=encoder.device)
+    logits = head_logits(queries, *prototype_weights(names), scale)
+    return F.cross_entropy(logits, labels, reduction="sum"), int((logits.argmax(-1) == labels).sum())
+
+
 def head_logits(embeddings: Tensor, weight: Tensor, bias: Tensor, scale: Scalar) -> Tensor:
     # Written out rather than torch.cdist: cdist has no double backward.
     return scale * (embeddings @ weight.T + bias)

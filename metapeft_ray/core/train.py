@@ -13,7 +13,9 @@ same vector, so all ranks stay in exact agreement.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
+from math import nan
 from typing import Any
 
 import torch
@@ -23,8 +25,8 @@ from metapeft_ray.core.algorithms import MetaAlgorithm, algorithm
 from metapeft_ray.core.algorithms.maml import MAML
 from metapeft_ray.core.config import Config, ConfigError
 from metapeft_ray.core.data import load_dataset
-from metapeft_ray.core.episodes import ClassSplits, EpisodeSampler, EpisodeSpec, check_labels
-from metapeft_ray.core.meta import HEAD_PREFIX, EpisodeResult, InnerLoop
+from metapeft_ray.core.episodes import ClassSplits, Episode, EpisodeSampler, EpisodeSpec, check_labels
+from metapeft_ray.core.meta import HEAD_PREFIX, EpisodeResult, InnerLoop, names_head_loss
 from metapeft_ray.core.methods import method
 from metapeft_ray.core.model import Encoder, encoder_from_config
 from metapeft_ray.core.splits import match_patterns
@@ -167,10 +169,12 @@ class MetaLearner:
         learn_head: Sequence[str] = (),
         head_outer_lr: float = 0.01,
         patience: int | None = None,
+        pretrain_steps: int = 0,
+        pretrain_batch: int = 64,
     ) -> None:
         self.encoder, self.sampler, self.inner = encoder, sampler, inner
         self.seed, self.meta_batch_size, self.val_episodes = seed, meta_batch_size, val_episodes
-        self.patience = patience
+        self.patience, self.pretrain_steps, self.pretrain_batch = patience, pretrain_steps, pretrain_batch
         self.shape = {"n_way": n_way, "k_shot": k_shot, "q_query": q_query}
         self.algorithm = algorithm or MAML()
         self.params = encoder.adapter_params()
@@ -222,6 +226,8 @@ class MetaLearner:
             learn_head=cfg.head.learn,
             head_outer_lr=cfg.head.outer_lr,
             patience=m.patience,
+            pretrain_steps=m.pretrain_steps,
+            pretrain_batch=m.pretrain_batch,
         )
 
     def train_specs(self, step: int) -> list[EpisodeSpec]:
@@ -250,6 +256,29 @@ class MetaLearner:
             observe(spec, result, seconds)
         return result
 
+    def _supervised(self, batch: Episode, rank: int, world: int) -> EpisodeResult:
+        """This rank's share of a supervised step's batch (every ``world``-th text): the gradient of
+        its summed `names_head_loss`, with the summed loss and the count right as its statistics."""
+        mine = replace(
+            batch, query_texts=batch.query_texts[rank::world], query_labels=batch.query_labels[rank::world]
+        )
+        wrt = self.meta_params
+        if not mine.query_texts:  # more ranks than texts
+            return EpisodeResult({k: torch.zeros_like(v) for k, v in wrt.items()}, 0.0, 0.0, nan, nan)
+        scale = self.inner.with_learned(self.extra).scale
+        loss, right = names_head_loss(self.encoder, self.params, mine, scale)
+        grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True)
+        return EpisodeResult(
+            {
+                k: torch.zeros_like(v) if g is None else g
+                for (k, v), g in zip(wrt.items(), grads, strict=True)
+            },
+            loss.item(),
+            float(right),
+            nan,
+            nan,
+        )
+
     def learned_head(self) -> dict[str, float]:
         """The meta-learned head values, ``{"scale": 8.3, ...}`` (empty when none is learned)."""
         return {
@@ -265,20 +294,24 @@ class MetaLearner:
         return None if lrs is None else {k: v.detach().clone() for k, v in lrs.items()}
 
     def meta_step(self, *, rank: int = 0, world: int = 1, reduce: Reduce = _no_reduce) -> dict[str, float]:
-        """One outer update from this rank's share of the meta-batch of episodes at ``self.step``."""
+        """One outer update from this rank's share of the meta-batch of episodes at ``self.step``,
+        or in the first ``pretrain_steps`` of the step's supervised batch (`_supervised`)."""
         names, params = list(self.meta_params), list(self.meta_params.values())
         dev = params[0].device
         grad = torch.zeros(sum(p.numel() for p in params), device=dev)
         stats = torch.zeros(len(_STATS), device=dev, dtype=torch.float64)
-        for spec in shard(self.train_specs(self.step), rank, world, self.episode_cost):
-            r = self._episode(spec, meta_gradient=True)
+        if self.step < self.pretrain_steps:
+            batch = self.sampler.labelled_batch("train", self.pretrain_batch, seed=self.seed, step=self.step)
+            results: Iterable[EpisodeResult] = [self._supervised(batch, rank, world)]
+            count = len(batch.query_texts)
+        else:
+            specs = shard(self.train_specs(self.step), rank, world, self.episode_cost)
+            results, count = (self._episode(spec, meta_gradient=True) for spec in specs), self.meta_batch_size
+        for r in results:
             grad += torch.cat([r.grads[k].reshape(-1) for k in names])
             stats += torch.tensor([getattr(r, s) for s in _STATS], device=dev, dtype=torch.float64)
         total = reduce(torch.cat([grad.double(), stats]))
-        grad, stats = (
-            total[: grad.numel()] / self.meta_batch_size,
-            total[grad.numel() :] / self.meta_batch_size,
-        )
+        grad, stats = total[: grad.numel()] / count, total[grad.numel() :] / count
         offset = 0
         for p in params:
             p.grad = grad[offset : offset + p.numel()].view_as(p).to(p.dtype)
