@@ -10,8 +10,9 @@ Reports are merged as `accuracy.py` merges them (``PATH:ALIAS`` renames a report
 test classes, so their episodes are the same), and ``results/accuracy.json`` is an input too: its
 kept per-episode values, so a row of the table can be paired with a new report without the runs
 behind the table (its rows carried without values cannot be paired and are left out). Each (test
-dataset, fold, cell) is its own table: a comparison of two heads or two inner loops on one init, not
-a pooled accuracy (that is `accuracy.py`'s).
+dataset, fold, cell) that holds a pair is its own table (so the whole table can be an input beside
+one new report): a comparison of two heads or two inner loops on one init, not a pooled accuracy
+(that is `accuracy.py`'s).
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ from common import write_result
 def compare(
     folds: dict[tuple[str, str, str], dict[str, Any]], pairs: list[tuple[str, str]]
 ) -> list[dict[str, Any]]:
-    """One entry per (protocol, dataset, fold, cell): every row's mean ± CI and the pairs both
-    rows of which that cell holds."""
+    """One entry per (protocol, dataset, fold, cell) that holds both rows of a pair: every row's
+    mean ± CI and those pairs."""
     out = []
     for (protocol, dataset, fold), merged in sorted(folds.items()):
         results = merged["results"]
         for cell in sorted({c for per in results.values() for c in per}):
             values = {m: per[cell]["per_episode"] for m, per in results.items() if cell in per}
+            if not any(a in values and b in values for a, b in pairs):
+                continue
             out.append(
                 {
                     "protocol": protocol,

@@ -554,5 +554,6 @@ def test_paired_compares_two_reports_of_the_same_episodes_row_by_row(tmp_path: P
     # the accuracy table keeps the values: a row of it pairs with a new report the same way
     (table := tmp_path / "table.json").write_text(json.dumps({"cells": [], "folds": accuracy.kept(folds)}))
     assert paired_script.compare(accuracy.gather([str(table)])[0], pairs) == [entry]
+    assert paired_script.compare(folds, [("meta", "setfit")]) == []  # a cell without a pair is left out
     with pytest.raises(SystemExit, match="other episodes"):  # other test classes: other episodes
         accuracy.gather([base, report("elsewhere", {"meta": {"5w5s": [1.0]}}, ("c", "d"))])
