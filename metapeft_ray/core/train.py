@@ -8,6 +8,10 @@ update to the meta-parameters: ``theta <- Adam(theta, (1/B) sum_i g_i)`` with ``
 adapter init (plus Meta-SGD's log learning rates) and ``g_i`` episode i's contribution (MAML:
 ``dL_query_i/dtheta``; Reptile: ``phi_0 - phi_K,i``). Every rank applies the same update to the
 same vector, so all ranks stay in exact agreement.
+
+With ``meta.pretrain_steps = P`` the first P meta-steps are supervised instead (`_supervised`):
+a batch of labelled meta-train texts, split over the ranks, scored against every meta-train
+class name; the same reduce, optimiser, step counter and checkpoints.
 """
 
 from __future__ import annotations
