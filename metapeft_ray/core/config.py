@@ -11,7 +11,7 @@ import copy
 import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -79,6 +79,10 @@ class EpisodeSection(_Section):
     n_way: int = Field(5, ge=2)
     k_shot: int = Field(1, ge=1)
     q_query: int = Field(5, ge=1)
+    train_shots: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+    """Mixed-shot meta-training: the shots of the training episodes, dealt in turn over each
+    meta-batch (``[1, 5]``: every other episode 5-shot). Empty: every training episode is
+    ``k_shot``. Meta-validation stays at ``k_shot``."""
 
 
 class ModelSection(_Section):
@@ -558,7 +562,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _leave_one_out_needs_a_second_example(self) -> Config:
-        one_shot = [k for k in (self.episode.k_shot, *self.eval.shots) if k < 2]
+        one_shot = [k for k in (self.episode.k_shot, *self.episode.train_shots, *self.eval.shots) if k < 2]
         if self.head.support_loss == "leave_one_out" and not self.head.label_names and one_shot:
             raise ValueError(
                 "head.support_loss=leave_one_out leaves a 1-shot example nothing to be scored against "

@@ -75,7 +75,7 @@ def prepare_sampler(cfg: Config) -> EpisodeSampler:
         )
     sampler = EpisodeSampler(data, splits)
     problems = [
-        *sampler.check_shape("train", e.n_way, [e.k_shot], e.q_query),
+        *sampler.check_shape("train", e.n_way, e.train_shots or [e.k_shot], e.q_query),
         *sampler.check_shape("val", e.n_way, [e.k_shot], e.q_query),
         *(sampler.check_shape("test", max(ev.ways), ev.shots, ev.q_query) if own_test else []),
     ]
@@ -175,11 +175,13 @@ class MetaLearner:
         patience: int | None = None,
         pretrain_steps: int = 0,
         pretrain_batch: int = 64,
+        train_shots: Sequence[int] = (),
     ) -> None:
         self.encoder, self.sampler, self.inner = encoder, sampler, inner
         self.seed, self.meta_batch_size, self.val_episodes = seed, meta_batch_size, val_episodes
         self.patience, self.pretrain_steps, self.pretrain_batch = patience, pretrain_steps, pretrain_batch
         self.shape = {"n_way": n_way, "k_shot": k_shot, "q_query": q_query}
+        self.train_shots = list(train_shots)
         self.algorithm = algorithm or MAML()
         self.params = encoder.adapter_params()
         # The method's default init (LoRA: B = 0) is kept for the fine-tuning baseline.
@@ -232,10 +234,16 @@ class MetaLearner:
             patience=m.patience,
             pretrain_steps=m.pretrain_steps,
             pretrain_batch=m.pretrain_batch,
+            train_shots=cfg.episode.train_shots,
         )
 
     def train_specs(self, step: int) -> list[EpisodeSpec]:
-        return self.sampler.specs("train", self.meta_batch_size, seed=self.seed, step=step, **self.shape)
+        specs = self.sampler.specs("train", self.meta_batch_size, seed=self.seed, step=step, **self.shape)
+        if not self.train_shots:
+            return specs
+        # mixed shots, dealt in turn across the meta-batches (an odd batch still alternates)
+        shots, first = self.train_shots, step * self.meta_batch_size
+        return [replace(s, k_shot=shots[(first + s.index) % len(shots)]) for s in specs]
 
     def val_specs(self) -> list[EpisodeSpec]:
         # The same validation episodes at every evaluation, so the curve compares like with like.
