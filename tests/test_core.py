@@ -34,6 +34,20 @@ def test_every_shipped_config_validates_and_names_its_command(path: Path) -> Non
     assert path.read_text().startswith("# metapeft "), "a shipped config starts with its launch command"
 
 
+def test_the_transductive_recipe_is_the_recipe_with_the_refined_head() -> None:
+    """configs/fewshot_transductive.yaml repeats configs/fewshot.yaml: only the refinement, the
+    run's name and the meta-test cells and rows may differ, so the two recipes cannot drift."""
+    recipe, transductive = (load_config(name).model_dump() for name in ("fewshot", "fewshot_transductive"))
+    assert (transductive["head"]["query_refine"], transductive["head"]["train_refined"]) == (10, True)
+    assert "proto_names_refined" in transductive["eval"]["methods"]
+    for section, keys in {"head": ("query_refine", "train_refined"), "run": ("name",)}.items():
+        for key in keys:
+            recipe[section].pop(key), transductive[section].pop(key)
+    for key in ("n_way", "shots", "methods"):
+        recipe["eval"].pop(key), transductive["eval"].pop(key)
+    assert transductive == recipe
+
+
 def test_config_errors_are_all_listed_at_once(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("meta: {inner_stepz: 3, outer_lr: fast}\npeft: {rank: 0}\nbogus: {}\n")
