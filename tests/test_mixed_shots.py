@@ -9,13 +9,12 @@ from torch import Tensor
 
 from metapeft_ray.core.config import Config, ConfigError, load_config
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
-from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
+from tests.tiny import tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("tiny")
-    return str(make_tiny_backbone(root / "bert")), str(make_tiny_dataset(root / "data.jsonl"))
+@pytest.fixture
+def tiny(tiny_backbone: str, tiny_dataset: str) -> tuple[str, str]:
+    return tiny_backbone, tiny_dataset
 
 
 def _config(tiny: tuple[str, str], *extra: str) -> Config:
