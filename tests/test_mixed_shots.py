@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
 
 from metapeft_ray.core.config import Config, ConfigError, load_config
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
-from tests.tiny import tiny_overrides
+from tests.tiny import flat_meta_params, tiny_overrides, two_rank_meta_step
 
 
 @pytest.fixture
@@ -30,10 +29,6 @@ def _config(tiny: tuple[str, str], *extra: str) -> Config:
     )
 
 
-def _flat(learner: MetaLearner) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in learner.meta_params.values()])
-
-
 def test_training_episodes_take_the_shots_in_turn_and_validation_keeps_k_shot(tiny: tuple[str, str]) -> None:
     cfg = _config(tiny)
     learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
@@ -48,17 +43,14 @@ def test_training_episodes_take_the_shots_in_turn_and_validation_keeps_k_shot(ti
         assert episode.class_names == other.class_names
     seen: list[int] = []
     learner.episode_observers.append(lambda spec, result, seconds: seen.append(spec.k_shot))
-    before = _flat(learner)
+    before = flat_meta_params(learner)
     learner.meta_step()
-    assert seen == [1, 2, 1] and not torch.equal(before, _flat(learner))
+    assert seen == [1, 2, 1] and not torch.equal(before, flat_meta_params(learner))
     # two ranks share one mixed meta-batch and take the single process's step
     single = MetaLearner.from_config(cfg, prepare_sampler(cfg))
     single.meta_step()
-    ranks = [MetaLearner.from_config(cfg, prepare_sampler(cfg)) for _ in range(2)]
-    shares: list[Tensor] = []
-    ranks[1].meta_step(rank=1, world=2, reduce=lambda t: shares.append(t.clone()) or t)
-    ranks[0].meta_step(rank=0, world=2, reduce=lambda t: t + shares[0])
-    torch.testing.assert_close(_flat(ranks[0]), _flat(single), rtol=1e-4, atol=1e-6)
+    two_ranks = two_rank_meta_step(lambda: MetaLearner.from_config(cfg, prepare_sampler(cfg)))
+    torch.testing.assert_close(two_ranks, flat_meta_params(single), rtol=1e-4, atol=1e-6)
 
 
 def test_shots_that_cannot_be_drawn_are_refused_before_training(tiny: tuple[str, str]) -> None:

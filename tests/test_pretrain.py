@@ -7,12 +7,17 @@ from collections import Counter
 
 import pytest
 import torch
-from torch import Tensor
 from torch.nn import functional as F
 
 from metapeft_ray.core.config import Config, ConfigError, load_config
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
-from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
+from tests.tiny import (
+    flat_meta_params,
+    make_tiny_backbone,
+    make_tiny_dataset,
+    tiny_overrides,
+    two_rank_meta_step,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +57,6 @@ def test_a_labelled_batch_is_an_all_way_zero_shot_episode_drawn_from_its_seed(ti
     )
 
 
-def _flat(learner: MetaLearner) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in learner.meta_params.values()])
-
-
 def test_the_first_steps_are_supervised_and_two_ranks_take_the_same_step(tiny: tuple[str, str]) -> None:
     cfg = _config(tiny)
     learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
@@ -70,17 +71,16 @@ def test_the_first_steps_are_supervised_and_two_ranks_take_the_same_step(tiny: t
         )
     logits = 2 * cfg.head.scale * texts @ names.T
     labels = torch.tensor(batch.query_labels)
-    before = _flat(learner)
+    before = flat_meta_params(learner)
     first = learner.meta_step()
     assert first["meta_loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
     assert first["query_accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
-    assert not episodes and not torch.equal(before, _flat(learner))  # the adapter and the scale moved
+    assert not episodes and not torch.equal(
+        before, flat_meta_params(learner)
+    )  # the adapter and the scale moved
     # rank 1's share summed into rank 0's gives the single process's update
-    ranks = [MetaLearner.from_config(cfg, prepare_sampler(cfg)) for _ in range(2)]
-    shares: list[Tensor] = []
-    ranks[1].meta_step(rank=1, world=2, reduce=lambda t: shares.append(t.clone()) or t)
-    ranks[0].meta_step(rank=0, world=2, reduce=lambda t: t + shares[0])
-    torch.testing.assert_close(_flat(ranks[0]), _flat(learner), rtol=1e-4, atol=1e-6)
+    two_ranks = two_rank_meta_step(lambda: MetaLearner.from_config(cfg, prepare_sampler(cfg)))
+    torch.testing.assert_close(two_ranks, flat_meta_params(learner), rtol=1e-4, atol=1e-6)
     # after meta.pretrain_steps the meta-batches of episodes take over
     learner.meta_step()
     assert not episodes

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
 
 from metapeft_ray.core import registry
+
+if TYPE_CHECKING:
+    from metapeft_ray.core.train import MetaLearner
 
 # Each class has its own content words, so a good encoder separates them easily.
 CLASS_WORDS = [
@@ -100,3 +108,18 @@ def tiny_overrides(backbone: str, dataset: str, **extra: object) -> list[str]:
         base["peft.rank"] = 4
     base.update(extra)
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
+def flat_meta_params(learner: MetaLearner) -> Tensor:
+    """Every meta-parameter of ``learner``, detached and concatenated."""
+    return torch.cat([p.detach().reshape(-1) for p in learner.meta_params.values()])
+
+
+def two_rank_meta_step(make: Callable[[], MetaLearner]) -> Tensor:
+    """One meta-step shared by two fresh learners as ranks 0 and 1 of a world of 2, rank 1's
+    share summed into rank 0's as the all-reduce would: rank 0's meta-parameters after it."""
+    ranks = [make() for _ in range(2)]
+    shares: list[Tensor] = []
+    ranks[1].meta_step(rank=1, world=2, reduce=lambda t: shares.append(t.clone()) or t)
+    ranks[0].meta_step(rank=0, world=2, reduce=lambda t: t + shares[0])
+    return flat_meta_params(ranks[0])
