@@ -17,7 +17,8 @@ out with a note (the report was given for its renamed rows). An adapted row (``m
 what the inner loop adds on the same episodes; the recipe's row (``meta``) also with each fine-tuning
 baseline, on the episodes that baseline scored. Cells of several folds pool the per-episode values; the
 paired difference of a row uses, in each fold, the reference's values on the episodes the row
-scored (a costly baseline's prefix).
+scored (a costly baseline's prefix). Reports meta-tested on unbalanced query batches
+(``eval.query_alpha``) hold other episodes: their rows get a protocol of their own.
 
 The JSON keeps every fold's per-episode values (``folds``), and a previous ``accuracy.json`` is
 an input like a report: a later run adds its cells to the table without the runs behind the
@@ -79,6 +80,8 @@ def load(arg: str) -> tuple[list[tuple[Key, dict[str, Any]]], list[dict[str, Any
         results = {{"meta": alias, "meta_init": f"{alias}_init"}.get(m, m): v for m, v in results.items()}
     protocol = report.get("protocol", "in-domain")
     fold = "all" if protocol == "cross-dataset" else str(report["splits"].get("fold", 0))
+    if alpha := report["config"]["eval"].get("query_alpha"):  # other episodes: rows of their own
+        protocol = f"{protocol}, queries Dirichlet({alpha:g})"
     key = (protocol, report.get("test_dataset", report["splits"]["dataset"]), fold)
     cfg = report["config"]
     identity = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from metapeft_ray.cli import main
 from metapeft_ray.core.config import PACKAGED_CONFIGS, ConfigError, load_config
 from metapeft_ray.core.data import DataError, LabelledTexts, load_dataset
 from metapeft_ray.core.episodes import ClassSplits, EpisodeSampler, check_labels
+from metapeft_ray.core.evaluate import meta_test_specs
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +148,7 @@ def test_an_episode_spec_rebuilds_the_identical_episode_in_another_process() -> 
     sampler = EpisodeSampler(
         data, ClassSplits.make(data.labels, folds=5, fold=1, split_seed=0, val_fraction=0.2)
     )
-    spec = sampler.spec("train", seed=7, step=11, index=2, n_way=5, k_shot=2, q_query=3)
+    spec = sampler.spec("train", seed=7, step=11, index=2, n_way=5, k_shot=2, q_query=3, query_alpha=0.5)
     from dataclasses import asdict
 
     out = subprocess.run(
@@ -165,6 +167,26 @@ def test_an_episode_spec_rebuilds_the_identical_episode_in_another_process() -> 
         sampler.build(spec) == ep
         and sampler.build(sampler.spec("train", seed=7, step=11, index=3, n_way=5, k_shot=2, q_query=3)) != ep
     )
+
+
+def test_unbalanced_query_batches_split_the_same_queries_unevenly_among_the_classes() -> None:
+    data = load_dataset("banking77")
+    sampler = EpisodeSampler(data, ClassSplits.make(data.labels, folds=3, fold=0, split_seed=0, val_fraction=0))
+    label_of = dict(zip(data.texts, data.labels, strict=True))
+    balanced = meta_test_specs(sampler, cells=[(5, 1)], q_query=6, episodes=30, seed=0)["5w1s"]
+    uneven = meta_test_specs(sampler, cells=[(5, 1)], q_query=6, episodes=30, seed=0, query_alpha=0.5)["5w1s"]
+    assert {s.query_alpha for s in balanced} == {0.0} and {s.query_alpha for s in uneven} == {0.5}
+    counts = []
+    for spec in balanced + uneven:
+        ep = sampler.build(spec)
+        assert ep.support_labels == tuple(range(5)) and len(ep.query_texts) == 30  # k per class; n x q
+        assert all(label_of[t] == ep.class_names[y] for t, y in zip(ep.query_texts, ep.query_labels, strict=True))
+        assert not set(ep.query_texts) & set(ep.support_texts) and sampler.build(spec) == ep
+        counts.append(sorted(Counter(ep.query_labels).get(y, 0) for y in range(5)))
+    assert counts[:30] == [[6] * 5] * 30  # balanced: q_query of each class, as before the switch
+    assert sum(c[0] == 0 for c in counts[30:]) >= 5 and max(c[-1] for c in counts[30:]) >= 15
+    with pytest.raises(ConfigError, match="eval.query_alpha"):
+        load_config("quickstart", ["eval.query_alpha=-1"])
 
 
 def test_impossible_episode_shapes_are_rejected_before_any_work(tiny: tuple[str, str]) -> None:

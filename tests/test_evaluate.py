@@ -526,11 +526,11 @@ def test_paired_compares_two_reports_of_the_same_episodes_row_by_row(tmp_path: P
     import accuracy
     import paired as paired_script
 
-    def report(name: str, results: dict, classes: tuple[str, ...] = ("a", "b")) -> str:
+    def report(name: str, results: dict, classes: tuple[str, ...] = ("a", "b"), alpha: float = 0) -> str:
         body = {
             "test_classes": list(classes),
             "splits": {"dataset": "hwu64", "fold": 0},
-            "config": {"run": {"seed": 0}, "eval": {"q_query": 5}},
+            "config": {"run": {"seed": 0}, "eval": {"q_query": 5, "query_alpha": alpha}},
             "results": {m: {c: {"per_episode": v} for c, v in per.items()} for m, per in results.items()},
         }
         (path := tmp_path / f"{name}.json").write_text(json.dumps(body))
@@ -557,3 +557,11 @@ def test_paired_compares_two_reports_of_the_same_episodes_row_by_row(tmp_path: P
     assert paired_script.compare(folds, [("meta", "setfit")]) == []  # a cell without a pair is left out
     with pytest.raises(SystemExit, match="other episodes"):  # other test classes: other episodes
         accuracy.gather([base, report("elsewhere", {"meta": {"5w5s": [1.0]}}, ("c", "d"))])
+    # unbalanced query batches (eval.query_alpha) are other episodes of the same classes: a table of
+    # their own, under a protocol that names them, never merged into the balanced one
+    uneven = report("uneven", {"meta": {"5w5s": [0.6, 1.0]}, "logreg": {"5w5s": [0.4, 1.0]}}, alpha=2)
+    tables = paired_script.compare(accuracy.gather([base, uneven])[0], [("meta", "logreg")])
+    assert [(e["protocol"], e["pairs"]["meta:logreg"]["diff"]) for e in tables] == [
+        ("in-domain", pytest.approx(0.05)),
+        ("in-domain, queries Dirichlet(2)", pytest.approx(0.1)),
+    ]

@@ -134,6 +134,7 @@ def test_learned_head_is_exported_and_used_at_meta_test(tiny: tuple[str, str], t
         "head.outer_lr=0.5",
         "head.query_refine=2",
         'eval.methods=["meta", "meta_init", "proto_names", "logreg_names", "logreg", "proto_names_refined"]',
+        "eval.query_alpha=0.3",  # unbalanced query batches: some classes of an episode have no query
     ]
     assert main(argv) == 0
     meta = json.loads((tmp_path / "h" / "adapter" / "metapeft.json").read_text())

@@ -464,6 +464,12 @@ class EvalSection(_Section):
     """Ways of the meta-test cells (one value or a list); every way is run at every shot."""
     shots: list[int] = Field(default_factory=lambda: [1, 5], min_length=1)
     q_query: int = Field(5, ge=1)
+    query_alpha: float = Field(0.0, ge=0)
+    """0: every class of a test episode has q_query queries. > 0: the episode's n_way x q_query
+    queries are split among its classes by proportions drawn from a symmetric Dirichlet of this
+    concentration (2 in Veilleux et al. 2021, "Realistic evaluation of transductive few-shot
+    learning"), the test of a transductive head (head.query_refine) on batches that are not one
+    class in turn. Inductive rows classify each query alone: for them only which queries count changes."""
     dataset: str | None = None
     """Meta-test on another dataset (packaged name, local file, ``s3://``, ``hf://``) instead of
     the held-out test classes of ``data.dataset``; the training data then keeps all its classes

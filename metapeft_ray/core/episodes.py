@@ -212,6 +212,10 @@ class EpisodeSpec:
     n_way: int
     k_shot: int
     q_query: int
+    query_alpha: float = 0.0
+    """0: ``q_query`` queries of every class. > 0: the episode's ``n_way * q_query`` queries split
+    among its classes by proportions drawn from a symmetric Dirichlet of this concentration
+    (smaller = more uneven; a class may get none), each class capped at the texts it has left."""
 
     def rng_key(self) -> list[int]:
         return [self.seed, _SPLIT_CODE[self.split], self.fold, self.step, self.index]
@@ -249,17 +253,35 @@ class EpisodeSampler:
         self._by_class = data.by_class()
 
     def spec(
-        self, split: Split, *, seed: int, step: int, index: int, n_way: int, k_shot: int, q_query: int
+        self,
+        split: Split,
+        *,
+        seed: int,
+        step: int,
+        index: int,
+        n_way: int,
+        k_shot: int,
+        q_query: int,
+        query_alpha: float = 0.0,
     ) -> EpisodeSpec:
-        return EpisodeSpec(self.data.name, self.splits.fold, split, seed, step, index, n_way, k_shot, q_query)
+        return EpisodeSpec(
+            self.data.name, self.splits.fold, split, seed, step, index, n_way, k_shot, q_query, query_alpha
+        )
 
     def specs(
-        self, split: Split, count: int, *, seed: int, step: int, n_way: int, k_shot: int, q_query: int
+        self,
+        split: Split,
+        count: int,
+        *,
+        seed: int,
+        step: int,
+        n_way: int,
+        k_shot: int,
+        q_query: int,
+        query_alpha: float = 0.0,
     ) -> list[EpisodeSpec]:
-        return [
-            self.spec(split, seed=seed, step=step, index=i, n_way=n_way, k_shot=k_shot, q_query=q_query)
-            for i in range(count)
-        ]
+        shape = {"n_way": n_way, "k_shot": k_shot, "q_query": q_query, "query_alpha": query_alpha}
+        return [self.spec(split, seed=seed, step=step, index=i, **shape) for i in range(count)]
 
     def build(self, spec: EpisodeSpec) -> Episode:
         if spec.dataset != self.data.name or spec.fold != self.splits.fold:
@@ -270,18 +292,22 @@ class EpisodeSampler:
         rng = np.random.default_rng(spec.rng_key())
         pool = self.splits.classes(spec.split)
         chosen = [pool[i] for i in rng.choice(len(pool), spec.n_way, replace=False)]
+        queries = [spec.q_query] * spec.n_way
+        if spec.query_alpha:
+            shares = rng.dirichlet([spec.query_alpha] * spec.n_way)
+            queries = rng.multinomial(spec.n_way * spec.q_query, shares).tolist()
         s_texts: list[str] = []
         s_labels: list[int] = []
         q_texts: list[str] = []
         q_labels: list[int] = []
-        for label, name in enumerate(chosen):
+        for label, (name, q) in enumerate(zip(chosen, queries, strict=True)):
             rows = self._by_class[name]
-            picked = rng.choice(len(rows), spec.k_shot + spec.q_query, replace=False)
+            picked = rng.choice(len(rows), min(spec.k_shot + q, len(rows)), replace=False)
             texts = [self.data.texts[rows[i]] for i in picked]
             s_texts += texts[: spec.k_shot]
             s_labels += [label] * spec.k_shot
             q_texts += texts[spec.k_shot :]
-            q_labels += [label] * spec.q_query
+            q_labels += [label] * (len(texts) - spec.k_shot)
         return Episode(spec, tuple(chosen), tuple(s_texts), tuple(s_labels), tuple(q_texts), tuple(q_labels))
 
     def labelled_batch(self, split: Split, size: int, *, seed: int, step: int) -> Episode:

@@ -85,11 +85,13 @@ def meta_test_specs(
     episodes: int,
     seed: int,
     split: Split = "test",
+    query_alpha: float = 0.0,
 ) -> dict[str, list[EpisodeSpec]]:
     """The specs of every meta-test episode, ``{cell: [spec of episode 0, 1, ...]}``: the same in
     every process, so any process can score any of them."""
+    shape = {"q_query": q_query, "query_alpha": query_alpha}
     return {
-        cell_name(n, k): sampler.specs(split, episodes, seed=seed, step=0, n_way=n, k_shot=k, q_query=q_query)
+        cell_name(n, k): sampler.specs(split, episodes, seed=seed, step=0, n_way=n, k_shot=k, **shape)
         for n, k in cells
     }
 

@@ -129,7 +129,12 @@ def meta_test_part(
     ev = cfg.eval
     test_sampler = prepare_test_sampler(cfg, sampler)
     specs = meta_test_specs(
-        test_sampler, cells=ev.cells, q_query=ev.q_query, episodes=ev.episodes, seed=cfg.run.seed
+        test_sampler,
+        cells=ev.cells,
+        q_query=ev.q_query,
+        query_alpha=ev.query_alpha,
+        episodes=ev.episodes,
+        seed=cfg.run.seed,
     )
     texts = episode_texts(test_sampler, specs)
     return score_episodes(
