@@ -26,11 +26,12 @@ from metapeft_ray.core.meta import (
     leave_one_out_logits,
     logreg_head,
     proto_head,
+    prototype_weights,
     refine_head,
     run_episode,
 )
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
-from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
+from tests.tiny import flat_meta_params, make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -371,14 +372,15 @@ def test_refine_head_is_soft_k_means_on_the_queries() -> None:
     assert head_logits(queries, *refined, 1.0).argmax(-1).tolist() == [0, 0, 0, 0, 1]
 
 
-def test_query_refinement_is_the_same_in_every_path_and_off_the_meta_gradient(learner) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("prior", [False, True])
+def test_query_refinement_is_the_same_in_every_path_and_off_the_meta_gradient(learner, prior: bool) -> None:  # noqa: ANN001
     from metapeft_ray.core import baselines
     from metapeft_ray.core.adapt import adapt_to_support, classify
     from metapeft_ray.core.data import LabelledTexts
 
     episode = learner.sampler.build(learner.train_specs(0)[0])
     plain = InnerLoop(0, 0.05, 3.0, first_order=True, name_weight=0.5)
-    refined = replace(plain, query_refine=3)
+    refined = replace(plain, query_refine=3, refine_prior=prior)
     r = run_episode(learner.encoder, learner.params, episode, refined, meta_gradient=False)
     # by hand: the init's support, names and queries, the prototypes refined 3 times
     support, labels, query, q_labels = episode_tensors(learner.encoder, episode)
@@ -387,14 +389,16 @@ def test_query_refinement_is_the_same_in_every_path_and_off_the_meta_gradient(le
         e_s, e_q, e_n = (learner.encoder.embed(learner.params, t) for t in (support, query, names))
     n_way = len(episode.class_names)
     sums = class_sums(e_s, labels, n_way, e_n, 0.5)
-    head = refine_head(*proto_head(e_s, labels, n_way, e_n, 0.5), e_q, *sums, 3.0, 3)
+    head = refine_head(*proto_head(e_s, labels, n_way, e_n, 0.5), e_q, *sums, 3.0, 3, prior)
     expected = (head_logits(e_q, *head, 1.0).argmax(-1) == q_labels).float().mean().item()
     assert r.query_accuracy == pytest.approx(expected)
     unrefined = run_episode(learner.encoder, learner.params, episode, plain, meta_gradient=False)
     assert r.query_loss != pytest.approx(unrefined.query_loss, rel=1e-4)
     # the frozen-style baseline on the same encoder (a cache of the init) refines the same way
     cache = baselines.EmbeddingCache(learner.encoder, learner.params)
-    scorer = baselines.prototype_scorer(cache, label_names=True, name_weight=0.5, refine=3, scale=3.0)
+    scorer = baselines.prototype_scorer(
+        cache, label_names=True, name_weight=0.5, refine=3, scale=3.0, refine_prior=prior
+    )
     assert scorer(episode) == pytest.approx(expected)
     # meta-training differentiates the unrefined head, or with train_refined the refined one: the
     # loss that a (first-order) evaluation of the same adaptation scores
@@ -422,6 +426,29 @@ def test_query_refinement_is_the_same_in_every_path_and_off_the_meta_gradient(le
     assert sum(a == b for a, b in zip(predicted, truth, strict=True)) / len(truth) == pytest.approx(expected)
 
 
+def test_the_refinement_with_class_shares_leaves_a_class_the_batch_lacks_at_its_support() -> None:
+    # two classes, support at e0 and e1 (one example each); a batch of queries of class 0 only,
+    # some of them half-way: plain soft k-means pulls them into class 1's prototype
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    queries = torch.stack([e0] * 6 + [torch.tensor([0.6, 0.4])] * 4)
+    sums, counts = torch.stack([e0, e1]), torch.ones(2)
+    start = prototype_weights(sums)
+
+    def proto_1(prior: bool) -> torch.Tensor:
+        weight, bias = refine_head(*start, queries, sums, counts, 5.0, 10, prior)
+        return weight[1] / 2  # W_k = 2 c_k
+
+    plain, shares = proto_1(False), proto_1(True)
+    assert (plain - e1).norm() > 0.2 and (shares - e1).norm() < (plain - e1).norm() / 2
+    # the estimated shares go into the bias: class 1 is predicted less than by the prototypes alone
+    weight, bias = refine_head(*start, queries, sums, counts, 5.0, 10, True)
+    assert (head_logits(queries, weight, bias, 5.0).argmax(-1) == 0).all()
+    # on a balanced batch the shares stay even and the refinement is the plain one
+    balanced = torch.stack([e0, e1] * 5)
+    a, b = (refine_head(*start, balanced, sums, counts, 5.0, 10, p) for p in (False, True))
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1] - b[1], (a[1] - b[1])[0].expand(2))
+
+
 def test_query_refinement_is_a_config_switch_with_its_frozen_baseline(tiny) -> None:  # noqa: ANN001
     cfg = load_config(None, [*tiny_overrides(*tiny), "head.query_refine=4"])
     assert MetaLearner.from_config(cfg, prepare_sampler(cfg)).inner.query_refine == 4
@@ -431,5 +458,25 @@ def test_query_refinement_is_a_config_switch_with_its_frozen_baseline(tiny) -> N
         load_config(None, [*tiny_overrides(*tiny), "head.query_refine=-1"])
     with pytest.raises(ConfigError, match="head.train_refined=true meta-trains through"):
         load_config(None, [*tiny_overrides(*tiny), "head.train_refined=true"])
+    with pytest.raises(ConfigError, match="head.refine_prior=true estimates class shares"):
+        load_config(None, [*tiny_overrides(*tiny), "head.refine_prior=true"])
+    # meta-trained through the refinement with class shares, on unbalanced training and validation
+    # batches (episode.query_alpha): a meta-step moves the init, finitely
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(*tiny),
+            *("head.query_refine=2", "head.refine_prior=true", "head.train_refined=true"),
+            *("episode.query_alpha=0.5", "meta.first_order=true"),
+        ],
+    )
+    learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
+    assert learner.inner.refine_prior and learner.inner.train_refined
+    specs = [*learner.train_specs(0), *learner.val_specs()]
+    assert {s.query_alpha for s in specs} == {0.5}
+    assert len({learner.sampler.build(s).query_labels.count(0) for s in specs}) > 1  # uneven shares
+    before = flat_meta_params(learner)
+    metrics = learner.meta_step()
+    assert math.isfinite(metrics["meta_loss"]) and not torch.equal(flat_meta_params(learner), before)
     cfg = load_config(None, [*tiny_overrides(*tiny), "head.query_refine=2", "head.train_refined=true"])
     assert MetaLearner.from_config(cfg, prepare_sampler(cfg)).inner.train_refined

@@ -36,6 +36,7 @@ class AdaptedTask:
     adapted: Adapted
     scale: float
     refine: int = 0
+    refine_prior: bool = False
     support_sums: tuple[Tensor, Tensor] | None = None
 
 
@@ -85,7 +86,9 @@ def adapt_to_support(
             adapted = replace(adapted, weight=head[0], bias=head[1])
         if inner.query_refine:
             sums = class_sums(embedded, labels, len(classes), named, float(inner.names_weight))
-    return AdaptedTask(tuple(classes), adapted, float(inner.scale), inner.query_refine, sums)
+    return AdaptedTask(
+        tuple(classes), adapted, float(inner.scale), inner.query_refine, inner.refine_prior, sums
+    )
 
 
 def classify(
@@ -103,7 +106,9 @@ def classify(
     weight, bias = a.weight, a.bias
     with torch.no_grad():
         if task.refine and task.support_sums is not None:
-            weight, bias = refine_head(weight, bias, embedded, *task.support_sums, task.scale, task.refine)
+            weight, bias = refine_head(
+                weight, bias, embedded, *task.support_sums, task.scale, task.refine, task.refine_prior
+            )
         probs = F.softmax(head_logits(embedded, weight, bias, task.scale), -1)
     top_p, top_i = probs.topk(max(1, min(top_k, len(task.classes))), -1)
     for t, ps, ids in zip(texts, top_p.tolist(), top_i.tolist(), strict=True):

@@ -98,10 +98,12 @@ def prototype_scorer(
     name_weight: float = 1.0,
     refine: int = 0,
     scale: float = 1.0,
+    refine_prior: bool = False,
 ) -> Scorer:
     """Nearest prototype (mean support embedding) of the cache's encoder; with ``label_names`` each
     class name's embedding counts as ``name_weight`` more support examples; ``refine``: that many
-    `meta.refine_head` iterations on the episode's queries, at temperature ``scale``."""
+    `meta.refine_head` iterations on the episode's queries, at temperature ``scale`` (estimating
+    their class shares with ``refine_prior``)."""
 
     def score(episode: Episode) -> float:
         e_s, y_s, e_q, y_q = _frozen(cache, episode)
@@ -109,7 +111,7 @@ def prototype_scorer(
         names = cache(episode.name_texts) if label_names else None
         sums, counts = class_sums(e_s, y_s, n_way, names, name_weight)
         weight, bias = prototype_weights(sums / counts.unsqueeze(1))  # `proto_head`, from the sums once
-        weight, bias = refine_head(weight, bias, e_q, sums, counts, scale, refine)
+        weight, bias = refine_head(weight, bias, e_q, sums, counts, scale, refine, refine_prior)
         return (head_logits(e_q, weight, bias, 1.0).argmax(-1) == y_q).float().mean().item()
 
     return score

@@ -83,6 +83,10 @@ class EpisodeSection(_Section):
     """Mixed-shot meta-training: the shots of the training episodes, dealt in turn over each
     meta-batch (``[1, 5]``: every other episode 5-shot). Empty: every training episode is
     ``k_shot``. Meta-validation stays at ``k_shot``."""
+    query_alpha: float = Field(0.0, ge=0)
+    """Unbalanced query batches in meta-training and meta-validation, as ``eval.query_alpha`` at
+    meta-test: the n_way x q_query queries split by Dirichlet(query_alpha) class shares. 0:
+    q_query queries of every class."""
 
 
 class ModelSection(_Section):
@@ -144,6 +148,10 @@ class HeadSection(_Section):
     validation, meta-test, ``metapeft adapt`` and Serve (on the texts of one request). 0: each
     query is classified on its own (inductive). Compare it with the ``proto_names_refined``
     baseline, the frozen backbone refined the same way."""
+    refine_prior: bool = False
+    """The refinement also estimates the class shares of the texts classified together (EM
+    mixture weights): for batches that are not one class in turn (``eval.query_alpha`` measures
+    them), where plain soft k-means pulls other classes' texts into a class the batch lacks."""
     train_refined: bool = False
     """Meta-train through the refinement too (differentiable: the queries' soft assignments and
     their pull on the prototypes), so the init learns for the transductive meta-test; false:
@@ -160,6 +168,11 @@ class HeadSection(_Section):
             raise ValueError(
                 "head.train_refined=true meta-trains through head.query_refine iterations, but "
                 "head.query_refine=0; set head.query_refine (e.g. 10) or head.train_refined=false"
+            )
+        if self.refine_prior and not self.query_refine:
+            raise ValueError(
+                "head.refine_prior=true estimates class shares in the refinement, but "
+                "head.query_refine=0; set head.query_refine (e.g. 10) or head.refine_prior=false"
             )
         if "name_weight" in self.learn and not self.label_names:
             raise ValueError(

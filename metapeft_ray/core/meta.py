@@ -68,6 +68,8 @@ class InnerLoop:
     query_refine: int = 0
     """Transductive: `refine_head` iterations of that query head on the unlabelled queries
     (where no gradient goes back, like ``test_head``; with ``train_refined`` in meta-training too)."""
+    refine_prior: bool = False
+    """The refinement estimates the queries' class shares (`refine_head`'s ``prior``)."""
     train_refined: bool = False
     """Meta-training differentiates the refined head (the queries' assignments and their pull on
     the prototypes), not the inner loop's own."""
@@ -156,15 +158,21 @@ def refine_head(
     counts: Tensor,
     scale: Scalar,
     iterations: int,
+    prior: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Transductive soft k-means (Ren et al. 2018): each iteration assigns the unlabelled
     ``queries`` to the classes by the softmax of the head's logits at temperature ``scale`` (the
     first by the given head, prototypes or logistic regression) and makes the prototypes
     ``c_k = (sums_k + sum_q p_qk x_q) / (counts_k + sum_q p_qk)`` from the support's `class_sums`
-    and the queries. The queries classified together inform each other's prediction."""
+    and the queries. The queries classified together inform each other's prediction. ``prior``:
+    the batch's class shares are estimated too (EM mixture weights ``pi_k = mean_q p_qk``, their
+    logarithm added to the logits through the bias), so a batch that holds few or no texts of a
+    class does not pull other classes' texts into its prototype."""
     for _ in range(iterations):
         p = F.softmax(head_logits(queries, weight, bias, scale), -1)
         weight, bias = prototype_weights((sums + p.T @ queries) / (counts + p.sum(0)).unsqueeze(1))
+        if prior:
+            bias = bias + p.mean(0).clamp_min(1e-6).log() / scale
     return weight, bias
 
 
@@ -482,7 +490,9 @@ def run_episode(
             embedded_query = encoder.embed(adapted.params, query)
             if refine:
                 sums = class_sums(embedded, s_labels, n_way, named, inner.names_weight)
-                weight, bias = refine_head(weight, bias, embedded_query, *sums, inner.scale, refine)
+                weight, bias = refine_head(
+                    weight, bias, embedded_query, *sums, inner.scale, refine, inner.refine_prior
+                )
             logits = head_logits(embedded_query, weight, bias, inner.scale)
             loss = F.cross_entropy(logits, q_labels)
         grads = None

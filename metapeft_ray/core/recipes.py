@@ -93,7 +93,11 @@ def build_scorers(
         "proto_names": lambda: baselines.prototype_scorer(cache, label_names=True),
         "logreg_names": lambda: baselines.logreg_scorer(cache, label_names=True),
         "proto_names_refined": lambda: baselines.prototype_scorer(
-            cache, label_names=True, refine=inner.query_refine, scale=float(scale)
+            cache,
+            label_names=True,
+            refine=inner.query_refine,
+            scale=float(scale),
+            refine_prior=inner.refine_prior,
         ),
         "finetune": lambda: baselines.adapted_scorer(
             encoder, default_init, InnerLoop.finetune(ev.finetune.steps, ev.finetune.lr, scale)

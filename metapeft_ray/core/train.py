@@ -126,6 +126,7 @@ def inner_loop(cfg: Config, steps: int | None = None, lr: float | None = None) -
         leave_one_out=h.support_loss == "leave_one_out",
         test_head=h.test_head,
         query_refine=h.query_refine,
+        refine_prior=h.refine_prior,
         train_refined=h.train_refined,
     )
 
@@ -176,11 +177,12 @@ class MetaLearner:
         pretrain_steps: int = 0,
         pretrain_batch: int = 64,
         train_shots: Sequence[int] = (),
+        query_alpha: float = 0.0,
     ) -> None:
         self.encoder, self.sampler, self.inner = encoder, sampler, inner
         self.seed, self.meta_batch_size, self.val_episodes = seed, meta_batch_size, val_episodes
         self.patience, self.pretrain_steps, self.pretrain_batch = patience, pretrain_steps, pretrain_batch
-        self.shape = {"n_way": n_way, "k_shot": k_shot, "q_query": q_query}
+        self.shape = {"n_way": n_way, "k_shot": k_shot, "q_query": q_query, "query_alpha": query_alpha}
         self.train_shots = list(train_shots)
         self.algorithm = algorithm or MAML()
         self.params = encoder.adapter_params()
@@ -235,6 +237,7 @@ class MetaLearner:
             pretrain_steps=m.pretrain_steps,
             pretrain_batch=m.pretrain_batch,
             train_shots=cfg.episode.train_shots,
+            query_alpha=cfg.episode.query_alpha,
         )
 
     def train_specs(self, step: int) -> list[EpisodeSpec]:
