@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections import Counter
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -171,7 +171,9 @@ def test_an_episode_spec_rebuilds_the_identical_episode_in_another_process() -> 
 
 def test_unbalanced_query_batches_split_the_same_queries_unevenly_among_the_classes() -> None:
     data = load_dataset("banking77")
-    sampler = EpisodeSampler(data, ClassSplits.make(data.labels, folds=3, fold=0, split_seed=0, val_fraction=0))
+    sampler = EpisodeSampler(
+        data, ClassSplits.make(data.labels, folds=3, fold=0, split_seed=0, val_fraction=0)
+    )
     label_of = dict(zip(data.texts, data.labels, strict=True))
     balanced = meta_test_specs(sampler, cells=[(5, 1)], q_query=6, episodes=30, seed=0)["5w1s"]
     uneven = meta_test_specs(sampler, cells=[(5, 1)], q_query=6, episodes=30, seed=0, query_alpha=0.5)["5w1s"]
@@ -180,7 +182,9 @@ def test_unbalanced_query_batches_split_the_same_queries_unevenly_among_the_clas
     for spec in balanced + uneven:
         ep = sampler.build(spec)
         assert ep.support_labels == tuple(range(5)) and len(ep.query_texts) == 30  # k per class; n x q
-        assert all(label_of[t] == ep.class_names[y] for t, y in zip(ep.query_texts, ep.query_labels, strict=True))
+        assert all(
+            label_of[t] == ep.class_names[y] for t, y in zip(ep.query_texts, ep.query_labels, strict=True)
+        )
         assert not set(ep.query_texts) & set(ep.support_texts) and sampler.build(spec) == ep
         counts.append(sorted(Counter(ep.query_labels).get(y, 0) for y in range(5)))
     assert counts[:30] == [[6] * 5] * 30  # balanced: q_query of each class, as before the switch
