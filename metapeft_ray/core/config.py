@@ -172,7 +172,7 @@ class HeadSection(_Section):
         if self.refine_prior and not self.query_refine:
             raise ValueError(
                 "head.refine_prior=true estimates class shares in the refinement, but "
-                "head.query_refine=0; set head.query_refine (e.g. 10) or head.refine_prior=false"
+                "head.query_refine=0; set head.query_refine (e.g. 3, as measured) or head.refine_prior=false"
             )
         if "name_weight" in self.learn and not self.label_names:
             raise ValueError(
