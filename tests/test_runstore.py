@@ -94,6 +94,14 @@ def test_changed_config_finished_and_exported_checks(tmp_path: Path) -> None:
     runstore.check_resumable(cfg.with_overrides({"model.activation_checkpointing": True}), uri)
     with pytest.raises(ConfigError, match=r"different config \(meta.outer_lr: .* -> 0.5\).*new run.name"):
         runstore.check_resumable(cfg.with_overrides({"meta.outer_lr": 0.5}), uri)
+    # a run stored before a key existed resumes when the key keeps its default, not when it is set
+    older = cfg.to_dict()
+    del older["head"]["refine_prior"]
+    (Path(uri) / runstore.CONFIG_FILE).write_text(json.dumps(older))
+    runstore.check_resumable(cfg, uri)
+    with pytest.raises(ConfigError, match=r"head.refine_prior: False -> True"):
+        runstore.check_resumable(cfg.with_overrides({"head.query_refine": 3, "head.refine_prior": True}), uri)
+    (Path(uri) / runstore.CONFIG_FILE).write_text(json.dumps(cfg.to_dict()))
 
     runstore.write_record(uri, {"meta_step": 4, "checkpoint": runstore.checkpoint_name(4)})
     assert runstore.read_record(uri) == {"meta_step": 4, "checkpoint": "checkpoint_000004"}

@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from metapeft_ray.core import storage
-from metapeft_ray.core.config import Config, ConfigError
+from metapeft_ray.core.config import Config, ConfigError, validate_config
 from metapeft_ray.core.export import METADATA_FILE
 
 if TYPE_CHECKING:
@@ -212,14 +212,17 @@ def write_record(uri: str, record: Mapping[str, Any]) -> None:
 
 def check_resumable(cfg: Config, uri: str) -> None:
     """A rerun of ``run.name`` continues the stored run, so it must be the same experiment: only
-    the `RESUMABLE_KEYS` may differ from the stored ``config.yaml``."""
+    the `RESUMABLE_KEYS` may differ from the stored ``config.yaml``. Keys added to the config since
+    the run was stored take their defaults, so a newer metapeft resumes a run that did not set them."""
     path = storage.join(uri, CONFIG_FILE)
     if not storage.exists(path):
         return
-    stored, current = (
-        _flatten(yaml.safe_load(storage.read_text(path)) or {}),
-        _flatten(cfg.to_dict()),
-    )
+    stored_raw = yaml.safe_load(storage.read_text(path)) or {}
+    try:
+        stored = _flatten(validate_config(stored_raw).to_dict())
+    except ConfigError:  # a key since removed or renamed: compare the file as it is
+        stored = _flatten(stored_raw)
+    current = _flatten(cfg.to_dict())
     differ = sorted(
         k
         for k in stored.keys() | current.keys()
