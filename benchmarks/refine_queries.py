@@ -5,11 +5,13 @@
 On the exported init's meta-test episodes of every ``--alphas`` value (0: q_query queries of each
 class; > 0: the queries split by Dirichlet(alpha) class shares, ``eval.query_alpha``), the
 prototype head with class names is refined on the queries by each ``--variants`` setting
-(iterations, and ``p`` for the estimated class shares of ``head.refine_prior``) and paired with
+(iterations; ``pB`` for the estimated class shares of ``head.refine_prior`` with B pseudo-queries of
+every class, ``head.refine_prior_counts``, ``p`` alone for B = 0) and paired with
 the same head unrefined, on the meta-learned encoder (its init unadapted, from a cache) and on the
 frozen backbone. No inner loop: a quick look at which refinement survives unbalanced batches, on
 one embedding pass (minutes at one thread); the recipe's own meta-test (`metapeft evaluate ...
-eval.query_alpha=A head.query_refine=N head.refine_prior=...`) is the check.
+eval.query_alpha=A head.query_refine=N head.refine_prior=true head.refine_prior_counts=B`) is the
+check.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ def main() -> int:
     ap.add_argument("adapter")
     ap.add_argument("--name", required=True, help="results/<name>.{md,json}")
     ap.add_argument("--alphas", default="0,2,0.5", help="query_alpha values (0 = balanced)")
-    ap.add_argument("--variants", default="10,10p,3,3p", help="iterations, p = estimated class shares")
+    ap.add_argument(
+        "--variants", default="10,3,3p,3p1,3p3", help="iterations; pB: class shares, B pseudo-queries"
+    )
     ap.add_argument("--cells", default="5,20", help="ways, at 1 shot")
     ap.add_argument("--episodes", type=int, default=200)
     args = ap.parse_args()
@@ -57,9 +61,7 @@ def main() -> int:
         ),
         "frozen backbone": (baselines.EmbeddingCache(encoder, texts=texts), 1.0),
     }
-    variants = {
-        v: {"refine": int(v.rstrip("p")), "refine_prior": v.endswith("p")} for v in args.variants.split(",")
-    }
+    variants = {v: _variant(v) for v in args.variants.split(",")}
     scale = float(cfg.head.scale)
     rows = []
     for a in alphas:
@@ -85,8 +87,9 @@ def main() -> int:
         "# The refinement on balanced and unbalanced query batches",
         "",
         f"`{args.adapter}`, {args.episodes} episodes a cell, the prototype head with class names at "
-        f"scale {scale:.2f}; refine `N` = N soft k-means iterations, `Np` with the estimated class "
-        "shares (`head.refine_prior`); Δ = against the same head unrefined, paired (points ± 95 % CI).",
+        f"scale {scale:.2f}; refine `N` = N soft k-means iterations, `NpB` with the estimated class "
+        "shares (`head.refine_prior`), B pseudo-queries of every class (`head.refine_prior_counts`, "
+        "none if no B); Δ = against the same head unrefined, paired (points ± 95 % CI).",
         "",
         "| queries | cell | encoder | " + " | ".join(["unrefined", *variants]) + " |",
         "|---|---|---|" + "---|" * (len(variants) + 1),
@@ -102,6 +105,12 @@ def main() -> int:
         out.append(f"| {shares} | {cell} | {enc_name} | " + " | ".join(cols) + " |")
     write_result(args.name, {"adapter": args.adapter, "rows": rows}, "\n".join(out))
     return 0
+
+
+def _variant(name: str) -> dict:
+    """``"3"`` -> 3 plain iterations; ``"3p1"`` -> 3 with the class shares, 1 pseudo-query a class."""
+    iterations, p, counts = name.partition("p")
+    return {"refine": int(iterations), "refine_prior": float(counts or 0) if p else None}
 
 
 def _groups(rows: list[dict]) -> dict[tuple, dict[str, dict]]:

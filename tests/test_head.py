@@ -30,7 +30,7 @@ from metapeft_ray.core.meta import (
     refine_head,
     run_episode,
 )
-from metapeft_ray.core.train import MetaLearner, prepare_sampler
+from metapeft_ray.core.train import MetaLearner, inner_loop, prepare_sampler
 from tests.tiny import flat_meta_params, make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
 
@@ -372,8 +372,11 @@ def test_refine_head_is_soft_k_means_on_the_queries() -> None:
     assert head_logits(queries, *refined, 1.0).argmax(-1).tolist() == [0, 0, 0, 0, 1]
 
 
-@pytest.mark.parametrize("prior", [False, True])
-def test_query_refinement_is_the_same_in_every_path_and_off_the_meta_gradient(learner, prior: bool) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("prior", [None, 0.0, 2.0])
+def test_query_refinement_is_the_same_in_every_path_and_off_the_meta_gradient(
+    learner,  # noqa: ANN001
+    prior: float | None,
+) -> None:  # noqa: ANN001
     from metapeft_ray.core import baselines
     from metapeft_ray.core.adapt import adapt_to_support, classify
     from metapeft_ray.core.data import LabelledTexts
@@ -434,18 +437,23 @@ def test_the_refinement_with_class_shares_leaves_a_class_the_batch_lacks_at_its_
     sums, counts = torch.stack([e0, e1]), torch.ones(2)
     start = prototype_weights(sums)
 
-    def proto_1(prior: bool) -> torch.Tensor:
+    def proto_1(prior: float | None) -> torch.Tensor:
         weight, bias = refine_head(*start, queries, sums, counts, 5.0, 10, prior)
         return weight[1] / 2  # W_k = 2 c_k
 
-    plain, shares = proto_1(False), proto_1(True)
+    plain, shares = proto_1(None), proto_1(0.0)
     assert (plain - e1).norm() > 0.2 and (shares - e1).norm() < (plain - e1).norm() / 2
     # the estimated shares go into the bias: class 1 is predicted less than by the prototypes alone
-    weight, bias = refine_head(*start, queries, sums, counts, 5.0, 10, True)
+    weight, bias = refine_head(*start, queries, sums, counts, 5.0, 10, 0.0)
     assert (head_logits(queries, weight, bias, 5.0).argmax(-1) == 0).all()
+    # pseudo-queries of every class (a Dirichlet prior) move the shares toward the even ones of the
+    # plain refinement: class 1's prototype lies between, and far more of them give the plain one
+    smoothed = proto_1(2.0)
+    assert (shares - e1).norm() < (smoothed - e1).norm() < (plain - e1).norm()
+    torch.testing.assert_close(proto_1(1e6), plain, atol=1e-3, rtol=0)
     # on a balanced batch the shares stay even and the refinement is the plain one
     balanced = torch.stack([e0, e1] * 5)
-    a, b = (refine_head(*start, balanced, sums, counts, 5.0, 10, p) for p in (False, True))
+    a, b = (refine_head(*start, balanced, sums, counts, 5.0, 10, p) for p in (None, 0.0))
     assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1] - b[1], (a[1] - b[1])[0].expand(2))
 
 
@@ -460,6 +468,12 @@ def test_query_refinement_is_a_config_switch_with_its_frozen_baseline(tiny) -> N
         load_config(None, [*tiny_overrides(*tiny), "head.train_refined=true"])
     with pytest.raises(ConfigError, match="head.refine_prior=true estimates class shares"):
         load_config(None, [*tiny_overrides(*tiny), "head.refine_prior=true"])
+    with pytest.raises(ConfigError, match="head.refine_prior_counts=2 smooths .* set head.refine_prior=true"):
+        load_config(None, [*tiny_overrides(*tiny), "head.query_refine=3", "head.refine_prior_counts=2"])
+    counts = [*tiny_overrides(*tiny), "head.query_refine=3", "head.refine_prior=true"]
+    assert inner_loop(load_config(None, counts)).refine_prior == 0.0
+    assert inner_loop(load_config(None, [*counts, "head.refine_prior_counts=1.5"])).refine_prior == 1.5
+    assert inner_loop(load_config(None, counts[:-1])).refine_prior is None
     # meta-trained through the refinement with class shares, on unbalanced training and validation
     # batches (episode.query_alpha): a meta-step moves the init, finitely
     cfg = load_config(
@@ -471,7 +485,7 @@ def test_query_refinement_is_a_config_switch_with_its_frozen_baseline(tiny) -> N
         ],
     )
     learner = MetaLearner.from_config(cfg, prepare_sampler(cfg))
-    assert learner.inner.refine_prior and learner.inner.train_refined
+    assert learner.inner.refine_prior == 0.0 and learner.inner.train_refined
     specs = [*learner.train_specs(0), *learner.val_specs()]
     assert {s.query_alpha for s in specs} == {0.5}
     assert len({learner.sampler.build(s).query_labels.count(0) for s in specs}) > 1  # uneven shares

@@ -36,7 +36,7 @@ class AdaptedTask:
     adapted: Adapted
     scale: float
     refine: int = 0
-    refine_prior: bool = False
+    refine_prior: float | None = None
     support_sums: tuple[Tensor, Tensor] | None = None
 
 

@@ -98,12 +98,12 @@ def prototype_scorer(
     name_weight: float = 1.0,
     refine: int = 0,
     scale: float = 1.0,
-    refine_prior: bool = False,
+    refine_prior: float | None = None,
 ) -> Scorer:
     """Nearest prototype (mean support embedding) of the cache's encoder; with ``label_names`` each
     class name's embedding counts as ``name_weight`` more support examples; ``refine``: that many
     `meta.refine_head` iterations on the episode's queries, at temperature ``scale`` (estimating
-    their class shares with ``refine_prior``)."""
+    their class shares, with ``refine_prior`` pseudo-queries of each class, unless None)."""
 
     def score(episode: Episode) -> float:
         e_s, y_s, e_q, y_q = _frozen(cache, episode)

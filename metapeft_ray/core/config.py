@@ -152,6 +152,10 @@ class HeadSection(_Section):
     """The refinement also estimates the class shares of the texts classified together (EM
     mixture weights): for batches that are not one class in turn (``eval.query_alpha`` measures
     them), where plain soft k-means pulls other classes' texts into a class the batch lacks."""
+    refine_prior_counts: float = Field(0.0, ge=0)
+    """With ``refine_prior``: pseudo-texts of every class added to the estimated class shares (a
+    symmetric Dirichlet prior on them). 0: the shares the batch alone gives; larger values keep
+    the shares nearer even, which costs less on balanced batches and gains less on skewed ones."""
     train_refined: bool = False
     """Meta-train through the refinement too (differentiable: the queries' soft assignments and
     their pull on the prototypes), so the init learns for the transductive meta-test; false:
@@ -168,6 +172,12 @@ class HeadSection(_Section):
             raise ValueError(
                 "head.train_refined=true meta-trains through head.query_refine iterations, but "
                 "head.query_refine=0; set head.query_refine (e.g. 10) or head.train_refined=false"
+            )
+        if self.refine_prior_counts and not self.refine_prior:
+            raise ValueError(
+                f"head.refine_prior_counts={self.refine_prior_counts:g} smooths the class shares that "
+                "head.refine_prior estimates, but head.refine_prior=false; set head.refine_prior=true "
+                "or drop head.refine_prior_counts"
             )
         if self.refine_prior and not self.query_refine:
             raise ValueError(

@@ -68,8 +68,9 @@ class InnerLoop:
     query_refine: int = 0
     """Transductive: `refine_head` iterations of that query head on the unlabelled queries
     (where no gradient goes back, like ``test_head``; with ``train_refined`` in meta-training too)."""
-    refine_prior: bool = False
-    """The refinement estimates the queries' class shares (`refine_head`'s ``prior``)."""
+    refine_prior: float | None = None
+    """Not None: the refinement estimates the queries' class shares, with that many pseudo-queries
+    of every class (`refine_head`'s ``prior``)."""
     train_refined: bool = False
     """Meta-training differentiates the refined head (the queries' assignments and their pull on
     the prototypes), not the inner loop's own."""
@@ -158,21 +159,24 @@ def refine_head(
     counts: Tensor,
     scale: Scalar,
     iterations: int,
-    prior: bool = False,
+    prior: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Transductive soft k-means (Ren et al. 2018): each iteration assigns the unlabelled
     ``queries`` to the classes by the softmax of the head's logits at temperature ``scale`` (the
     first by the given head, prototypes or logistic regression) and makes the prototypes
     ``c_k = (sums_k + sum_q p_qk x_q) / (counts_k + sum_q p_qk)`` from the support's `class_sums`
-    and the queries. The queries classified together inform each other's prediction. ``prior``:
-    the batch's class shares are estimated too (EM mixture weights ``pi_k = mean_q p_qk``, their
-    logarithm added to the logits through the bias), so a batch that holds few or no texts of a
-    class does not pull other classes' texts into its prototype."""
+    and the queries. The queries classified together inform each other's prediction. ``prior``
+    (not None): the batch's class shares are estimated too, their logarithm added to the logits
+    through the bias, so a batch that holds few or no texts of a class does not pull other
+    classes' texts into its prototype: EM mixture weights under a symmetric Dirichlet prior,
+    ``pi_k = (sum_q p_qk + prior) / (Q + N prior)``, ``prior`` pseudo-queries of every class (0:
+    the maximum-likelihood shares; the larger, the nearer the even shares of plain soft k-means)."""
     for _ in range(iterations):
         p = F.softmax(head_logits(queries, weight, bias, scale), -1)
         weight, bias = prototype_weights((sums + p.T @ queries) / (counts + p.sum(0)).unsqueeze(1))
-        if prior:
-            bias = bias + p.mean(0).clamp_min(1e-6).log() / scale
+        if prior is not None:
+            shares = (p.sum(0) + prior) / (p.shape[0] + p.shape[1] * prior)
+            bias = bias + shares.clamp_min(1e-6).log() / scale
     return weight, bias
 
 

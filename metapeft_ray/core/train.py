@@ -126,7 +126,7 @@ def inner_loop(cfg: Config, steps: int | None = None, lr: float | None = None) -
         leave_one_out=h.support_loss == "leave_one_out",
         test_head=h.test_head,
         query_refine=h.query_refine,
-        refine_prior=h.refine_prior,
+        refine_prior=h.refine_prior_counts if h.refine_prior else None,
         train_refined=h.train_refined,
     )
 
