@@ -65,7 +65,7 @@ def _cmd_adapt(args: argparse.Namespace) -> None:
     from metapeft_ray.core.train import inner_loop
 
     _quiet_unless_verbose(args)
-    encoder, _, cfg, _ = load_adapter(args.adapter)
+    encoder, _, cfg, _ = load_adapter(args.adapter, dict(parse_override(o) for o in args.overrides))
     inner = inner_loop(cfg, args.steps, args.lr)
     support = load_dataset(args.support, args.text_column, args.label_column)
     if args.query and args.query.endswith((".jsonl", ".csv", ".tsv")):
@@ -288,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--text-column", default="text")
     a.add_argument("--label-column", default="label")
     a.add_argument("--verbose", action="store_true", help="transformers' own info and warnings too")
+    a.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides of the init's config, e.g. head.query_refine=3 head.refine_prior=true",
+    )
     a.set_defaults(func=_cmd_adapt)
 
     u = sub.add_parser("tune", help="Ray Tune search of the PEFT config, scored on meta-val episodes")

@@ -310,6 +310,7 @@ def test_adapt_command_classifies_stdin_lines(trained: Path, tiny: tuple[str, st
             str(support),
             "--steps",
             "3",
+            "head.query_refine=2",  # an override of the init's config: the two texts refine together
         ],
         input="card lost today\nrefund this item please\n",
         capture_output=True,
@@ -322,25 +323,25 @@ def test_adapt_command_classifies_stdin_lines(trained: Path, tiny: tuple[str, st
     assert [p["text"] for p in preds] == queries
     assert [p["label"] for p in preds] == ["lost", "refund"]
     # The same adaptation in this process, from the exported init: --steps 3 (the config says 2)
-    # at the config's inner lr and head, as `metapeft adapt` documents it.
+    # at the config's inner lr and head, the override applied, as `metapeft adapt` documents it.
     from metapeft_ray.core.adapt import adapt_and_predict
     from metapeft_ray.core.export import load_adapter
     from metapeft_ray.core.train import inner_loop
 
     encoder, _, cfg, _ = load_adapter(str(trained / "adapter"))
-    assert cfg.meta.inner_steps == 2
+    assert cfg.meta.inner_steps == 2 and cfg.head.query_refine == 0
 
-    def predict(steps: int) -> list[dict]:
+    def predict(steps: int, refine: int = 2) -> list[dict]:
         support_set = load_dataset(str(support))
-        return list(
-            adapt_and_predict(encoder, encoder.adapter_params(), support_set, queries, inner_loop(cfg, steps))
-        )
+        inner = inner_loop(cfg.with_overrides({"head.query_refine": refine}), steps)
+        return list(adapt_and_predict(encoder, encoder.adapter_params(), support_set, queries, inner))
 
     want = predict(3)
     assert [p["label"] for p in want] == [p["label"] for p in preds]
     assert [p["confidence"] for p in preds] == pytest.approx([p["confidence"] for p in want], abs=1e-4)
-    # ... which the number of steps changes, so the comparison tells 3 steps from the config's 2
-    assert [p["confidence"] for p in predict(2)] != pytest.approx([p["confidence"] for p in want], abs=1e-4)
+    # ... which the number of steps and the override change, so the comparison tells them apart
+    for other in (predict(2), predict(3, refine=0)):
+        assert [p["confidence"] for p in other] != pytest.approx([p["confidence"] for p in want], abs=1e-4)
 
 
 def test_cli_reports_config_errors_in_one_line_and_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
