@@ -210,7 +210,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if address is None:  # the embedded Ray's replicas read this process's environment and files
         serve.read_token(settings.token_env, settings.token_file)
     adapters = serve.parse_adapters(args.adapter)
-    app = serve.build_app(adapters, settings, num_replicas=args.replicas, num_cpus=args.num_cpus)
+    overrides = serve.parse_overrides(args.set, adapters)
+    app = serve.build_app(
+        adapters, settings, overrides=overrides, num_replicas=args.replicas, num_cpus=args.num_cpus
+    )
     cfg = load_config(None, ["distributed.workers=1"])  # only its distributed.local_* size a local Ray
     started = connect(cfg, address, quiet=not args.verbose)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop: as Ctrl-C
@@ -381,6 +384,14 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         required=True,
         metavar="NAME=PATH",
         help="an exported init (directory or s3:// prefix) served as NAME; repeat for several",
+    )
+    v.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE",
+        help="serve init NAME with its config overridden, e.g. b77:head.query_refine=3 (one init may be "
+        "served under two names, each with its own settings); repeat for several",
     )
     v.add_argument("--host", default="127.0.0.1", help="HTTP address (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)

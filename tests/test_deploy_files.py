@@ -458,7 +458,7 @@ def serve_config_problems(spec: dict[str, Any], where: str) -> list[str]:
             problems.append(f"{at}: import_path {app.import_path!r} is not {SERVE_IMPORT_PATH!r}")
             continue
         try:
-            _, settings = builder_args(app.args or {})
+            _, settings, _ = builder_args(app.args or {})
         except ValueError as err:
             problems.append(f"{at}: {err}")
             continue

@@ -36,6 +36,7 @@ from metapeft_ray.on_ray.serve import (
     builder_args,
     computed_together,
     parse_adapters,
+    parse_overrides,
     read_token,
     task_id,
 )
@@ -54,6 +55,7 @@ SUPPORT = {
     "labels": ["card", "card", "refund", "refund", "exchange", "exchange"],
 }
 QUERIES = ["i lost my card", "refund for an item please", "the exchange rate quickly"]
+REFINED = {"a_refined": {"head.query_refine": 2}}  # init a served again, refining its texts together
 
 
 # -- Ray-free -----------------------------------------------------------------------------------
@@ -113,6 +115,25 @@ def test_adapter_specs_and_token_sources_are_checked(tmp_path: Path, monkeypatch
         read_token(None, str(tmp_path / "t"))
 
 
+def test_overrides_of_served_inits_are_checked_before_anything_starts() -> None:
+    adapters = {"a": "/x", "b": "/y"}
+    assert parse_overrides(
+        ["a:head.query_refine=3", "a:head.refine_prior=true", "b:meta.inner_lr=0.1"], adapters
+    ) == {
+        "a": {"head.query_refine": 3, "head.refine_prior": True},
+        "b": {"meta.inner_lr": 0.1},
+    }
+    for bad in ("head.query_refine=3", "c:head.query_refine=3"):
+        with pytest.raises(ValueError, match=r"expected NAME:section.key=value with NAME one of a, b"):
+            parse_overrides([bad], adapters)
+    with pytest.raises(ValueError, match="not of the form section.key=value"):
+        parse_overrides(["a:query_refine"], adapters)
+    *_, overrides = builder_args({"adapters": adapters, "overrides": {"a": {"head.query_refine": 3}}})
+    assert overrides == {"a": {"head.query_refine": 3}}
+    with pytest.raises(ValueError, match="overrides: .* of served inits"):
+        builder_args({"adapters": adapters, "overrides": {"c": {"head.query_refine": 3}}})
+
+
 def test_batch_settings_are_checked_from_the_cli_and_the_builder_args() -> None:
     assert ServeSettings(max_batch_size=1, batch_wait_s=0).max_batch_size == 1  # batching off
     for kw, reason in (
@@ -125,7 +146,7 @@ def test_batch_settings_are_checked_from_the_cli_and_the_builder_args() -> None:
             ServeSettings(**kw)
         with pytest.raises(ValueError, match=re.escape(reason)):
             builder_args({"adapters": {"a": "/x"}, **kw})
-    _, settings = builder_args({"adapters": {"a": "/x"}, "max_batch_size": 16, "batch_wait_s": 0})
+    _, settings, _ = builder_args({"adapters": {"a": "/x"}, "max_batch_size": 16, "batch_wait_s": 0})
     assert (settings.max_batch_size, settings.batch_wait_s) == (16, 0.0)
     with pytest.raises(ValueError, match="batch_wait_s: 'x' is not a number"):
         builder_args({"adapters": {"a": "/x"}, "batch_wait_s": "x"})
@@ -143,6 +164,7 @@ def test_serve_cli_refuses_bad_adapters_and_a_missing_token_before_starting_anyt
         (["--adapter", f"a={tmp_path}"], f"--adapter a={tmp_path}: {tmp_path}: no metapeft.json"),
         (["--adapter", f"a={tmp_path}", "--token-env", "METAPEFT_TEST_TOKEN"], "the variable is unset"),
         (["--adapter", f"a={tmp_path}", "--max-batch-size", "0"], "max_batch_size=0: give 1"),
+        (["--adapter", f"a={tmp_path}", "--set", "b:head.query_refine=3"], "with NAME one of a"),
     ):
         assert main(["serve", *argv]) == 2
         err = capsys.readouterr().err
@@ -167,6 +189,15 @@ def inits(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: str, tiny_dat
         "a": _export_init(root / "a", tiny_backbone, tiny_dataset, seed=0, rank=4),
         "b": _export_init(root / "b", tiny_backbone, tiny_dataset, seed=1, rank=2),
     }
+
+
+def test_an_override_the_init_refuses_fails_before_any_replica(inits: dict[str, str]) -> None:
+    from metapeft_ray.on_ray.serve import build_app
+
+    with pytest.raises(ValueError, match=r"(?s)--adapter a=.*head.query_refine: Input should be greater"):
+        build_app({"a": inits["a"]}, ServeSettings(), overrides={"a": {"head.query_refine": -1}})
+    with pytest.raises(ValueError, match=r"overrides for \['c'\], which are not served"):
+        build_app({"a": inits["a"]}, ServeSettings(), overrides={"c": {"head.query_refine": 1}})
 
 
 class Client:
@@ -214,14 +245,16 @@ def client(ray_cluster: dict[str, str], inits: dict[str, str], settings: ServeSe
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     try:
-        yield Client(start(build_app(inits, settings, num_cpus=0.5), port=port))
+        # init a once more, served with its refinement turned on by an override of its config
+        app = build_app({**inits, "a_refined": inits["a"]}, settings, overrides=REFINED, num_cpus=0.5)
+        yield Client(start(app, port=port))
     finally:
         serve.shutdown()
 
 
-def _local_predictions(uri: str, steps: int) -> list[dict[str, Any]]:
+def _local_predictions(uri: str, steps: int, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The same adaptation in this process, the way `metapeft adapt` runs it."""
-    encoder, _, cfg, _ = load_adapter(uri)
+    encoder, _, cfg, _ = load_adapter(uri, overrides)
     support = LabelledTexts("s", tuple(SUPPORT["texts"]), tuple(SUPPORT["labels"]))
     return list(
         adapt_and_predict(encoder, encoder.adapter_params(), support, QUERIES, inner_loop(cfg, steps))
@@ -232,7 +265,7 @@ def _local_predictions(uri: str, steps: int) -> list[dict[str, Any]]:
 @pytest.mark.slow
 def test_create_a_task_then_classify_equals_one_shot_and_metapeft_adapt(client: Client, inits) -> None:  # noqa: ANN001
     status, health = client("GET", "/health", token=None)
-    assert (status, health["status"], health["inits"], health["tasks"]) == (200, "ok", 2, 0)
+    assert (status, health["status"], health["inits"], health["tasks"]) == (200, "ok", 3, 0)
     status, created = client("POST", "/tasks", {"init": "a", **SUPPORT})
     assert status == 200, created
     assert created["classes"] == ["card", "exchange", "refund"] and created["steps"] == 2
@@ -258,20 +291,24 @@ def test_create_a_task_then_classify_equals_one_shot_and_metapeft_adapt(client: 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_inits_are_listed_and_adapt_differently(client: Client) -> None:
+def test_inits_are_listed_and_adapt_differently_as_their_overrides_say(client: Client, inits) -> None:  # noqa: ANN001
     status, listed = client("GET", "/inits")
     assert status == 200
-    assert [(i["name"], i["rank"], i["method"]) for i in listed["inits"]] == [
-        ("a", 4, "lora"),
-        ("b", 2, "lora"),
+    assert [(i["name"], i["rank"], i["method"], i["overrides"]) for i in listed["inits"]] == [
+        ("a", 4, "lora", {}),
+        ("b", 2, "lora", {}),
+        ("a_refined", 4, "lora", REFINED["a_refined"]),
     ]
     ids, probs = [], []
-    for name in ("a", "b"):
+    for name in ("a", "b", "a_refined"):
         status, one = client("POST", "/classify", {"init": name, **SUPPORT, "queries": QUERIES})
         assert status == 200, one
         probs.append([p["probability"] for p in one["predictions"]])
         ids.append(client("POST", "/tasks", {"init": name, **SUPPORT})[1]["task_id"])
-    assert probs[0] != probs[1] and ids[0] != ids[1]
+    assert probs[0] != probs[1] and probs[0] != probs[2] and len(set(ids)) == 3
+    # init a under the override adapts as `metapeft adapt` with the same override does
+    want = _local_predictions(inits["a"], 2, REFINED["a_refined"])
+    assert probs[2] == pytest.approx([p["confidence"] for p in want], abs=1e-3)
 
 
 @pytest.mark.ray
@@ -291,7 +328,12 @@ def test_a_cache_of_one_evicts_the_older_task(client: Client) -> None:
 def test_bad_requests_get_a_4xx_with_one_line_and_the_replica_keeps_serving(client: Client) -> None:
     one_class = {"texts": ["a b", "c d"], "labels": ["x", "x"]}
     cases = [
-        ("/tasks", {"init": "nope", **SUPPORT}, 404, "unknown init 'nope'; this service has ['a', 'b']"),
+        (
+            "/tasks",
+            {"init": "nope", **SUPPORT},
+            404,
+            "unknown init 'nope'; this service has ['a', 'a_refined', 'b']",
+        ),
         ("/tasks/0123/classify", {"texts": ["x"]}, 404, "unknown task '0123'"),
         ("/tasks", {"init": "a", **one_class}, 422, "the support set has 1 class"),
         (

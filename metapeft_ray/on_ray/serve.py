@@ -1,7 +1,8 @@
 """Adaptation as a service on Ray Serve: post a support set, get a task; post texts, get labels.
 
 Two deployments. `AdaptationServer` (FastAPI ingress, any number of replicas) serves named
-exported inits (local directories or ``s3://`` prefixes, as `export.load_adapter` reads them):
+exported inits (local directories or ``s3://`` prefixes, as `export.load_adapter` reads them,
+each with optional overrides of its config, e.g. its query refinement):
 a replica loads an init (its backbone and adapter) on first use and keeps at most
 ``max_inits_per_replica`` of them (`serve.multiplexed`). `TaskStore` (one replica, no CPU) holds
 each task's `TaskSpec` (the init's name, the support set, the inner steps: texts, no tensors)
@@ -52,6 +53,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from metapeft_ray.core.adapt import AdaptedTask, adapt_to_support, classify
+from metapeft_ray.core.config import parse_override
 from metapeft_ray.core.data import LabelledTexts
 from metapeft_ray.core.export import adapter_config, load_adapter, load_inner_lrs, local_adapter
 from metapeft_ray.core.meta import InnerLoop
@@ -177,13 +179,15 @@ def read_token(token_env: str | None, token_file: str | None) -> str | None:
     return None
 
 
-def describe_init(name: str, uri: str) -> dict[str, Any]:
-    """What ``GET /inits`` says of an exported init (read from its metadata; no weights loaded).
-    Raises FileNotFoundError / ValueError for a path that holds no exported init."""
-    cfg, metadata = adapter_config(local_adapter(uri))
+def describe_init(name: str, uri: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What ``GET /inits`` says of an exported init (read from its metadata; no weights loaded),
+    served with ``overrides`` of its config. Raises FileNotFoundError / ValueError for a path that
+    holds no exported init, or an override its config refuses (`config.ConfigError`)."""
+    cfg, metadata = adapter_config(local_adapter(uri), dict(overrides or {}))
     return {
         "name": name,
         "uri": uri,
+        "overrides": dict(overrides or {}),
         "backbone": cfg.model.backbone,
         "method": cfg.peft.method,
         "rank": cfg.peft.rank,
@@ -293,12 +297,21 @@ app = FastAPI(title="metapeft adaptation service", docs_url=None, redoc_url=None
 class AdaptationServer:
     """Adapts named inits to posted support sets and classifies texts with the adapted tasks."""
 
-    def __init__(self, adapters: Mapping[str, str], settings: ServeSettings, store: DeploymentHandle) -> None:
+    def __init__(
+        self,
+        adapters: Mapping[str, str],
+        settings: ServeSettings,
+        store: DeploymentHandle,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         from metapeft_ray.core.model import quiet_transformers
 
         quiet_transformers()
         self.adapters, self.settings, self.store = dict(adapters), settings, store
-        self.infos = {name: describe_init(name, uri) for name, uri in self.adapters.items()}
+        self.overrides = {name: dict((overrides or {}).get(name, {})) for name in self.adapters}
+        self.infos = {
+            name: describe_init(name, uri, self.overrides[name]) for name, uri in self.adapters.items()
+        }
         self.token = read_token(settings.token_env, settings.token_file)
         # task id -> (the init's name, the task adapted from it)
         self.tasks: TaskCache[tuple[str, AdaptedTask]] = TaskCache(settings.cache_size, settings.ttl_s)
@@ -328,7 +341,7 @@ class AdaptationServer:
             from metapeft_ray.core.train import inner_loop
 
             uri = self.adapters[name]
-            encoder, _, cfg, _ = load_adapter(uri)
+            encoder, _, cfg, _ = load_adapter(uri, self.overrides[name])
             params = {k: v.detach() for k, v in encoder.adapter_params().items()}
             return LoadedInit(encoder, params, inner_loop(cfg), load_inner_lrs(uri, encoder.device))
 
@@ -562,18 +575,41 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
     return adapters
 
 
+def parse_overrides(specs: list[str], adapters: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``["NAME:section.key=value", ...]`` -> ``{name: {dotted key: value}}``: an init served with
+    its config overridden (e.g. ``head.query_refine=3``); NAME is one of ``adapters``."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, sep, item = spec.partition(":")
+        if not sep or name not in adapters:
+            known = ", ".join(adapters)
+            raise ValueError(f"--set {spec!r}: expected NAME:section.key=value with NAME one of {known}")
+        key, value = parse_override(item)
+        overrides.setdefault(name, {})[key] = value
+    return overrides
+
+
 def build_app(
-    adapters: Mapping[str, str], settings: ServeSettings, *, num_replicas: int = 1, num_cpus: float = 1
+    adapters: Mapping[str, str],
+    settings: ServeSettings,
+    *,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    num_replicas: int = 1,
+    num_cpus: float = 1,
 ) -> serve.Application:
-    """The Serve application (``serve.run`` it); each init is checked here first, so a wrong
-    path fails before any replica starts."""
+    """The Serve application (``serve.run`` it); each init (with its ``overrides``) is checked here
+    first, so a wrong path or override fails before any replica starts."""
+    overrides = {name: dict(o) for name, o in (overrides or {}).items()}
+    if unknown := sorted(set(overrides) - set(adapters)):
+        raise ValueError(f"overrides for {unknown}, which are not served; served: {sorted(adapters)}")
     for name, uri in adapters.items():
         try:
-            describe_init(name, uri)
+            describe_init(name, uri, overrides.get(name))
         except (FileNotFoundError, ValueError) as err:
             raise ValueError(f"--adapter {name}={uri}: {err}") from None
     deployment = AdaptationServer.options(num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus})
-    return deployment.bind(dict(adapters), settings, TaskStore.bind(settings.cache_size, settings.ttl_s))
+    store = TaskStore.bind(settings.cache_size, settings.ttl_s)
+    return deployment.bind(dict(adapters), settings, store, overrides)
 
 
 def start(
@@ -591,11 +627,15 @@ def start(
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
-def builder_args(args: Mapping[str, Any]) -> tuple[dict[str, str], ServeSettings]:
+def builder_args(
+    args: Mapping[str, Any],
+) -> tuple[dict[str, str], ServeSettings, dict[str, dict[str, Any]]]:
     """Check `app_builder`'s ``args`` offline (no init is read): ``{"adapters": {NAME: PATH},
-    <a ServeSettings field>: value, ...}``; every problem is in one ValueError."""
+    "overrides"?: {NAME: {section.key: value}}, <a ServeSettings field>: value, ...}``; every
+    problem is in one ValueError. Returns the adapters, the settings and the overrides."""
     rest = dict(args)
     adapters = rest.pop("adapters", None)
+    overrides = rest.pop("overrides", None) or {}
     problems = []
     if not isinstance(adapters, dict) or not adapters:
         problems.append("adapters: a mapping NAME: PATH (directory or s3:// prefix) of at least one init")
@@ -605,6 +645,12 @@ def builder_args(args: Mapping[str, Any]) -> tuple[dict[str, str], ServeSettings
             parse_adapters([f"{k}={v}" for k, v in adapters.items()])
         except ValueError as err:
             problems.append(f"adapters: {err}")
+    if not isinstance(overrides, dict) or not all(
+        name in adapters and isinstance(o, dict) for name, o in overrides.items()
+    ):
+        problems.append(
+            f"overrides: {overrides!r} is not a mapping NAME: {{section.key: value}} of served inits"
+        )
     defaults = ServeSettings()
     for key, value in rest.items():
         if key not in {f.name for f in fields(ServeSettings)}:
@@ -627,7 +673,7 @@ def builder_args(args: Mapping[str, Any]) -> tuple[dict[str, str], ServeSettings
             problems.append(str(err))
     if problems:
         raise ValueError("metapeft serve args: " + "; ".join(problems))
-    return adapters, settings
+    return adapters, settings, overrides
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -635,5 +681,5 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     ``serve run`` / ``serve deploy`` config files and KubeRay's RayService
     (``deploy/kuberay/rayservice.yaml``). Replicas and resources come from the config's
     ``deployments`` section (deployment name ``AdaptationServer``)."""
-    adapters, settings = builder_args(args)
-    return build_app(adapters, settings)
+    adapters, settings, overrides = builder_args(args)
+    return build_app(adapters, settings, overrides=overrides)
