@@ -667,6 +667,8 @@ def _format_errors(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"  {path}: unknown key (check the spelling; see configs/*.yaml)")
+        elif isinstance(e.get("input"), dict):  # a rule across a section's keys: the message names them
+            lines.append(f"  {path}: {msg}")
         else:
             lines.append(f"  {path}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
