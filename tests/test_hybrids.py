@@ -24,7 +24,7 @@ from metapeft_ray.core import registry
 from metapeft_ray.core.algorithms.metasgd import LOG_LR_PREFIX
 from metapeft_ray.core.config import ConfigError, load_config
 from metapeft_ray.core.export import export_adapter, load_adapter, load_inner_lrs
-from metapeft_ray.core.meta import episode_tensors, head_logits, proto_head
+from metapeft_ray.core.meta import adapt, episode_tensors, head_logits, proto_head
 from metapeft_ray.core.train import MetaLearner, prepare_sampler
 from tests.tiny import make_tiny_backbone, make_tiny_dataset, tiny_overrides
 
@@ -135,6 +135,43 @@ def test_metasgd_per_parameter_rates_and_their_effect(tiny) -> None:  # noqa: AN
             v.add_(1.0)  # every rate x e
     faster = learner._episode(learner.train_specs(0)[0], meta_gradient=False).support_loss_after
     assert faster != base  # the learned rates are what the inner loop uses
+
+
+def test_metasgd_per_step_rates_start_as_maml_and_each_step_learns_its_own(tiny) -> None:  # noqa: ANN001
+    steps = {"meta.inner_steps": 2, "meta.inner_lr": 0.1}
+    learner = make_learner(tiny, "bottleneck", "metasgd", **{"meta.metasgd_granularity": "step"}, **steps)
+    for k, p in learner.params.items():  # a step axis, then one rate for the whole tensor
+        assert learner.extra[LOG_LR_PREFIX + k].shape == (2,) + (1,) * p.dim()
+    maml = flat_grads(make_learner(tiny, "bottleneck", "maml", **steps))
+    grads = flat_grads(learner)
+    for name, g in maml.items():
+        torch.testing.assert_close(grads[name], g)
+    for k in learner.params:  # both steps' rates get a meta-gradient of their own
+        g = grads[LOG_LR_PREFIX + k].flatten()
+        assert torch.all(g != 0) and g[0] != g[1], k
+
+
+def test_per_step_rates_move_each_step_and_the_last_holds_past_them(tiny) -> None:  # noqa: ANN001
+    learner = make_learner(tiny, "lora", "maml")
+    enc, params = learner.encoder, learner.params
+    support, labels, _, _ = episode_tensors(enc, learner.sampler.build(learner.train_specs(0)[0]))
+
+    def adapted(steps: int, rates: list[float] | None) -> dict[str, torch.Tensor]:
+        lrs = None
+        if rates is not None:
+            lrs = {k: torch.tensor(rates).view(-1, *(1,) * p.dim()) for k, p in params.items()}
+        out = adapt(
+            enc, params, support, labels, 3, steps=steps, lr=0.1, scale=10.0, first_order=True, param_lrs=lrs
+        )
+        return {k: v.detach() for k, v in out.params.items()}
+
+    one, rated = adapted(1, None), adapted(2, [0.1, 0.0])  # a zero second rate: the second step stays
+    for k in params:
+        torch.testing.assert_close(rated[k], one[k])
+    three, held = adapted(3, [0.1, 0.3]), adapted(3, [0.1, 0.3, 0.3])
+    for k in params:
+        torch.testing.assert_close(three[k], held[k])
+    assert any(not torch.allclose(three[k], adapted(3, [0.1, 0.1])[k]) for k in params)
 
 
 def test_reptile_pseudo_gradient_is_init_minus_adapted_weights(tiny) -> None:  # noqa: ANN001

@@ -389,8 +389,9 @@ class MetaSection(_Section):
     outer_optimizer: Literal["adam", "sgd"] = "adam"
     """The outer update of the meta-parameters. Reptile with sgd and outer_lr = epsilon is classic
     Reptile, phi_0 <- phi_0 + epsilon (mean phi_K - phi_0)."""
-    metasgd_granularity: Literal["tensor", "parameter"] = "tensor"
-    """Meta-SGD: one learned learning rate per adapter tensor, or one per adapter parameter."""
+    metasgd_granularity: Literal["tensor", "parameter", "step"] = "tensor"
+    """Meta-SGD: one learned learning rate per adapter tensor, one per adapter parameter, or one per
+    adapter tensor and inner step (MAML++'s per-layer per-step rates, LSLR)."""
     metasgd_lr_init: float | None = Field(None, gt=0)
     """Meta-SGD: initial inner learning rates (default meta.inner_lr)."""
     metasgd_outer_lr: float = Field(0.01, gt=0)

@@ -15,7 +15,8 @@ Inner update (MAML, Finn et al. 2017) on ``phi = (adapter params, W, b)``:
 ``d L_query(phi_T) / d phi_0``. First-order MAML drops the second-order terms by treating
 ``grad L_support`` as a constant (the graph of the inner gradients is not built). Meta-SGD
 (Li et al. 2017) replaces the scalar ``alpha`` of each adapter tensor by a learned one
-(``param_lrs``: a scalar or an elementwise tensor per adapter tensor); the head keeps ``alpha``.
+(``param_lrs``: a scalar or an elementwise tensor per adapter tensor, or one per inner step);
+the head keeps ``alpha``.
 How an episode becomes a contribution to the outer update (MAML, Meta-SGD, Reptile, ProtoNet)
 is `metapeft_ray.core.algorithms`; all of them call `run_episode`.
 """
@@ -285,8 +286,9 @@ def adapt(
 
     With ``first_order=False`` the returned tensors stay differentiable w.r.t. ``params``
     (second-order MAML); with ``first_order=True`` the inner gradients are constants.
-    ``param_lrs`` (Meta-SGD) gives each adapter tensor its own learning rate, a scalar or an
-    elementwise tensor; the result stays differentiable w.r.t. them in either case.
+    ``param_lrs`` (Meta-SGD) gives each adapter tensor its own learning rate, a scalar, an
+    elementwise tensor or one of these per step (a leading step axis: `_step_rate`); the result
+    stays differentiable w.r.t. them in every case.
     ``optimizer="adam"`` replaces the SGD step ``-lr g`` by Adam's ``-lr m_hat / (sqrt(v_hat) + eps)``
     (the fine-tuning baselines: plain fine-tuning uses Adam, and its step size does not depend
     on the scale of a nearly-zero 1-shot support loss). The support loss uses ``inner_scale``
@@ -323,6 +325,7 @@ def adapt(
                 torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order),
                 lr,
                 param_lrs,
+                step,
             )
             continue
         # The inner gradient is the partial derivative w.r.t. the adapter with the head held fixed
@@ -352,7 +355,7 @@ def adapt(
         if adam is not None:
             grads = adam.directions(grads, step + 1)
         *g_params, g_weight, g_bias = grads
-        fast = _sgd(fast, g_params, lr, param_lrs)
+        fast = _sgd(fast, g_params, lr, param_lrs, step)
         weight, bias = weight - lr * g_weight, bias - lr * g_bias
     if leave_one_out and steps:  # the adapted encoder's prototypes
         named = None if names is None else encoder.embed(fast, names)
@@ -361,13 +364,25 @@ def adapt(
 
 
 def _sgd(
-    params: dict[str, Tensor], grads: Sequence[Tensor], lr: float, param_lrs: Mapping[str, Tensor] | None
+    params: dict[str, Tensor],
+    grads: Sequence[Tensor],
+    lr: float,
+    param_lrs: Mapping[str, Tensor] | None,
+    step: int,
 ) -> dict[str, Tensor]:
-    """One step ``p - lr g``, or ``p - lr_p g`` with Meta-SGD's learned rates."""
+    """Inner step ``step``: ``p - lr g``, or ``p - lr_p g`` with Meta-SGD's learned rates."""
+    if not param_lrs:
+        return {name: torch.add(p, g, alpha=-lr) for (name, p), g in zip(params.items(), grads, strict=True)}
     return {
-        name: p - param_lrs[name] * g if param_lrs else torch.add(p, g, alpha=-lr)
+        name: p - _step_rate(param_lrs[name], p, step) * g
         for (name, p), g in zip(params.items(), grads, strict=True)
     }
+
+
+def _step_rate(rate: Tensor, p: Tensor, step: int) -> Tensor:
+    """A learned rate at inner step ``step``: one axis more than the tensor it moves is a step
+    axis (per-step rates; past the last one the last rate holds), otherwise the rate of every step."""
+    return rate[min(step, len(rate) - 1)] if rate.dim() > p.dim() else rate
 
 
 class _Adam:
