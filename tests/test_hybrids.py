@@ -4,8 +4,9 @@ Pinned: only adapter tensors (and Meta-SGD's learning rates) are trainable and r
 meta-gradients; every meta-gradient is finite and non-zero; one meta-step moves every adapter
 tensor and leaves every backbone weight bit-identical; the export round-trips through
 ``PeftModel.from_pretrained`` (our `load_bottleneck` for the bottleneck adapter) with identical
-outputs; Reptile's pseudo-gradient is ``phi_0 - phi_K``; Meta-SGD with
-every rate at ``inner_lr`` is MAML; the config rejects the combinations that cannot work.
+outputs; Reptile's pseudo-gradient is ``phi_0 - phi_K``; Meta-SGD with every rate at
+``inner_lr`` is MAML (per-step rates too, each step's with a meta-gradient of its own); the config
+rejects the combinations that cannot work.
 """
 
 from __future__ import annotations
